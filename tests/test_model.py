@@ -63,16 +63,39 @@ def test_sincos_values():
     assert table[3, 1].item() == pytest.approx(np.sin(3 * 10000 ** (-1 / 24)), abs=1e-6)
 
 
-def test_encoder_shapes_and_token_selection_equals_subset_of_full_attention_free_path():
+def test_encoder_shapes_and_token_selection():
     torch.manual_seed(0)
-    cfg = tiny_cfg(depth=0)  # no attention: selecting tokens must equal slicing the full output
-    enc = BrainEncoder(cfg, torch.randn(6, 30)).eval()
+    enc = BrainEncoder(tiny_cfg(depth=1), torch.randn(6, 30)).eval()
     x = torch.randn(2, 6, 64)
     full = enc(x)
     assert full.shape == (2, 24, 32)
     idx = torch.tensor([[0, 5, 23], [1, 2, 3]])
     sub = enc(x, idx)
-    assert torch.allclose(sub, torch.stack([full[0, idx[0]], full[1, idx[1]]]), atol=1e-6)
+    tokens = enc.tokens(x)
+    by_hand = enc.norm(enc.blocks[0](torch.stack([tokens[0, idx[0]], tokens[1, idx[1]]])))
+    torch.testing.assert_close(sub, by_hand, atol=1e-6, rtol=0)
+    assert not torch.allclose(sub, torch.stack([full[0, idx[0]], full[1, idx[1]]]), atol=1e-3)
+
+
+def test_output_idx_computes_only_requested_tokens_with_the_same_values():
+    torch.manual_seed(0)
+    enc = BrainEncoder(tiny_cfg(), torch.randn(6, 30)).eval()
+    x = torch.randn(2, 6, 64)
+    out = torch.tensor([[3, 0, 17, 3], [23, 5, 6, 1]])  # any order, repeats allowed
+    rows = torch.arange(2)[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, output_idx=out), enc(x)[rows, out], atol=1e-5, rtol=0)
+        # with a padded token selection: positions refer to the selected sequence
+        idx = torch.tensor([[0, 4, 9, 0, 0], [1, 2, 3, 7, 8]])
+        valid = torch.tensor([[True, True, True, False, False], [True] * 5])
+        pos = torch.tensor([[2, 0], [4, 1]])
+        torch.testing.assert_close(enc(x, idx, valid, output_idx=pos), enc(x, idx, valid)[rows, pos],
+                                   atol=1e-5, rtol=0)
+
+
+def test_depth_must_be_positive():
+    with pytest.raises(ConfigError, match="depth"):
+        tiny_cfg(depth=0)
 
 
 def test_padding_mask_makes_padded_tokens_invisible():

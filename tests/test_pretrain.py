@@ -201,7 +201,7 @@ def test_block_loss_sum_ignores_padding():
     idx = torch.tensor([[[10, 11, 12]], [[20, 21, 0]]])  # sample 1's block has one padding entry
     valid = torch.tensor([[[True, True, True]], [[True, True, False]]])
     with torch.no_grad():
-        got = block_loss_sum(pred, z, ctx, ctx_valid, idx, valid, h, "l2")
+        got = block_loss_sum(pred, z, ctx, ctx_valid, idx, valid, h[torch.arange(2)[:, None, None], idx], "l2")
         one = [F.mse_loss(pred(z[b : b + 1], ctx[b : b + 1], idx[b, :, :n]), h[b, idx[b, 0, :n]][None])
                for b, n in ((0, 3), (1, 2))]
     torch.testing.assert_close(got, sum(one), atol=1e-6, rtol=1e-5)

@@ -5,9 +5,15 @@ Tokens are (ROI r, time patch t) pairs on an R x P grid, P = T // patch_size, nu
 d/2 wide: a fixed 1-D sine-cosine code of the patch index t, and a learnable linear map of the
 ROI's brain-gradient row (R x m gradients, see :mod:`brainjepa.gradients`).
 
-Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` so GPUs get the
-flash / memory-efficient kernels and CPUs the fused kernel; ragged batches carry a boolean
-validity mask that becomes a key-padding mask.
+Attention goes through :func:`brainjepa.attention.attention`: PyTorch's SDPA (flash /
+memory-efficient kernels on GPUs, the fused kernel on CPUs in fp32) or, for bf16 on CPUs, a
+query-chunked kernel that runs on the bf16 matmul units. Ragged batches carry a boolean validity
+mask that becomes a key-padding mask.
+
+When only some outputs are needed (the target tokens of the EMA target encoder, the mask tokens
+of the predictor), the last block computes queries, attention and MLP for those tokens only
+(``output_idx``): the same numbers as the full pass followed by a gather, for a fraction of the
+last block's work.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .errors import ConfigError, DataError
 
 # Architecture presets. Encoder sizes follow ViT-S/B/L; predictor widths and depths follow the
@@ -58,6 +65,9 @@ class ModelConfig:
     layernorm_eps: float = 1e-6
 
     def __post_init__(self):
+        if self.depth < 1 or self.predictor_depth < 1:
+            raise ConfigError(f"model.depth ({self.depth}) and model.predictor_depth "
+                              f"({self.predictor_depth}) must be at least 1")
         if self.n_timepoints % self.patch_size:
             raise ConfigError(
                 f"model.n_timepoints={self.n_timepoints} is not a multiple of "
@@ -146,10 +156,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                attention_sink: list | None = None) -> torch.Tensor:
-        """x: (B, N, C); key_mask: (B, N) bool, True = a real token others may attend to."""
+                attention_sink: list | None = None,
+                query_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C); key_mask: (B, N) bool, True = a real token others may attend to.
+        Returns (B, N, C), or (B, M, C) for the queries ``query_idx`` (B, M) only."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        H = self.num_heads
+        if query_idx is None:
+            q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        else:
+            if attention_sink is not None:
+                raise ValueError("attention_sink needs every query; do not pass query_idx with it")
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(_gather(x, query_idx), w[:C], None if b is None else b[:C])
+            q = q.view(B, -1, H, C // H).transpose(1, 2)
+            k, v = F.linear(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if attention_sink is not None:
             # explicit weights, only for interpretation: attention each key receives, mean over
@@ -166,8 +187,8 @@ class Attention(nn.Module):
             attention_sink.append(received.float())
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+            out = attention(q, k, v, key_mask)
+        return self.proj(out.transpose(1, 2).reshape(B, -1, C))
 
 
 class MLP(nn.Module):
@@ -192,8 +213,10 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, key_mask=None, attention_sink=None):
-        x = x + self.drop_path(self.attn(self.norm1(x), key_mask, attention_sink))
+    def forward(self, x, key_mask=None, attention_sink=None, query_idx=None):
+        """x (B, N, C) -> (B, N, C), or (B, M, C) for the tokens ``query_idx`` (B, M) only."""
+        residual = x if query_idx is None else _gather(x, query_idx)
+        x = residual + self.drop_path(self.attn(self.norm1(x), key_mask, attention_sink, query_idx))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -261,11 +284,14 @@ class BrainEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, token_idx: torch.Tensor | None = None,
                 token_valid: torch.Tensor | None = None,
-                attention_sink: list | None = None) -> torch.Tensor:
+                attention_sink: list | None = None,
+                output_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, R, T) -> features (B, N, D) of the tokens in ``token_idx`` (B, N); all if None.
 
         ``token_valid`` (B, N) marks real entries of a padded ``token_idx``; padded tokens are
         never attended to (their own outputs are meaningless and must be ignored).
+        ``output_idx`` (B, M): return only these positions of the encoded sequence, (B, M, D);
+        the last block then works on those queries alone.
         ``attention_sink``: a list that receives, per layer, the attention each token receives
         (B, N), averaged over heads and queries; slower (explicit attention), for interpretation.
         """
@@ -274,8 +300,9 @@ class BrainEncoder(nn.Module):
             h = _gather(h, token_idx)
         if token_valid is not None and bool(token_valid.all()):
             token_valid = None  # no padding: keep the fastest attention kernel
-        for block in self.blocks:
-            h = block(h, token_valid, attention_sink)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            h = block(h, token_valid, attention_sink, output_idx if i == last else None)
         return self.norm(h)
 
 
@@ -313,9 +340,12 @@ class BrainPredictor(nn.Module):
             key_mask = torch.cat([cv, tv], dim=1)
             if bool(key_mask.all()):
                 key_mask = None
-        for block in self.blocks:
-            h = block(h, key_mask)
-        return self.proj(self.norm(h[:, Nc:]))
+        # only the mask tokens' outputs are used: the last block computes just those queries
+        queries = torch.arange(Nc, h.shape[1], device=h.device).expand(B, -1)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            h = block(h, key_mask, query_idx=queries if i == last else None)
+        return self.proj(self.norm(h))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -3,7 +3,8 @@
 One optimizer step, for each of ``accum_steps`` micro-batches (x: B x R x T, spatiotemporal masks):
 
 1. target encoder (EMA copy of the encoder, no grad) on all N = R*P tokens, then layer norm over
-   the features -> h (B x N x D);
+   the features -> h (B x M x D) at the M target tokens (the encoder's last block computes only
+   those queries: the same features as the full pass, a fraction of the last block's work);
 2. context encoder on the context tokens -> z (B x Nc x D);
 3. predictor, one pass per target block as in I-JEPA: z is repeated per block and the predictor
    fills in that block's tokens -> p (B*blocks x Nt x D);
@@ -187,7 +188,8 @@ def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Ten
     """Predict one group of K target blocks and sum their losses over samples and blocks.
 
     z: B x Nc x D context features at context_idx (B x Nc, validity context_valid);
-    target_idx/valid: B x K x w; targets: B x N x D layer-normed target-encoder features.
+    target_idx/valid: B x K x w; targets: B x K x w x D layer-normed target-encoder features of
+    the tokens target_idx.
     Each block gets its own predictor pass (z repeated K times). A block's loss is the mean over
     its valid tokens of the per-token distance (Smooth-L1 or squared error, mean over features);
     a block without valid tokens adds 0. Returns the sum over the B x K blocks.
@@ -199,7 +201,7 @@ def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Ten
     valid = target_valid.reshape(B * K, w)
     pred = predictor(z, context_idx, context_valid=context_valid,
                      target_idx=target_idx.reshape(B * K, w), target_valid=valid).float()
-    target = torch.gather(targets, 1, target_idx.reshape(B, K * w, 1).expand(-1, -1, D)).reshape(B * K, w, D)
+    target = targets.reshape(B * K, w, D)
     if loss == "smooth_l1":
         err = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
     else:
@@ -210,7 +212,7 @@ def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Ten
 
 @torch.no_grad()
 def feature_stats(h: torch.Tensor, max_tokens: int = 512) -> dict[str, torch.Tensor]:
-    """Collapse monitor on target features h (B x N x D).
+    """Collapse monitor on target features h (... x D, e.g. the valid target tokens, n x D).
 
     ``target_std``: std of each feature over the batch's tokens, averaged over features (0 when
     every token maps to the same vector). ``target_cos``: mean cosine similarity between
@@ -303,22 +305,25 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             ctx_idx = masks.context_idx.to(self.device, non_blocking=True)
             ctx_valid = masks.context_valid.to(self.device, non_blocking=True)
-            groups = _block_groups(masks)
+            groups = [(idx.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
+                      for idx, valid in _block_groups(masks)]
             n_blocks = max(int(masks.target_valid.any(-1).sum()), 1)
+            B = x.shape[0]
             with self._sync(self.encoder_run, last):
                 with self.autocast():
-                    with torch.no_grad():
-                        h = self.target_run(x)
+                    with torch.no_grad():  # target features at every group's tokens, B x M x D
+                        h = self.target_run(x, output_idx=torch.cat([i.reshape(B, -1) for i, _ in groups], 1))
                         h = F.layer_norm(h.float(), h.shape[-1:])
                     z = self.encoder_run(x, ctx_idx, ctx_valid)
                 z_in = z.detach().requires_grad_()
+                offset = 0
                 for g, (idx, valid) in enumerate(groups):
+                    targets = h[:, offset : offset + idx[0].numel()].reshape(*idx.shape, -1)
+                    offset += idx[0].numel()
                     with self._sync(self.predictor_run, last and g == len(groups) - 1):
                         with self.autocast():
-                            block_sum = block_loss_sum(
-                                self.predictor_run, z_in, ctx_idx, ctx_valid,
-                                idx.to(self.device, non_blocking=True),
-                                valid.to(self.device, non_blocking=True), h, self.loss)
+                            block_sum = block_loss_sum(self.predictor_run, z_in, ctx_idx, ctx_valid,
+                                                       idx, valid, targets, self.loss)
                         (block_sum / (n_blocks * n)).backward()
                     loss_sum += block_sum.detach() / n_blocks
                 z.backward(z_in.grad)
@@ -334,8 +339,8 @@ class Trainer:
             target = list(self.target_encoder.parameters())
             online = list(self.encoder.parameters())
             torch._foreach_lerp_(target, online, 1.0 - momentum)  # t <- m t + (1 - m) online
-        if monitor:
-            out.update(feature_stats(h))
+        if monitor:  # on the last micro-batch's valid target tokens
+            out.update(feature_stats(h[torch.cat([v.reshape(B, -1) for _, v in groups], 1)]))
         return out
 
     def state_dict(self) -> dict:

@@ -1,0 +1,105 @@
+"""The chunked CPU attention kernel against PyTorch's SDPA (values, gradients, padding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import brainjepa.attention as A
+from brainjepa.attention import attention, set_attention_backend
+
+
+@pytest.fixture
+def backend():
+    """Restore the backend after the test; small tiles so that every call walks several blocks."""
+    previous, tile = A.get_attention_backend(), A.TILE_BYTES
+    A.TILE_BYTES = 64 * 40 * 8  # 64-query blocks at 40 keys in float64
+    yield set_attention_backend
+    set_attention_backend(previous)
+    A.TILE_BYTES = tile
+
+
+def _inputs(dtype, B=2, H=3, Nq=150, Nk=150, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, Nk, d, generator=g, dtype=torch.float64) for _ in range(2))
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def _run(q, k, v, key_mask=None):
+    out = attention(q, k, v, key_mask)
+    (out.double() * torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("Nq,Nk,masked", [(150, 150, False), (150, 150, True), (37, 150, True)])
+def test_chunked_matches_sdpa_in_float64(backend, Nq, Nk, masked):
+    q, k, v = _inputs(torch.float64, Nq=Nq, Nk=Nk)
+    key_mask = None
+    if masked:
+        key_mask = torch.ones(2, Nk, dtype=torch.bool)
+        key_mask[0, -60:] = False  # sample 0: the last 60 keys are padding
+    backend("sdpa")
+    ref, ref_grads = _run(q, k, v, key_mask)
+    backend("chunked")
+    out, grads = _run(q, k, v, key_mask)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+    if masked:  # padded keys receive no gradient and do not change the output
+        assert grads[1][0, :, -60:].abs().max() == 0 and grads[2][0, :, -60:].abs().max() == 0
+
+
+def test_chunked_passes_gradcheck(backend):
+    backend("chunked")
+    q, k, v = _inputs(torch.float64, B=1, H=2, Nq=70, Nk=90, d=4)
+    mask = torch.ones(1, 90, dtype=torch.bool)
+    mask[0, :7] = False
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, mask), (q, k, v))
+
+
+def test_chunked_bf16_is_within_bf16_rounding_of_the_exact_result(backend):
+    A.TILE_BYTES = 64 * 300 * 2
+    q, k, v = _inputs(torch.bfloat16, Nq=300, Nk=300, d=32)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    backend("sdpa")
+    ref, ref_grads = _run(*exact)
+    backend("chunked")
+    out, grads = _run(q, k, v)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert (out.double() - ref).abs().max() < 8e-3  # |out| <= ~1; bf16 has an 8-bit mantissa
+    for g, r in zip(grads, ref_grads):
+        assert (g.double() - r).abs().max() / r.abs().max() < 5e-2
+
+
+def test_auto_backend_picks_chunked_only_for_large_bf16_cpu_work(backend):
+    backend("auto")
+    big = torch.zeros(1, 1, 300, 8, dtype=torch.bfloat16)
+    assert A._use_chunked(big, big)
+    assert not A._use_chunked(big.float(), big.float())  # fp32: SDPA's fused kernel is faster
+    assert not A._use_chunked(big[:, :, :10], big[:, :, :10])  # too small to pay off
+    backend("chunked")
+    assert A._use_chunked(big.float(), big.float())
+    with pytest.raises(ValueError, match="backend"):
+        set_attention_backend("flash")
+
+
+def test_model_in_bf16_gives_the_same_features_with_either_backend(backend):
+    from brainjepa.model import BrainEncoder, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_rois=40, n_timepoints=64, n_gradients=5, embed_dim=64, depth=2, num_heads=2,
+                      predictor_embed_dim=32, predictor_depth=1, predictor_num_heads=2)
+    enc = BrainEncoder(cfg, torch.randn(40, 5)).eval()
+    x = torch.randn(2, 40, 64)
+    feats = {}
+    for name in ("sdpa", "chunked"):
+        backend(name)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feats[name] = enc(x).float()
+    assert (feats["sdpa"] - feats["chunked"]).abs().max() < 0.1  # layer-normed features, |f| ~ 1
+    assert F.cosine_similarity(feats["sdpa"], feats["chunked"], dim=-1).min() > 0.999
