@@ -83,8 +83,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _block_size(n_keys: int, itemsize: int) -> int:
-    """Queries per block so that one (block x keys) score tile is about TILE_BYTES."""
-    return max(64, TILE_BYTES // (n_keys * itemsize) // 16 * 16)
+    """Queries per block so that one (block x keys) score tile is about TILE_BYTES, a power of
+    two (few distinct matmul shapes: oneDNN compiles and caches a kernel per shape)."""
+    return 1 << max(6, (TILE_BYTES // (n_keys * itemsize)).bit_length() - 1)
 
 
 class ChunkedAttention(torch.autograd.Function):
