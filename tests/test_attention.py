@@ -36,13 +36,18 @@ def _run(q, k, v, key_mask=None):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("Nq,Nk,masked", [(150, 150, False), (150, 150, True), (37, 150, True)])
+@pytest.mark.parametrize("Nq,Nk,masked", [(150, 150, None), (150, 150, "end"), (37, 150, "end"),
+                                          (150, 150, "anywhere")])
 def test_chunked_matches_sdpa_in_float64(backend, Nq, Nk, masked):
     q, k, v = _inputs(torch.float64, Nq=Nq, Nk=Nk)
     key_mask = None
     if masked:
         key_mask = torch.ones(2, Nk, dtype=torch.bool)
         key_mask[0, -60:] = False  # sample 0: the last 60 keys are padding
+        if masked == "anywhere":  # not only at the end: the additive-bias path
+            key_mask[1, 10:20] = False
+            key_mask = key_mask.roll(5, dims=1)
+            key_mask[0, -60:] = False
     backend("sdpa")
     ref, ref_grads = _run(q, k, v, key_mask)
     backend("chunked")

@@ -70,13 +70,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if _use_chunked(q, k):
         B, H, Nq, d = q.shape
         Nk = k.shape[-2]
-        bias = None
+        bias = n_keys = None
         if key_mask is not None:
-            bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(~key_mask, float("-inf"))
-            bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
+            counts = key_mask.sum(1)
+            if torch.equal(key_mask, torch.arange(Nk, device=q.device) < counts[:, None]):
+                # padding at the end (as brainjepa lays out its sequences): just fewer keys
+                n_keys = tuple(int(c) for c in counts.repeat_interleave(H))
+            else:
+                bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+                bias.masked_fill_(~key_mask, float("-inf"))
+                bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
         out = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
-                                     v.reshape(B * H, Nk, d), bias)
+                                     v.reshape(B * H, Nk, d), bias, n_keys)
         return out.view(B, H, Nq, d)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -91,7 +96,9 @@ def _block_size(n_keys: int, itemsize: int) -> int:
 class ChunkedAttention(torch.autograd.Function):
     """Attention over (G, N, d) tensors (G = batch x heads), one head and block of queries at a time.
 
-    ``bias``: None or an additive (G, 1, Nk) key bias (0 or -inf) for padding. Forward saves
+    Padding: ``n_keys`` (G ints) keeps only the first n_keys[g] keys of group g (padding at the
+    end, the cheap case); ``bias``, an additive (G, 1, Nk) key bias (0 or -inf), masks any other
+    pattern; or both None. Forward saves
     q, k, v and the output; backward recomputes each block's weights P and uses the standard
     identities dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
     dK = dS^T Q / sqrt(d). dK and dV are accumulated over blocks in fp32 (fp64 for fp64).
@@ -111,7 +118,7 @@ class ChunkedAttention(torch.autograd.Function):
         return torch.ops.aten._softmax.out(S, -1, False, out=work_p[:n].view(S.shape))
 
     @staticmethod
-    def forward(ctx, q, k, v, bias):
+    def forward(ctx, q, k, v, bias, n_keys):
         G, Nq, d = q.shape
         Nk = k.shape[1]
         qs = q * (1.0 / math.sqrt(d))  # computed in fp32 and rounded once for bf16
@@ -120,12 +127,14 @@ class ChunkedAttention(torch.autograd.Function):
         work_s, work_p = q.new_empty(block * Nk), q.new_empty(block * Nk)
         out = q.new_empty(G, Nq, d)
         for g in range(G):
+            n = Nk if n_keys is None else n_keys[g]
             b = None if bias is None else bias[g]
             for s in range(0, Nq, block):
                 e = min(s + block, Nq)
-                P = ChunkedAttention._weights(qs[g, s:e], kt[g], b, work_s, work_p)
-                torch.mm(P, v[g], out=out[g, s:e])
+                P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
+                torch.mm(P, v[g, :n], out=out[g, s:e])
         ctx.save_for_backward(qs, k, v, bias, out)
+        ctx.n_keys = n_keys
         return out
 
     @staticmethod
@@ -145,15 +154,16 @@ class ChunkedAttention(torch.autograd.Function):
         dk = torch.zeros(G, Nk, d, dtype=acc, device=qs.device)
         dv = torch.zeros_like(dk)
         for g in range(G):
+            n = Nk if ctx.n_keys is None else ctx.n_keys[g]
             b = None if bias is None else bias[g]
             for s in range(0, Nq, block):
                 e = min(s + block, Nq)
-                P = ChunkedAttention._weights(qs[g, s:e], kt[g], b, work_s, work_p)
+                P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
                 do_block = dout[g, s:e]
-                dv[g] += torch.mm(P.t(), do_block)
+                dv[g, :n] += torch.mm(P.t(), do_block)
                 # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
-                dS = torch.addmm(corr[g, s:e], do_block, vt[g], out=work_s[: P.numel()].view(P.shape))
+                dS = torch.addmm(corr[g, s:e], do_block, vt[g, :, :n], out=work_s[: P.numel()].view(P.shape))
                 dS.mul_(P)
-                torch.mm(dS, k[g], out=dq[g, s:e]).mul_(scale)
-                dk[g] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
-        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None
+                torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
+                dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
+        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None

@@ -333,6 +333,8 @@ class BrainPredictor(nn.Module):
         ctx = self.embed(context) + _gather(pos, context_idx)
         tgt = self.mask_token + _gather(pos, target_idx)
         h = torch.cat([ctx, tgt], dim=1)
+        # only the mask tokens' outputs are used: the last block computes just those queries
+        queries = torch.arange(Nc, h.shape[1], device=h.device).expand(B, -1)
         key_mask = None
         if context_valid is not None or target_valid is not None:
             cv = context_valid if context_valid is not None else context_idx.new_ones(context_idx.shape, dtype=torch.bool)
@@ -340,8 +342,13 @@ class BrainPredictor(nn.Module):
             key_mask = torch.cat([cv, tv], dim=1)
             if bool(key_mask.all()):
                 key_mask = None
-        # only the mask tokens' outputs are used: the last block computes just those queries
-        queries = torch.arange(Nc, h.shape[1], device=h.device).expand(B, -1)
+            else:
+                # real tokens first, padding last (a stable sort keeps their order): attention
+                # does not depend on token order, and trailing padding is just fewer keys for
+                # the CPU attention kernel
+                order = torch.argsort((~key_mask).to(torch.uint8), dim=1, stable=True)
+                h, key_mask = _gather(h, order), torch.gather(key_mask, 1, order)
+                queries = torch.argsort(order, dim=1)[:, Nc:]
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             h = block(h, key_mask, query_idx=queries if i == last else None)
