@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from brainjepa.errors import ConfigError, DataError
@@ -212,3 +213,26 @@ def test_official_mapping_refuses_unknown_keys():
     state["module.extra.weight"] = torch.zeros(1)
     with pytest.raises(DataError, match="does not know"):
         map_official_state_dict(state, "encoder")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_mlp_recomputing_gelu_has_the_plain_gradients(dtype):
+    from brainjepa.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(8, 32).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for recompute in (True, False):
+        for p in [x, *mlp.parameters()]:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = mlp(x) if recompute else mlp.fc2(F.gelu(mlp.fc1(x)))
+        (out.double() * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()])
+        assert all(p.grad.dtype == torch.float64 for p in mlp.parameters())
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=tol * b.abs().max().item(), rtol=0)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: mlp(x), (x[:1, :2],))

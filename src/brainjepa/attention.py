@@ -81,8 +81,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 bias.masked_fill_(~key_mask, float("-inf"))
                 bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
         out = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
-                                     v.reshape(B * H, Nk, d), bias, n_keys)
-        return out.view(B, H, Nq, d)
+                                     v.reshape(B * H, Nk, d), bias, n_keys, H)
+        return out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -94,7 +94,9 @@ def _block_size(n_keys: int, itemsize: int) -> int:
 
 
 class ChunkedAttention(torch.autograd.Function):
-    """Attention over (G, N, d) tensors (G = batch x heads), one head and block of queries at a time.
+    """Attention over (G, N, d) tensors (G = B x H: batch x heads), one head and block of queries
+    at a time. The output is (B, Nq, H, d): merging the heads back into (B, Nq, H*d) for the
+    output projection is then a view, not a copy (and one tensor is kept for backward, not two).
 
     Padding: ``n_keys`` (G ints) keeps only the first n_keys[g] keys of group g (padding at the
     end, the cheap case); ``bias``, an additive (G, 1, Nk) key bias (0 or -inf), masks any other
@@ -118,21 +120,21 @@ class ChunkedAttention(torch.autograd.Function):
         return torch.ops.aten._softmax.out(S, -1, False, out=work_p[:n].view(S.shape))
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, n_keys):
+    def forward(ctx, q, k, v, bias, n_keys, heads):
         G, Nq, d = q.shape
         Nk = k.shape[1]
         qs = q * (1.0 / math.sqrt(d))  # computed in fp32 and rounded once for bf16
         kt = k.transpose(1, 2)
         block = min(_block_size(Nk, q.element_size()), Nq)
         work_s, work_p = q.new_empty(block * Nk), q.new_empty(block * Nk)
-        out = q.new_empty(G, Nq, d)
+        out = q.new_empty(G // heads, Nq, heads, d)
         for g in range(G):
             n = Nk if n_keys is None else n_keys[g]
             b = None if bias is None else bias[g]
             for s in range(0, Nq, block):
                 e = min(s + block, Nq)
                 P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
-                torch.mm(P, v[g, :n], out=out[g, s:e])
+                torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
         ctx.save_for_backward(qs, k, v, bias, out)
         ctx.n_keys = n_keys
         return out
@@ -142,8 +144,9 @@ class ChunkedAttention(torch.autograd.Function):
         qs, k, v, bias, out = ctx.saved_tensors
         G, Nq, d = qs.shape
         Nk = k.shape[1]
+        heads = out.shape[2]
         scale = 1.0 / math.sqrt(d)
-        dout = dout.contiguous()
+        dout = dout.contiguous()  # (B, Nq, H, d) like out
         # rowsum(dO * O) = rowsum(dP * P), the softmax backward's correction term, per query
         acc = torch.promote_types(qs.dtype, torch.float32)  # accumulation dtype
         corr = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True).neg_().to(qs.dtype)
@@ -159,11 +162,11 @@ class ChunkedAttention(torch.autograd.Function):
             for s in range(0, Nq, block):
                 e = min(s + block, Nq)
                 P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
-                do_block = dout[g, s:e]
+                do_block = dout[g // heads, s:e, g % heads]
                 dv[g, :n] += torch.mm(P.t(), do_block)
                 # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
-                dS = torch.addmm(corr[g, s:e], do_block, vt[g, :, :n], out=work_s[: P.numel()].view(P.shape))
+                dS = torch.addmm(corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n], out=work_s[: P.numel()].view(P.shape))
                 dS.mul_(P)
                 torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
                 dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
-        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None
+        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None, None

@@ -191,6 +191,31 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, -1, C))
 
 
+class _GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight, bias), keeping only h for the backward pass.
+
+    Autograd would keep both h and gelu(h) (4 x width per token each); gelu is cheap to
+    recompute, so this saves a fifth of a block's activation memory for ~1% more time. Works
+    under autocast: the matmuls run in h's dtype, the weight gradients come back in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight, bias)
+        return F.linear(F.gelu(h), weight.to(h.dtype), bias.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight, bias = ctx.saved_tensors
+        dy = dy.to(h.dtype)
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_()
+            a = F.gelu(h_)
+        dh, = torch.autograd.grad(a, h_, dy @ weight.to(h.dtype))
+        dy2, a2 = dy.reshape(-1, dy.shape[-1]), a.detach().reshape(-1, a.shape[-1])
+        return dh, (dy2.t() @ a2).to(weight.dtype), dy2.sum(0).to(bias.dtype)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -198,7 +223,10 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        if torch.is_grad_enabled() and h.requires_grad:
+            return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
+        return self.fc2(F.gelu(h))
 
 
 class Block(nn.Module):
