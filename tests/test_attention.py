@@ -101,10 +101,33 @@ def test_model_in_bf16_gives_the_same_features_with_either_backend(backend):
                       predictor_embed_dim=32, predictor_depth=1, predictor_num_heads=2)
     enc = BrainEncoder(cfg, torch.randn(40, 5)).eval()
     x = torch.randn(2, 40, 64)
+    idx = torch.stack([torch.randperm(160)[:150], torch.randperm(160)[:150]])
+    valid = torch.ones(2, 150, dtype=torch.bool)
+    valid[1, 120:] = False  # sample 1: 30 padding tokens at the end
     feats = {}
     for name in ("sdpa", "chunked"):
         backend(name)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            feats[name] = enc(x).float()
+            feats[name] = enc(x, idx, valid).float()[valid]  # real tokens only
     assert (feats["sdpa"] - feats["chunked"]).abs().max() < 0.1  # layer-normed features, |f| ~ 1
     assert F.cosine_similarity(feats["sdpa"], feats["chunked"], dim=-1).min() > 0.999
+
+
+def test_self_attention_skips_padding_queries_without_changing_real_ones(backend):
+    q, k, v = _inputs(torch.float64, Nq=150, Nk=150)
+    key_mask = torch.ones(2, 150, dtype=torch.bool)
+    key_mask[0, -60:] = False
+    rows = key_mask[:, None, :, None]  # (B, 1, N, 1): real query rows
+    results = {}
+    for name in ("sdpa", "chunked"):
+        backend(name)
+        out = attention(q, k, v, key_mask, self_attention=True)
+        (out * rows * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        results[name] = (out.detach(), [t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    (ref, ref_grads), (out, grads) = results["sdpa"], results["chunked"]
+    torch.testing.assert_close(out * rows, ref * rows, atol=1e-12, rtol=1e-10)
+    assert out[0, :, -60:].abs().max() == 0  # skipped, not computed
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)

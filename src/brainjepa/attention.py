@@ -4,15 +4,17 @@
 it is ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on
 CUDA; on CPU its fused fp32 kernel already runs at the machine's fp32 matmul peak). PyTorch's
 fused CPU kernel does not run its matmuls on the bf16 units, though (measured: no faster in bf16
-than in fp32). :class:`ChunkedAttention` does: it walks over blocks of queries, and for each
-block computes the scores with one batched bf16 GEMM, softmax, and a second GEMM, so that only
-a (heads x block x keys) score tile exists at a time. The backward pass recomputes each tile
-(as flash attention does) instead of storing the N x N weights, so memory stays linear in N.
-The score tiles live in two workspace buffers reused for every block of a call: allocating a
-fresh multi-megabyte tile per block costs more in page faults than the GEMM itself.
+than in fp32). :class:`ChunkedAttention` does: for each head and block of queries it computes
+the scores with one bf16 GEMM, the softmax, and a second GEMM, so that only a (block x keys)
+score tile exists at a time. The backward pass recomputes each tile (as flash attention does)
+instead of storing the N x N weights, so memory stays linear in N. The tiles live in two
+workspace buffers reused for every block of a call: allocating a fresh multi-megabyte tile per
+block costs more in page faults than the GEMM itself. Key padding at the end of a sequence
+(brainjepa's layout) just shortens the keys; other padding patterns use an additive bias.
 
 Measured on the 2-core CPU this project is developed on (bf16, batch 2 x 3 heads x 4,500
-tokens x 64): forward 0.09 s vs 0.20 s for SDPA; see benchmarks/RESULTS.md.
+tokens x 64): forward 0.09-0.11 s vs 0.20-0.22 s for SDPA, forward + backward 0.31 s vs
+0.50-0.57 s; ``benchmarks/attention.py`` and ``benchmarks/RESULTS.md`` have the table.
 
 Backend choice: ``"auto"`` (default) takes the chunked kernel for bf16/fp16 CPU tensors with
 at least :data:`CHUNKED_MIN_PAIRS` query-key pairs, SDPA otherwise; ``"sdpa"`` and ``"chunked"``
@@ -61,27 +63,30 @@ def _use_chunked(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_mask: torch.Tensor | None = None, self_attention: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v.
 
     q: (B, H, Nq, d); k, v: (B, H, Nk, d); key_mask: (B, Nk) bool, True = a key that may be
     attended to (every query must have at least one). Returns (B, H, Nq, d).
+    ``self_attention``: the queries are the keys' tokens, so a padding key is also a padding
+    query whose output is meaningless; the chunked kernel then skips those queries (zeros).
     """
     if _use_chunked(q, k):
         B, H, Nq, d = q.shape
         Nk = k.shape[-2]
-        bias = n_keys = None
+        bias = n_keys = n_queries = None
         if key_mask is not None:
             counts = key_mask.sum(1)
             if torch.equal(key_mask, torch.arange(Nk, device=q.device) < counts[:, None]):
                 # padding at the end (as brainjepa lays out its sequences): just fewer keys
                 n_keys = tuple(int(c) for c in counts.repeat_interleave(H))
+                n_queries = n_keys if self_attention and Nq == Nk else None
             else:
                 bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
                 bias.masked_fill_(~key_mask, float("-inf"))
                 bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
         out = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
-                                     v.reshape(B * H, Nk, d), bias, n_keys, H)
+                                     v.reshape(B * H, Nk, d), bias, n_keys, n_queries, H)
         return out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -100,7 +105,8 @@ class ChunkedAttention(torch.autograd.Function):
 
     Padding: ``n_keys`` (G ints) keeps only the first n_keys[g] keys of group g (padding at the
     end, the cheap case); ``bias``, an additive (G, 1, Nk) key bias (0 or -inf), masks any other
-    pattern; or both None. Forward saves
+    pattern; or both None. ``n_queries`` (G ints): only the first n_queries[g] queries are
+    computed, the other outputs (and their gradients) are zero. Forward saves
     q, k, v and the output; backward recomputes each block's weights P and uses the standard
     identities dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
     dK = dS^T Q / sqrt(d). dK and dV are accumulated over blocks in fp32 (fp64 for fp64).
@@ -120,23 +126,24 @@ class ChunkedAttention(torch.autograd.Function):
         return torch.ops.aten._softmax.out(S, -1, False, out=work_p[:n].view(S.shape))
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, n_keys, heads):
+    def forward(ctx, q, k, v, bias, n_keys, n_queries, heads):
         G, Nq, d = q.shape
         Nk = k.shape[1]
         qs = q * (1.0 / math.sqrt(d))  # computed in fp32 and rounded once for bf16
         kt = k.transpose(1, 2)
         block = min(_block_size(Nk, q.element_size()), Nq)
         work_s, work_p = q.new_empty(block * Nk), q.new_empty(block * Nk)
-        out = q.new_empty(G // heads, Nq, heads, d)
+        out = (q.new_empty if n_queries is None else q.new_zeros)(G // heads, Nq, heads, d)
         for g in range(G):
             n = Nk if n_keys is None else n_keys[g]
             b = None if bias is None else bias[g]
-            for s in range(0, Nq, block):
-                e = min(s + block, Nq)
+            nq = Nq if n_queries is None else n_queries[g]
+            for s in range(0, nq, block):
+                e = min(s + block, nq)
                 P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
                 torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
         ctx.save_for_backward(qs, k, v, bias, out)
-        ctx.n_keys = n_keys
+        ctx.n_keys, ctx.n_queries = n_keys, n_queries
         return out
 
     @staticmethod
@@ -153,14 +160,15 @@ class ChunkedAttention(torch.autograd.Function):
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
         block = min(_block_size(Nk, qs.element_size()), Nq)
         work_s, work_p = qs.new_empty(block * Nk), qs.new_empty(block * Nk)
-        dq = qs.new_empty(G, Nq, d)
+        dq = (qs.new_empty if ctx.n_queries is None else qs.new_zeros)(G, Nq, d)
         dk = torch.zeros(G, Nk, d, dtype=acc, device=qs.device)
         dv = torch.zeros_like(dk)
         for g in range(G):
             n = Nk if ctx.n_keys is None else ctx.n_keys[g]
             b = None if bias is None else bias[g]
-            for s in range(0, Nq, block):
-                e = min(s + block, Nq)
+            nq = Nq if ctx.n_queries is None else ctx.n_queries[g]
+            for s in range(0, nq, block):
+                e = min(s + block, nq)
                 P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
                 do_block = dout[g // heads, s:e, g % heads]
                 dv[g, :n] += torch.mm(P.t(), do_block)
@@ -169,4 +177,4 @@ class ChunkedAttention(torch.autograd.Function):
                 dS.mul_(P)
                 torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
                 dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
-        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None, None
+        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None, None, None

@@ -548,15 +548,31 @@ class Results:
         return path
 
 
-def format_table(rows: list[dict]) -> str:
-    """One line per (target, method), one column per metric: 'mean +- std'."""
-    lines = []
+def format_mean_std(row: dict) -> str:
+    """'mean ± std' of a result row, 'n/a' where the metric is undefined."""
+    mean = row["mean"]
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return f"{mean:.3f} ± {row['std']:.3f}"
+
+
+def result_grid(rows: list[dict]) -> list[tuple[str, int, list[str], list[str], dict]]:
+    """Result rows grouped per target, in order of appearance: (target, n_seeds, metrics,
+    methods, {(method, metric): 'mean ± std'}); the shared layout of every results table."""
+    grids = []
     for target in dict.fromkeys(r["target"] for r in rows):
         trows = [r for r in rows if r["target"] == target]
-        metrics = list(dict.fromkeys(r["metric"] for r in trows))
-        methods = list(dict.fromkeys(r["method"] for r in trows))
-        n = max(r["n_seeds"] for r in trows)
-        cell = {(r["method"], r["metric"]): f"{r['mean']:.3f} ± {r['std']:.3f}" for r in trows}
+        grids.append((target, max(r["n_seeds"] for r in trows),
+                      list(dict.fromkeys(r["metric"] for r in trows)),
+                      list(dict.fromkeys(r["method"] for r in trows)),
+                      {(r["method"], r["metric"]): format_mean_std(r) for r in trows}))
+    return grids
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per (target, method), one column per metric: 'mean ± std'."""
+    lines = []
+    for target, n, metrics, methods, cell in result_grid(rows):
         header = [f"{target} (n_seeds={n})"] + [METRIC_NAMES.get(m, m) for m in metrics]
         body = [[m] + [cell.get((m, k), "-") for k in metrics] for m in methods]
         widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]

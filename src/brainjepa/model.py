@@ -187,7 +187,7 @@ class Attention(nn.Module):
             attention_sink.append(received.float())
             out = weights @ v
         else:
-            out = attention(q, k, v, key_mask)
+            out = attention(q, k, v, key_mask, self_attention=query_idx is None)
         return self.proj(out.transpose(1, 2).reshape(B, -1, C))
 
 

@@ -93,21 +93,27 @@ PAD_MULTIPLE = 64
 ONEDNN_CACHE_CAPACITY = "64"
 
 
+def _glibc():
+    """The C library if it is glibc (it has malloc_trim), else None."""
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # AttributeError outside glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
+
+
 def _free_memory_to_os() -> None:
     """Give the heap's free pages back to the OS (glibc malloc_trim) after a step on CPU: tensors
     of varying sizes otherwise leave free holes that the process keeps (measured: +250 MB RSS
     over 24 tiny bf16 steps). No-op where glibc is not the allocator."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-if os.name == "posix":
-    try:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _LIBC.malloc_trim  # raises AttributeError outside glibc
-    except (OSError, AttributeError):
-        _LIBC = None
 
 
 # ------------------------------------------------------------------------------- schedules

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, require
-from .evaluate import METHODS, METRIC_NAMES, infer_task
+from .evaluate import METHODS, METRIC_NAMES, infer_task, result_grid
 
 METHOD_COLORS = {"brainjepa": "#1f77b4", "random_init": "#9e9e9e", "fc_baseline": "#ff7f0e"}
 # headline metrics of the results bars, with the chance level drawn as a dashed line
@@ -195,25 +194,13 @@ def cohort_attention(model, cohort, out_dir: str | Path, *, networks: str | Path
 def results_markdown(rows: list[dict]) -> str:
     """The results as markdown tables, one per target: methods x metrics, 'mean ± std'."""
     out = []
-    for target in dict.fromkeys(r["target"] for r in rows):
-        trows = [r for r in rows if r["target"] == target]
-        metrics = list(dict.fromkeys(r["metric"] for r in trows))
-        methods = list(dict.fromkeys(r["method"] for r in trows))
-        cell = {(r["method"], r["metric"]): _fmt(r) for r in trows}
-        n = max(r["n_seeds"] for r in trows)
+    for target, n, metrics, methods, cell in result_grid(rows):
         out.append(f"**{target}** (test split, mean ± std over {n} seeds)\n")
         out.append("| method | " + " | ".join(METRIC_NAMES.get(m, m) for m in metrics) + " |")
         out.append("|---" * (len(metrics) + 1) + "|")
         out += [f"| {m} | " + " | ".join(cell.get((m, k), "-") for k in metrics) + " |" for m in methods]
         out.append("")
     return "\n".join(out)
-
-
-def _fmt(row: dict) -> str:
-    mean = row["mean"]
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "n/a"
-    return f"{mean:.3f} ± {row['std']:.3f}"
 
 
 def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
