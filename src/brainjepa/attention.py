@@ -72,24 +72,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     query whose output is meaningless; the chunked kernel then skips those queries (zeros).
     """
     if _use_chunked(q, k):
-        B, H, Nq, d = q.shape
-        Nk = k.shape[-2]
-        bias = n_keys = n_queries = None
-        if key_mask is not None:
-            counts = key_mask.sum(1)
-            if torch.equal(key_mask, torch.arange(Nk, device=q.device) < counts[:, None]):
-                # padding at the end (as brainjepa lays out its sequences): just fewer keys
-                n_keys = tuple(int(c) for c in counts.repeat_interleave(H))
-                n_queries = n_keys if self_attention and Nq == Nk else None
-            else:
-                bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-                bias.masked_fill_(~key_mask, float("-inf"))
-                bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
-        out = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
-                                     v.reshape(B * H, Nk, d), bias, n_keys, n_queries, H)
-        return out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
+        return _chunked_attention(q, k, v, key_mask, self_attention)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@torch.compiler.disable  # a Python loop over heads and blocks: nothing for torch.compile to fuse
+def _chunked_attention(q, k, v, key_mask, self_attention):
+    """:func:`attention` through :class:`ChunkedAttention` (same arguments)."""
+    B, H, Nq, d = q.shape
+    Nk = k.shape[-2]
+    bias = n_keys = n_queries = None
+    if key_mask is not None:
+        counts = key_mask.sum(1)
+        if torch.equal(key_mask, torch.arange(Nk, device=q.device) < counts[:, None]):
+            # padding at the end (as brainjepa lays out its sequences): just fewer keys
+            n_keys = tuple(int(c) for c in counts.repeat_interleave(H))
+            n_queries = n_keys if self_attention and Nq == Nk else None
+        else:
+            bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~key_mask, float("-inf"))
+            bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
+    out = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
+                                 v.reshape(B * H, Nk, d), bias, n_keys, n_queries, H)
+    return out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
 
 
 def _block_size(n_keys: int, itemsize: int) -> int:
@@ -107,7 +113,7 @@ class ChunkedAttention(torch.autograd.Function):
     end, the cheap case); ``bias``, an additive (G, 1, Nk) key bias (0 or -inf), masks any other
     pattern; or both None. ``n_queries`` (G ints): only the first n_queries[g] queries are
     computed, the other outputs (and their gradients) are zero. Forward saves
-    q, k, v and the output; backward recomputes each block's weights P and uses the standard
+    the scaled q, k, v and the output; backward recomputes each block's weights P and uses the standard
     identities dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
     dK = dS^T Q / sqrt(d). dK and dV are accumulated over blocks in fp32 (fp64 for fp64).
     """
@@ -173,7 +179,8 @@ class ChunkedAttention(torch.autograd.Function):
                 do_block = dout[g // heads, s:e, g % heads]
                 dv[g, :n] += torch.mm(P.t(), do_block)
                 # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
-                dS = torch.addmm(corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n], out=work_s[: P.numel()].view(P.shape))
+                dS = torch.addmm(corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n],
+                                 out=work_s[: P.numel()].view(P.shape))
                 dS.mul_(P)
                 torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
                 dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
