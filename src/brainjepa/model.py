@@ -170,7 +170,8 @@ class Attention(nn.Module):
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(_gather(x, query_idx), w[:C], None if b is None else b[:C])
             q = q.view(B, -1, H, C // H).transpose(1, 2)
-            k, v = F.linear(x, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+            kv = F.linear(x, w[C:], None if b is None else b[C:])
+            k, v = kv.view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if attention_sink is not None:
             # explicit weights, only for interpretation: attention each key receives, mean over
