@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from brainjepa.attention import set_attention_backend
 from brainjepa.cli import main
 from brainjepa.errors import ConfigError
 from brainjepa.masking import SpatiotemporalMasker
@@ -169,10 +170,19 @@ def _reference_loss(enc, pred, target_encoder, x, masks, loss):
     return torch.stack(per_block).mean()
 
 
-@pytest.mark.parametrize("loss", ["smooth_l1", "l2"])
-def test_step_loss_and_update_match_the_plain_joint_loss(loss):
+@pytest.mark.parametrize("loss,backend", [("smooth_l1", "auto"), ("l2", "auto"), ("smooth_l1", "chunked")])
+def test_step_loss_and_update_match_the_plain_joint_loss(loss, backend):
     """Padded, region-grouped, split-backward training step == the plain per-block loss, and its
-    AdamW update == the one from a single joint backward."""
+    AdamW update == the one from a single joint backward (also through the chunked attention
+    kernel, whose padding shortcuts the unpadded reference never takes)."""
+    previous = set_attention_backend(backend)
+    try:
+        _check_step_against_plain_loss(loss)
+    finally:
+        set_attention_backend(previous)
+
+
+def _check_step_against_plain_loss(loss):
     tr = _trainer(loss=loss)
     masks = SpatiotemporalMasker(16, 3, n_blocks=2)(3, np.random.default_rng(1))
     assert masks.target_valid.sum(-1).min() < masks.target_idx.shape[-1]  # there is padding
