@@ -111,7 +111,8 @@ _LIBC = _glibc()
 def _free_memory_to_os() -> None:
     """Give the heap's free pages back to the OS (glibc malloc_trim) after a step on CPU: tensors
     of varying sizes otherwise leave free holes that the process keeps (measured: +250 MB RSS
-    over 24 tiny bf16 steps). No-op where glibc is not the allocator."""
+    over 24 tiny bf16 steps; the call takes 20-40 ms, ~1.5% of such a step). No-op where glibc
+    is not the allocator."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
