@@ -119,35 +119,35 @@ class ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _weights(qs: torch.Tensor, kt: torch.Tensor, bias: torch.Tensor | None,
-                 work_s: torch.Tensor, work_p: torch.Tensor) -> torch.Tensor:
-        """softmax(qs kt + bias) for one head and query block (qs: block x d, pre-scaled),
-        computed in the two workspace buffers; returns the weights (a view of work_p)."""
-        n = qs.shape[0] * kt.shape[1]
-        S = work_s[:n].view(qs.shape[0], kt.shape[1])
-        if bias is None:
-            torch.mm(qs, kt, out=S)
-        else:
-            torch.addmm(bias, qs, kt, out=S)
-        return torch.ops.aten._softmax.out(S, -1, False, out=work_p[:n].view(S.shape))
+    def _tiles(qs, k, bias, n_keys, n_queries):
+        """Walk the (head, query block) tiles: yields g, n (keys used), s:e (queries), P (the
+        softmax(qs k^T + bias) tile, in a workspace buffer) and work_s (the other buffer, free
+        for the caller once P is computed). qs: (G, Nq, d) pre-scaled queries."""
+        G, Nq, _ = qs.shape
+        Nk = k.shape[1]
+        kt = k.transpose(1, 2)
+        block = min(_block_size(Nk, qs.element_size()), Nq)
+        work_s, work_p = qs.new_empty(block * Nk), qs.new_empty(block * Nk)
+        for g in range(G):
+            n = Nk if n_keys is None else n_keys[g]
+            nq = Nq if n_queries is None else n_queries[g]
+            for s in range(0, nq, block):
+                e = min(s + block, nq)
+                S = work_s[: (e - s) * n].view(e - s, n)
+                if bias is None:
+                    torch.mm(qs[g, s:e], kt[g, :, :n], out=S)
+                else:
+                    torch.addmm(bias[g], qs[g, s:e], kt[g, :, :n], out=S)
+                P = torch.ops.aten._softmax.out(S, -1, False, out=work_p[: S.numel()].view(S.shape))
+                yield g, n, s, e, P, work_s
 
     @staticmethod
     def forward(ctx, q, k, v, bias, n_keys, n_queries, heads):
         G, Nq, d = q.shape
-        Nk = k.shape[1]
         qs = q * (1.0 / math.sqrt(d))  # computed in fp32 and rounded once for bf16
-        kt = k.transpose(1, 2)
-        block = min(_block_size(Nk, q.element_size()), Nq)
-        work_s, work_p = q.new_empty(block * Nk), q.new_empty(block * Nk)
         out = (q.new_empty if n_queries is None else q.new_zeros)(G // heads, Nq, heads, d)
-        for g in range(G):
-            n = Nk if n_keys is None else n_keys[g]
-            b = None if bias is None else bias[g]
-            nq = Nq if n_queries is None else n_queries[g]
-            for s in range(0, nq, block):
-                e = min(s + block, nq)
-                P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
-                torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
+        for g, n, s, e, P, _ in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries):
+            torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
         ctx.save_for_backward(qs, k, v, bias, out)
         ctx.n_keys, ctx.n_queries = n_keys, n_queries
         return out
@@ -163,25 +163,17 @@ class ChunkedAttention(torch.autograd.Function):
         # rowsum(dO * O) = rowsum(dP * P), the softmax backward's correction term, per query
         acc = torch.promote_types(qs.dtype, torch.float32)  # accumulation dtype
         corr = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True).neg_().to(qs.dtype)
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-        block = min(_block_size(Nk, qs.element_size()), Nq)
-        work_s, work_p = qs.new_empty(block * Nk), qs.new_empty(block * Nk)
+        vt = v.transpose(1, 2)
         dq = (qs.new_empty if ctx.n_queries is None else qs.new_zeros)(G, Nq, d)
         dk = torch.zeros(G, Nk, d, dtype=acc, device=qs.device)
         dv = torch.zeros_like(dk)
-        for g in range(G):
-            n = Nk if ctx.n_keys is None else ctx.n_keys[g]
-            b = None if bias is None else bias[g]
-            nq = Nq if ctx.n_queries is None else ctx.n_queries[g]
-            for s in range(0, nq, block):
-                e = min(s + block, nq)
-                P = ChunkedAttention._weights(qs[g, s:e], kt[g, :, :n], b, work_s, work_p)
-                do_block = dout[g // heads, s:e, g % heads]
-                dv[g, :n] += torch.mm(P.t(), do_block)
-                # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
-                dS = torch.addmm(corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n],
-                                 out=work_s[: P.numel()].view(P.shape))
-                dS.mul_(P)
-                torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
-                dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
+        for g, n, s, e, P, work_s in ChunkedAttention._tiles(qs, k, bias, ctx.n_keys, ctx.n_queries):
+            do_block = dout[g // heads, s:e, g % heads]
+            dv[g, :n] += torch.mm(P.t(), do_block)
+            # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
+            dS = torch.addmm(corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n],
+                             out=work_s[: P.numel()].view(P.shape))
+            dS.mul_(P)
+            torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
+            dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
         return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None, None, None
