@@ -13,7 +13,7 @@ block costs more in page faults than the GEMM itself. Key padding at the end of 
 (brainjepa's layout) just shortens the keys; other padding patterns use an additive bias.
 
 Measured on the 2-core CPU this project is developed on (bf16, batch 2 x 3 heads x 4,500
-tokens x 64): forward 0.09-0.11 s vs 0.20-0.22 s for SDPA, forward + backward 0.31 s vs
+tokens x 64): forward 0.09-0.11 s vs 0.20-0.22 s for SDPA, forward + backward 0.31-0.34 s vs
 0.50-0.57 s; ``benchmarks/attention.py`` and ``benchmarks/RESULTS.md`` have the table.
 
 Backend choice: ``"auto"`` (default) takes the chunked kernel for bf16/fp16 CPU tensors with
