@@ -3,7 +3,7 @@
 One step = what :class:`brainjepa.pretrain.Trainer` does in a run: draw spatiotemporal masks,
 target encoder over all R*P tokens (no grad; its last block for the target tokens only) + layer
 norm, context encoder, predictor (one pass per target block; its last block for the mask tokens
-only), backward, AdamW, EMA. Shape: batch 2 of 450 ROIs x 160 time points
+only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW, EMA. Shape: batch 2 of 450 ROIs x 160 time points
 (4,500 tokens per sample), as in the authors' measurements quoted in the issue.
 
 Two layouts of the same optimizer step over 2 samples: batch 2 (as the authors ran it) and
@@ -75,20 +75,37 @@ def encoder_flops(n: float, n_out: float, dim: int, depth: int, mlp_ratio: float
     return (depth - 1) * block_flops(n, n, dim, mlp_ratio) + block_flops(n_out, n, dim, mlp_ratio)
 
 
-def step_flops(cfg, masks) -> float:
+def predictor_flops(cfg, nc: int, block_sizes: list[int], shared: bool) -> float:
+    """Forward FLOPs of one sample's predictor passes (nc context tokens, one pass per target
+    block of nt tokens). ``shared``: the first block's context-only part (embedding, q/k/v of
+    the context, context-to-context attention) is computed once for all passes."""
+    D, Dp, r, depth = cfg.embed_dim, cfg.predictor_embed_dim, cfg.mlp_ratio, cfg.predictor_depth
+    total = (2 * nc * D * Dp + 6 * nc * Dp**2 + 4 * nc * nc * Dp) if shared else 0.0
+    for nt in block_sizes:
+        total += 2 * nt * Dp * D  # project out
+        if not shared:
+            total += 2 * nc * D * Dp + encoder_flops(nc + nt, nt, Dp, depth, r)
+            continue
+        # first block: the targets' q/k/v and attention over all tokens; the context queries
+        # over the target keys; projection and MLP (for every token unless it is the last block)
+        n_out = nc + nt if depth > 1 else nt
+        total += 6 * nt * Dp**2 + 4 * nt * (nc + nt) * Dp + (2 + 4 * r) * n_out * Dp**2
+        if depth > 1:
+            total += 4 * nc * nt * Dp + encoder_flops(nc + nt, nt, Dp, depth - 1, r)
+    return total
+
+
+def step_flops(cfg, masks, shared: bool) -> float:
     """Model FLOPs of one training step for these masks (valid tokens only)."""
-    D, Dp = cfg.embed_dim, cfg.predictor_embed_dim
+    D = cfg.embed_dim
     total = 0.0
     for b in range(masks.context_idx.shape[0]):
         nc = int(masks.context_valid[b].sum())
         n_targets = int(masks.target_valid[b].sum())
         total += encoder_flops(cfg.n_tokens, n_targets, D, cfg.depth, cfg.mlp_ratio)  # forward only
         total += 3 * encoder_flops(nc, nc, D, cfg.depth, cfg.mlp_ratio)  # context, fwd + bwd
-        for j in range(masks.n_blocks):
-            nt = int(masks.target_valid[b, j].sum())
-            pred = encoder_flops(nc + nt, nt, Dp, cfg.predictor_depth, cfg.mlp_ratio)
-            pred += 2 * nc * D * Dp + 2 * nt * Dp * D  # embed in, project out
-            total += 3 * pred
+        sizes = [int(masks.target_valid[b, j].sum()) for j in range(masks.n_blocks)]
+        total += 3 * predictor_flops(cfg, nc, sizes, shared)  # fwd + bwd
     return total
 
 
@@ -132,7 +149,7 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
         losses.append(loss)
         if i >= warmup:
             times.append(dt)
-            flops.append(sum(step_flops(model_cfg, m) for _, m in micro))
+            flops.append(sum(step_flops(model_cfg, m, trainer._share_context()) for _, m in micro))
             counts.extend(m.counts() for _, m in micro)
     with torch.no_grad(), trainer.autocast():
         t0 = time.perf_counter()

@@ -131,3 +131,41 @@ def test_self_attention_skips_padding_queries_without_changing_real_ones(backend
     assert out[0, :, -60:].abs().max() == 0  # skipped, not computed
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_log_sum_exp_output_merges_partial_attentions_exactly(backend):
+    """Attention over keys A and B from two partial attentions with their log-sum-exps: same
+    values and gradients as one attention over A + B (SDPA), in float64; an empty key set
+    (every key of a sample is padding) contributes nothing and no NaN."""
+    q, k, v = _inputs(torch.float64, Nq=90, Nk=150)
+    split = 100
+    mask_b = torch.ones(2, 150 - split, dtype=torch.bool)
+    mask_b[1] = False  # sample 1 has no B keys at all
+    weights = torch.linspace(-1, 1, 16, dtype=torch.float64)
+    backend("sdpa")
+    ref = attention(q, k, v, torch.cat([torch.ones(2, split, dtype=torch.bool), mask_b], 1))
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    backend("auto")  # return_lse always runs the chunked kernel
+    out_a, lse_a = attention(q, k[:, :, :split], v[:, :, :split], return_lse=True)
+    out_b, lse_b = attention(q, k[:, :, split:], v[:, :, split:], mask_b, return_lse=True)
+    assert lse_a.shape == (2, 3, 90) and lse_a.dtype == torch.float64
+    scores = q @ k[:, :, :split].transpose(-2, -1) / 4.0
+    torch.testing.assert_close(lse_a, torch.logsumexp(scores, -1), atol=1e-12, rtol=1e-12)
+    assert torch.isinf(lse_b[1]).all() and (out_b[1] == 0).all()
+    out = A.merge_attention(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_log_sum_exp_output_passes_gradcheck(backend):
+    q, k, v = _inputs(torch.float64, B=1, H=2, Nq=70, Nk=90, d=4)
+    mask = torch.ones(1, 90, dtype=torch.bool)
+    mask[0, -7:] = False
+
+    def f(q, k, v):
+        out, lse = attention(q, k, v, mask, return_lse=True)
+        return out, lse
+    assert torch.autograd.gradcheck(f, (q, k, v))

@@ -121,6 +121,37 @@ def test_padding_mask_makes_padded_tokens_invisible():
     assert torch.allclose(out[0, :2], ref[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_shared_context_state_gives_the_same_predictions_and_gradients(depth):
+    """predictor(..., shared=context_state(...)) == the plain pass, values and gradients (float64),
+    with padding in the context and the targets and a sample without any target token."""
+    torch.manual_seed(0)
+    pred = BrainPredictor(tiny_cfg(predictor_depth=depth), torch.randn(6, 30)).double()
+    z = torch.randn(2, 5, 32, dtype=torch.float64)
+    ctx = torch.tensor([[0, 3, 4, 7, 0], [1, 2, 5, 6, 8]])
+    ctx_valid = torch.tensor([[True, True, True, True, False], [True] * 5])
+    tidx = torch.tensor([[10, 11, 12, 0], [0, 0, 0, 0]])
+    tvalid = torch.tensor([[True, True, True, False], [False] * 4])  # sample 1: no targets
+    weights = torch.randn(2, 4, 32, dtype=torch.float64) * tvalid[..., None]
+    params = [z] + list(pred.parameters())
+
+    def run(shared: bool):
+        z.requires_grad_()
+        state = pred.context_state(z, ctx, ctx_valid) if shared else None
+        out = pred(z, ctx, tidx, ctx_valid, tvalid, shared=state)
+        grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+        return out[tvalid].detach(), grads
+
+    ref, ref_grads = run(False)
+    out, grads = run(True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for name, g, r in zip(["z"] + [n for n, _ in pred.named_parameters()], grads, ref_grads):
+        if r is None:
+            assert g is None or g.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10, msg=name)
+
+
 def test_wrong_input_shape_and_gradients_are_clear_errors():
     cfg = tiny_cfg()
     with pytest.raises(DataError, match="gradients have shape"):

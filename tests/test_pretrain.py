@@ -177,13 +177,15 @@ def test_step_loss_and_update_match_the_plain_joint_loss(loss, backend):
     kernel, whose padding shortcuts the unpadded reference never takes)."""
     previous = set_attention_backend(backend)
     try:
-        _check_step_against_plain_loss(loss)
+        _check_step_against_plain_loss(loss, shares_context=backend == "chunked")
     finally:
         set_attention_backend(previous)
 
 
-def _check_step_against_plain_loss(loss):
+def _check_step_against_plain_loss(loss, shares_context):
     tr = _trainer(loss=loss)
+    # with the chunked kernel the predictor's context part is computed once for all blocks
+    assert tr._share_context() == shares_context
     masks = SpatiotemporalMasker(16, 3, n_blocks=2)(3, np.random.default_rng(1))
     assert masks.target_valid.sum(-1).min() < masks.target_idx.shape[-1]  # there is padding
     x = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(3))

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "ChunkedAttention", "set_attention_backend", "get_attention_backend"]
+__all__ = ["attention", "merge_attention", "uses_chunked_attention", "ChunkedAttention",
+           "set_attention_backend", "get_attention_backend"]
 
 BACKENDS = ("auto", "sdpa", "chunked")
 CHUNKED_MIN_PAIRS = 256 * 256  # below this, one fused SDPA call is cheaper than the loop
@@ -54,31 +56,69 @@ def get_attention_backend() -> str:
     return _backend
 
 
-def _use_chunked(q: torch.Tensor, k: torch.Tensor) -> bool:
+def uses_chunked_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether large attentions on this device and dtype run on the chunked kernel."""
     backend = get_attention_backend()
     if backend != "auto":
         return backend == "chunked"
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-2] * k.shape[-2] >= CHUNKED_MIN_PAIRS)
+    return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _use_chunked(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (uses_chunked_attention(q.device, q.dtype)
+            and (get_attention_backend() == "chunked" or q.shape[-2] * k.shape[-2] >= CHUNKED_MIN_PAIRS))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_mask: torch.Tensor | None = None, self_attention: bool = False) -> torch.Tensor:
+              key_mask: torch.Tensor | None = None, self_attention: bool = False,
+              return_lse: bool = False):
     """softmax(q k^T / sqrt(d) + mask) v.
 
     q: (B, H, Nq, d); k, v: (B, H, Nk, d); key_mask: (B, Nk) bool, True = a key that may be
-    attended to (every query must have at least one). Returns (B, H, Nq, d).
+    attended to (every query must have at least one, unless ``return_lse``). Returns
+    (B, H, Nq, d).
     ``self_attention``: the queries are the keys' tokens, so a padding key is also a padding
     query whose output is meaningless; the chunked kernel then skips those queries (zeros).
+    ``return_lse``: also return each query's log-sum-exp of its scaled, masked scores,
+    (B, H, Nq) in fp32 (fp64 for fp64 inputs), differentiable. Two attentions over disjoint
+    key sets then combine exactly into the attention over their union (:func:`merge_attention`).
+    Only the chunked kernel exposes it, so it is used on every device; a query without any
+    key gets output 0 and lse -inf, a skipped padding query output 0 and lse 0.
     """
-    if _use_chunked(q, k):
-        return _chunked_attention(q, k, v, key_mask, self_attention)
+    if return_lse or _use_chunked(q, k):
+        return _chunked_entry()(q, k, v, key_mask, self_attention, return_lse)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@torch.compiler.disable  # a Python loop over heads and blocks: nothing for torch.compile to fuse
-def _chunked_attention(q, k, v, key_mask, self_attention):
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> torch.Tensor:
+    """The attention over keys A and B together from the two partial attentions (out, lse)
+    returned by ``attention(..., return_lse=True)``: each part weighted by its share
+    exp(lse_part - lse_all) of the softmax mass. out: (B, H, N, d); lse: (B, H, N)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    share_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    share_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    return (out_a * share_a + out_b * share_b).to(out_a.dtype)
+
+
+def _chunked_entry():
+    """The chunked kernel, kept out of torch.compile's tracing (a Python loop over heads and
+    blocks: nothing to fuse, and tracing it took a minute). The wrapper is made only once
+    torch.compile is in use (its machinery is loaded): importing it costs ~70 MB of memory and
+    a second of start-up for every run that does not compile."""
+    global _chunked_disabled
+    if "torch._dynamo" not in sys.modules:
+        return _chunked_attention
+    if _chunked_disabled is None:
+        _chunked_disabled = torch.compiler.disable(_chunked_attention)
+    return _chunked_disabled
+
+
+_chunked_disabled = None
+
+
+def _chunked_attention(q, k, v, key_mask, self_attention, return_lse=False):
     """:func:`attention` through :class:`ChunkedAttention` (same arguments)."""
     B, H, Nq, d = q.shape
     Nk = k.shape[-2]
@@ -93,9 +133,11 @@ def _chunked_attention(q, k, v, key_mask, self_attention):
             bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~key_mask, float("-inf"))
             bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
-    out = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
-                                 v.reshape(B * H, Nk, d), bias, n_keys, n_queries, H)
-    return out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
+    out, lse = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
+                                      v.reshape(B * H, Nk, d), bias, n_keys, n_queries, H,
+                                      return_lse)
+    out = out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
+    return (out, lse.view(B, H, Nq)) if return_lse else out
 
 
 def _block_size(n_keys: int, itemsize: int) -> int:
@@ -112,7 +154,10 @@ class ChunkedAttention(torch.autograd.Function):
     Padding: ``n_keys`` (G ints) keeps only the first n_keys[g] keys of group g (padding at the
     end, the cheap case); ``bias``, an additive (G, 1, Nk) key bias (0 or -inf), masks any other
     pattern; or both None. ``n_queries`` (G ints): only the first n_queries[g] queries are
-    computed, the other outputs (and their gradients) are zero. Forward saves
+    computed, the other outputs (and their gradients) are zero. ``with_lse``: the second output
+    is each query's log-sum-exp, lse = max(S) - log(max(P)) (P's largest entry is 1 / sum
+    exp(S - max S), so this is exact to P's precision); otherwise an empty tensor. Its gradient
+    g adds g * P to dS, i.e. shifts the correction term below. Forward saves
     the scaled q, k, v and the output; backward recomputes each block's weights P and uses the standard
     identities dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
     dK = dS^T Q / sqrt(d). dK and dV are accumulated over blocks in fp32 (fp64 for fp64).
@@ -121,8 +166,9 @@ class ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def _tiles(qs, k, bias, n_keys, n_queries):
         """Walk the (head, query block) tiles: yields g, n (keys used), s:e (queries), P (the
-        softmax(qs k^T + bias) tile, in a workspace buffer) and work_s (the other buffer, free
-        for the caller once P is computed). qs: (G, Nq, d) pre-scaled queries."""
+        softmax(qs k^T + bias) tile, in a workspace buffer) and work_s (the other buffer: its
+        first P.numel() entries still hold the scores; free for the caller).
+        qs: (G, Nq, d) pre-scaled queries."""
         G, Nq, _ = qs.shape
         Nk = k.shape[1]
         kt = k.transpose(1, 2)
@@ -142,18 +188,24 @@ class ChunkedAttention(torch.autograd.Function):
                 yield g, n, s, e, P, work_s
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, n_keys, n_queries, heads):
+    def forward(ctx, q, k, v, bias, n_keys, n_queries, heads, with_lse=False):
         G, Nq, d = q.shape
         qs = q * (1.0 / math.sqrt(d))  # computed in fp32 and rounded once for bf16
         out = (q.new_empty if n_queries is None else q.new_zeros)(G // heads, Nq, heads, d)
-        for g, n, s, e, P, _ in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        lse = q.new_zeros((G, Nq) if with_lse else (0,), dtype=acc)
+        for g, n, s, e, P, S in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries):
             torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
+            if with_lse:
+                # S (the scores) is still intact in its buffer; no keys: lse = -inf
+                lse[g, s:e] = (S[: P.numel()].view(P.shape).amax(-1).to(acc) - P.amax(-1).to(acc).log()
+                               if n else -math.inf)
         ctx.save_for_backward(qs, k, v, bias, out)
-        ctx.n_keys, ctx.n_queries = n_keys, n_queries
-        return out
+        ctx.n_keys, ctx.n_queries, ctx.with_lse = n_keys, n_queries, with_lse
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse):
         qs, k, v, bias, out = ctx.saved_tensors
         G, Nq, d = qs.shape
         Nk = k.shape[1]
@@ -162,7 +214,10 @@ class ChunkedAttention(torch.autograd.Function):
         dout = dout.contiguous()  # (B, Nq, H, d) like out
         # rowsum(dO * O) = rowsum(dP * P), the softmax backward's correction term, per query
         acc = torch.promote_types(qs.dtype, torch.float32)  # accumulation dtype
-        corr = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True).neg_().to(qs.dtype)
+        corr = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True).neg_()
+        if ctx.with_lse:  # (G, Nq) -> the (B, Nq, H, 1) layout of corr
+            corr += dlse.view(-1, heads, Nq).transpose(1, 2).unsqueeze(-1)
+        corr = corr.to(qs.dtype)
         vt = v.transpose(1, 2)
         dq = (qs.new_empty if ctx.n_queries is None else qs.new_zeros)(G, Nq, d)
         dk = torch.zeros(G, Nk, d, dtype=acc, device=qs.device)
@@ -176,4 +231,4 @@ class ChunkedAttention(torch.autograd.Function):
             dS.mul_(P)
             torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
             dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already
-        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None, None, None
+        return dq, dk.to(qs.dtype), dv.to(qs.dtype), None, None, None, None, None

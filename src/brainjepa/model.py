@@ -14,6 +14,11 @@ When only some outputs are needed (the target tokens of the EMA target encoder, 
 of the predictor), the last block computes queries, attention and MLP for those tokens only
 (``output_idx``): the same numbers as the full pass followed by a gather, for a fraction of the
 last block's work.
+
+The predictor's passes for several target sets from one context share the first block's
+context-only part (:meth:`BrainPredictor.context_state`): the context queries' attention over
+the context keys is computed once, with its log-sum-exp, and merged per pass with their
+attention over that pass's target keys, which is exactly the attention over both.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, merge_attention
 from .errors import ConfigError, DataError
 
 # Architecture presets. Encoder sizes follow ViT-S/B/L; predictor widths and depths follow the
@@ -155,6 +160,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, C) -> queries, keys, values, each (B, H, N, C / H)."""
+        B, N, C = x.shape
+        return self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (B, H, N, d) -> the output projection of the merged heads (B, N, H*d)."""
+        B, H, N, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, N, H * d))
+
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
                 attention_sink: list | None = None,
                 query_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +178,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         H = self.num_heads
         if query_idx is None:
-            q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+            q, k, v = self.project(x)
         else:
             if attention_sink is not None:
                 raise ValueError("attention_sink needs every query; do not pass query_idx with it")
@@ -189,7 +204,7 @@ class Attention(nn.Module):
             out = weights @ v
         else:
             out = attention(q, k, v, key_mask, self_attention=query_idx is None)
-        return self.proj(out.transpose(1, 2).reshape(B, -1, C))
+        return self.merge(out)
 
 
 class _GeluLinear(torch.autograd.Function):
@@ -246,7 +261,87 @@ class Block(nn.Module):
         """x (B, N, C) -> (B, N, C), or (B, M, C) for the tokens ``query_idx`` (B, M) only."""
         residual = x if query_idx is None else _gather(x, query_idx)
         x = residual + self.drop_path(self.attn(self.norm1(x), key_mask, attention_sink, query_idx))
+        return self._mlp_residual(x)
+
+    def _mlp_residual(self, x):
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_with_context(self, context: ContextState, t: torch.Tensor,
+                             context_valid: torch.Tensor | None, target_valid: torch.Tensor | None,
+                             context_outputs: bool = True) -> torch.Tensor:
+        """The block on the tokens [context; t] given the context's own part (``context``, from
+        :meth:`BrainPredictor.context_state`): the same numbers as :meth:`forward` on the
+        concatenation. t: (B, Nt, C); validity masks (B, Nc) / (B, Nt) or None. Returns
+        (B, Nc + Nt, C), or (B, Nt, C) (the t tokens only) without ``context_outputs``.
+        """
+        qt, kt, vt = self.attn.project(self.norm1(t))
+        k, v = torch.cat([context.k, kt], 2), torch.cat([context.v, vt], 2)
+        key_mask = _cat_valid(context_valid, target_valid, context.k.shape[2], t.shape[1])
+        if key_mask is not None:  # padding keys last (their order does not matter)
+            order = _valid_first(key_mask)
+            key_mask = torch.gather(key_mask, 1, order)
+            order = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            k, v = torch.gather(k, 2, order), torch.gather(v, 2, order)
+        out = attention(qt, k, v, key_mask)
+        residual = t
+        if context_outputs:
+            # the context queries over the t keys, merged with their attention over the context
+            out_ct, lse_ct = attention(context.q, kt, vt, target_valid, return_lse=True)
+            out_c = merge_attention(context.out, context.lse, out_ct, lse_ct)
+            out, residual = torch.cat([out_c, out], 2), torch.cat([context.x, t], 1)
+        return self._mlp_residual(residual + self.drop_path(self.attn.merge(out)))
+
+
+@dataclass
+class ContextState:
+    """The context tokens' part of the predictor's first block, which does not depend on the
+    target tokens: computed once per batch and shared by the passes for each target region
+    (:meth:`BrainPredictor.context_state`). x: (B, Nc, C) the embedded context tokens; q, k, v:
+    (B, H, Nc, d) their projections; out, lse: (B, H, Nc, d) / (B, H, Nc) the context queries'
+    attention over the context keys and its log-sum-exp (:func:`brainjepa.attention.attention`).
+    """
+
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def detached(self) -> ContextState:
+        """Leaf copies that collect the gradients of several passes (see :meth:`backward`)."""
+        return ContextState(*(t.detach().requires_grad_() for t in self.tensors()))
+
+    def repeat_interleave(self, k: int) -> ContextState:
+        return ContextState(*(t.repeat_interleave(k, 0) for t in self.tensors()))
+
+    def backward(self, leaves: ContextState) -> None:
+        """Backpropagate the gradients accumulated on ``leaves`` (from :meth:`detached`)."""
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.tensors(), leaves.tensors())
+                 if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward(*zip(*pairs))
+
+
+def _valid_first(valid: torch.Tensor) -> torch.Tensor:
+    """The order (B, N) that puts each row's valid tokens first, in their order (a stable
+    sort), and its padding last: trailing padding is just fewer keys for the CPU attention
+    kernel, other patterns need a slower additive mask."""
+    return torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+
+
+def _cat_valid(a: torch.Tensor | None, b: torch.Tensor | None, na: int, nb: int) -> torch.Tensor | None:
+    """Validity of the concatenation of two token lists (B, na) and (B, nb); None = all valid."""
+    if a is None and b is None:
+        return None
+    ref = a if a is not None else b
+    a = a if a is not None else ref.new_ones(ref.shape[0], na)
+    b = b if b is not None else ref.new_ones(ref.shape[0], nb)
+    mask = torch.cat([a, b], dim=1)
+    return None if bool(mask.all()) else mask
 
 
 def _blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:
@@ -352,34 +447,48 @@ class BrainPredictor(nn.Module):
         _init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, context: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor,
-                context_valid: torch.Tensor | None = None,
-                target_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def context_state(self, context: torch.Tensor, context_idx: torch.Tensor,
+                      context_valid: torch.Tensor | None = None) -> ContextState:
+        """The first block's work on the context alone (embedding, projections, the context
+        queries' attention over the context keys with its log-sum-exp), which is the same for
+        every set of target tokens: pass it as ``forward(..., shared=state)`` to several
+        predictions from the same context. Arguments as in :meth:`forward`."""
+        pos = self.pos_embed(self.gradients)
+        x = self.embed(context) + _gather(pos, context_idx)
+        first = self.blocks[0]
+        q, k, v = first.attn.project(first.norm1(x))
+        key_mask = None if context_valid is None or bool(context_valid.all()) else context_valid
+        out, lse = attention(q, k, v, key_mask, self_attention=True, return_lse=True)
+        return ContextState(x, q, k, v, out, lse)
+
+    def forward(self, context: torch.Tensor | None, context_idx: torch.Tensor,
+                target_idx: torch.Tensor, context_valid: torch.Tensor | None = None,
+                target_valid: torch.Tensor | None = None,
+                shared: ContextState | None = None) -> torch.Tensor:
         """context (B, Nc, D) at tokens context_idx (B, Nc); returns predictions (B, Nt, D)
-        for the tokens target_idx (B, Nt). Validity masks (B, Nc) / (B, Nt) mark padding."""
-        B, Nc, _ = context.shape
+        for the tokens target_idx (B, Nt). Validity masks (B, Nc) / (B, Nt) mark padding.
+        ``shared``: the context's part of the first block from :meth:`context_state` (then
+        ``context`` is not used): the same predictions, without redoing that part."""
+        B, Nc = context_idx.shape
         pos = self.pos_embed(self.gradients)  # (R*P, Dp), computed once per call
-        ctx = self.embed(context) + _gather(pos, context_idx)
         tgt = self.mask_token + _gather(pos, target_idx)
-        h = torch.cat([ctx, tgt], dim=1)
+        blocks = list(self.blocks)
+        if shared is None:
+            h = torch.cat([self.embed(context) + _gather(pos, context_idx), tgt], dim=1)
+        else:
+            h = blocks.pop(0).forward_with_context(shared, tgt, context_valid, target_valid,
+                                                   context_outputs=bool(blocks))
+            if not blocks:  # a one-block predictor: h holds the target tokens only
+                return self.proj(self.norm(h))
         # only the mask tokens' outputs are used: the last block computes just those queries
         queries = torch.arange(Nc, h.shape[1], device=h.device).expand(B, -1)
-        key_mask = None
-        if context_valid is not None or target_valid is not None:
-            cv = context_valid if context_valid is not None else context_idx.new_ones(context_idx.shape, dtype=torch.bool)
-            tv = target_valid if target_valid is not None else target_idx.new_ones(target_idx.shape, dtype=torch.bool)
-            key_mask = torch.cat([cv, tv], dim=1)
-            if bool(key_mask.all()):
-                key_mask = None
-            else:
-                # real tokens first, padding last (a stable sort keeps their order): attention
-                # does not depend on token order, and trailing padding is just fewer keys for
-                # the CPU attention kernel
-                order = torch.argsort((~key_mask).to(torch.uint8), dim=1, stable=True)
-                h, key_mask = _gather(h, order), torch.gather(key_mask, 1, order)
-                queries = torch.argsort(order, dim=1)[:, Nc:]
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
+        key_mask = _cat_valid(context_valid, target_valid, Nc, target_idx.shape[1])
+        if key_mask is not None:  # padding tokens last (attention does not depend on order)
+            order = _valid_first(key_mask)
+            h, key_mask = _gather(h, order), torch.gather(key_mask, 1, order)
+            queries = torch.argsort(order, dim=1)[:, Nc:]
+        last = len(blocks) - 1
+        for i, block in enumerate(blocks):
             h = block(h, key_mask, query_idx=queries if i == last else None)
         return self.proj(self.norm(h))
 

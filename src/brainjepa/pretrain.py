@@ -7,7 +7,11 @@ One optimizer step, for each of ``accum_steps`` micro-batches (x: B x R x T, spa
    those queries: the same features as the full pass, a fraction of the last block's work);
 2. context encoder on the context tokens -> z (B x Nc x D);
 3. predictor, one pass per target block as in I-JEPA: z is repeated per block and the predictor
-   fills in that block's tokens -> p (B*blocks x Nt x D);
+   fills in that block's tokens -> p (B*blocks x Nt x D). When the CPU attention kernel runs
+   (bf16 on CPU, one process, not compiled), the part of the predictor's first block that only
+   involves the context (its embedding, projections and context-to-context attention, the
+   largest share of a pass) is computed once and shared by every block's pass (the same
+   numbers: :meth:`brainjepa.model.BrainPredictor.context_state`);
 4. loss = mean over the (sample, block) pairs of the mean, over the block's *valid* tokens, of
    the distance between p and h at those tokens (Smooth-L1 per feature as in the authors'
    checkpoint, or squared error "l2" as in the paper; averaged over features). Padding entries
@@ -62,12 +66,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .attention import uses_chunked_attention
 from .bundle import export_run
 from .data import CohortSeries, WindowDataset, fit_scaler, open_cohort
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from .masking import MaskBatch, SpatiotemporalMasker
-from .model import BrainEncoder, BrainPredictor, ModelConfig
+from .model import BrainEncoder, BrainPredictor, ContextState, ModelConfig
 from .report import plot_loss_curve
 from .runs import (MetricsLog, dump_config, latest_checkpoint, list_checkpoints, load_config,
                    load_latest_checkpoint, resolve_config, save_checkpoint, write_text_atomic)
@@ -228,7 +233,8 @@ def _block_groups(masks: MaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Tensor,
                    context_valid: torch.Tensor, target_idx: torch.Tensor, target_valid: torch.Tensor,
-                   targets: torch.Tensor, loss: str = "smooth_l1") -> torch.Tensor:
+                   targets: torch.Tensor, loss: str = "smooth_l1",
+                   shared: ContextState | None = None) -> torch.Tensor:
     """Predict one group of K target blocks and sum their losses over samples and blocks.
 
     z: B x Nc x D context features at context_idx (B x Nc, validity context_valid);
@@ -237,14 +243,17 @@ def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Ten
     Each block gets its own predictor pass (z repeated K times). A block's loss is the mean over
     its valid tokens of the per-token distance (Smooth-L1 or squared error, mean over features);
     a block without valid tokens adds 0. Returns the sum over the B x K blocks.
+    ``shared``: the predictor's context state for z (``predictor.context_state``), reused.
     """
     B, K, w = target_idx.shape
     D = targets.shape[-1]
     if K > 1:
         z, context_idx, context_valid = (t.repeat_interleave(K, 0) for t in (z, context_idx, context_valid))
+        shared = None if shared is None else shared.repeat_interleave(K)
     valid = target_valid.reshape(B * K, w)
     pred = predictor(z, context_idx, context_valid=context_valid,
-                     target_idx=target_idx.reshape(B * K, w), target_valid=valid).float()
+                     target_idx=target_idx.reshape(B * K, w), target_valid=valid,
+                     shared=shared).float()
     target = targets.reshape(B * K, w, D)
     if loss == "smooth_l1":
         err = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
@@ -323,6 +332,16 @@ class Trainer:
             self.predictor_run = torch.compile(self.predictor_run, dynamic=True)
             self.target_run = torch.compile(self.target_encoder, dynamic=True)
 
+    def _share_context(self) -> bool:
+        """Compute the predictor's context part once per micro-batch (see the module notes):
+        where the CPU attention kernel runs anyway (its log-sum-exp output is what makes the
+        sharing exact), and neither DDP (its gradient hooks expect one backward per forward)
+        nor torch.compile (it compiles the predictor's plain forward) is in use."""
+        if self.ddp or self.config["train"]["compile"]:
+            return False
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        return uses_chunked_attention(self.device, dtype)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
@@ -363,6 +382,11 @@ class Trainer:
                         h = F.layer_norm(h.float(), h.shape[-1:])
                     z = self.encoder_run(x, ctx_idx, ctx_valid)
                 z_in = z.detach().requires_grad_()
+                shared = shared_in = None
+                if self._share_context():
+                    with self.autocast():
+                        shared = self.predictor.context_state(z_in, ctx_idx, ctx_valid)
+                    shared_in = shared.detached()  # collects the gradients of every pass
                 offset = 0
                 for g, (idx, valid) in enumerate(groups):
                     targets = h[:, offset : offset + idx[0].numel()].reshape(*idx.shape, -1)
@@ -370,9 +394,11 @@ class Trainer:
                     with self._sync(self.predictor_run, last and g == len(groups) - 1):
                         with self.autocast():
                             block_sum = block_loss_sum(self.predictor_run, z_in, ctx_idx, ctx_valid,
-                                                       idx, valid, targets, self.loss)
+                                                       idx, valid, targets, self.loss, shared_in)
                         (block_sum / (n_blocks * n)).backward()
                     loss_sum += block_sum.detach() / n_blocks
+                if shared is not None:
+                    shared.backward(shared_in)  # into z_in and the predictor's first block
                 z.backward(z_in.grad)
         out = {"loss": loss_sum / n, "lr": lr, "wd": wd, "momentum": momentum}
         if self.clip_grad is not None:
