@@ -227,6 +227,16 @@ def test_feature_stats_detects_collapse():
     assert collapsed["target_std"] < 1e-5 and collapsed["target_cos"] > 0.999
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
+    import brainjepa.pretrain as P
+    assert isinstance(P._cpu_has_bf16_units(), bool)
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(P, "_cpu_has_bf16_units", lambda native=native: native)
+        assert P._use_bf16("auto", cpu) is native
+        assert P._use_bf16("bf16", cpu) and not P._use_bf16("fp32", cpu)  # forced either way
+
+
 def _trainer(precision="fp32", loss="smooth_l1", **optim):
     cfg = resolve_config(_config(optim=optim, train={"precision": precision, "loss": loss}))
     return Trainer(SMALL_MODEL, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), cfg, 10)
@@ -350,8 +360,10 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 12
 
 
-def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path):
-    cfg = _config(optim={"accum_steps": 1, "epochs": 4})  # 3 steps per epoch, 12 steps
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
+    cfg = _config(optim={"accum_steps": 1, "epochs": 4},  # 3 steps per epoch, 12 steps
+                  train={"precision": precision})
     full, part = tmp_path / "full", tmp_path / "part"
     pretrain(cfg, data_dir, full, progress=False)
     first = pretrain(cfg, data_dir, part, progress=False, stop_after=5)  # mid-epoch 1
@@ -360,8 +372,8 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         pretrain(cfg, data_dir, part, progress=False)
     with pytest.raises(ConfigError, match=r"optim\.lr"):
-        pretrain(_config(optim={"accum_steps": 1, "epochs": 4, "lr": 5e-4}), data_dir, part,
-                 progress=False, resume=True)
+        pretrain(_config(optim={"accum_steps": 1, "epochs": 4, "lr": 5e-4},
+                         train={"precision": precision}), data_dir, part, progress=False, resume=True)
     resumed = pretrain(cfg, data_dir, part, progress=False, resume=True)
     assert resumed["steps"] == 12
     assert _losses(part) == _losses(full)  # exactly equal, step by step
