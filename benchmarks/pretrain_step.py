@@ -3,8 +3,9 @@
 One step = what :class:`brainjepa.pretrain.Trainer` does in a run: draw spatiotemporal masks,
 target encoder over all R*P tokens (no grad; its last block for the target tokens only) + layer
 norm, context encoder, predictor (one pass per target block; its last block for the mask tokens
-only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW, EMA. Shape: batch 2 of 450 ROIs x 160 time points
-(4,500 tokens per sample), as in the authors' measurements quoted in the issue.
+only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW,
+EMA. Shape: batch 2 of 450 ROIs x 160 time points (4,500 tokens per sample), as in the authors'
+measurements quoted in the issue.
 
 Two layouts of the same optimizer step over 2 samples: batch 2 (as the authors ran it) and
 batch 1 x 2 gradient-accumulation steps (optim.batch_size=1, optim.accum_steps=2: the same loss

@@ -65,8 +65,9 @@ def uses_chunked_attention(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _use_chunked(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return (uses_chunked_attention(q.device, q.dtype)
-            and (get_attention_backend() == "chunked" or q.shape[-2] * k.shape[-2] >= CHUNKED_MIN_PAIRS))
+    if get_attention_backend() == "chunked":
+        return True
+    return uses_chunked_attention(q.device, q.dtype) and q.shape[-2] * k.shape[-2] >= CHUNKED_MIN_PAIRS
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -157,10 +158,12 @@ class ChunkedAttention(torch.autograd.Function):
     computed, the other outputs (and their gradients) are zero. ``with_lse``: the second output
     is each query's log-sum-exp, lse = max(S) - log(max(P)) (P's largest entry is 1 / sum
     exp(S - max S), so this is exact to P's precision); otherwise an empty tensor. Its gradient
-    g adds g * P to dS, i.e. shifts the correction term below. Forward saves
-    the scaled q, k, v and the output; backward recomputes each block's weights P and uses the standard
-    identities dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d),
-    dK = dS^T Q / sqrt(d). dK and dV are accumulated over blocks in fp32 (fp64 for fp64).
+    g adds g * P to dS, i.e. shifts the correction term below.
+
+    Forward saves the scaled q, k, v and the output; backward recomputes each block's weights P
+    and uses the standard identities dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+    dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d). dK and dV are accumulated over blocks in fp32
+    (fp64 for fp64).
     """
 
     @staticmethod
@@ -196,10 +199,9 @@ class ChunkedAttention(torch.autograd.Function):
         lse = q.new_zeros((G, Nq) if with_lse else (0,), dtype=acc)
         for g, n, s, e, P, S in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries):
             torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
-            if with_lse:
-                # S (the scores) is still intact in its buffer; no keys: lse = -inf
-                lse[g, s:e] = (S[: P.numel()].view(P.shape).amax(-1).to(acc) - P.amax(-1).to(acc).log()
-                               if n else -math.inf)
+            if with_lse:  # the scores are still in S's buffer; no keys: lse = -inf
+                scores = S[: P.numel()].view(P.shape)
+                lse[g, s:e] = (scores.amax(-1).to(acc) - P.amax(-1).to(acc).log()) if n else -math.inf
         ctx.save_for_backward(qs, k, v, bias, out)
         ctx.n_keys, ctx.n_queries, ctx.with_lse = n_keys, n_queries, with_lse
         return out, lse
