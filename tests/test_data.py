@@ -446,7 +446,11 @@ def test_tr_precedence_manifest_then_file_then_default(tmp_path):
     write_timeseries(tmp_path / "col.npy", scan(2), tr=0.8)  # manifest column says 0.72
     m = write_manifest(tmp_path, [["own.npy", "a", ""], ["none.npy", "b", ""], ["col.npy", "c", "0.72"]],
                        ("path", "subject", "tr"))
-    assert open_cohort(m, tr=2.0).trs == [0.8, 2.0, 0.72]
-    assert open_cohort(m).trs == [0.8, None, 0.72]
+    # the manifest (0.72) and col.json (0.8) disagree: an error naming both, unless a source is chosen
+    with pytest.raises(DataError, match=r"col\.npy: TR 0\.8 s in .*col\.json but 0\.72 s in .*manifest\.csv, line 4"):
+        open_cohort(m)
+    assert open_cohort(m, tr=2.0, tr_source="manifest").trs == [0.8, 2.0, 0.72]
+    assert open_cohort(m, tr_source="manifest").trs == [0.8, None, 0.72]
+    assert open_cohort(m, tr_source="file").trs == [0.8, None, 0.8]
     given = [TimeSeries(scan(0), None, 0.8, None), scan(1)]
     assert open_cohort(given, tr=2.0).trs == [0.8, 2.0]

@@ -38,7 +38,15 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, DataError
-from .io import TimeSeries, bids_entities, file_suffix, is_timeseries_file, read_timeseries
+from .io import (
+    TimeSeries,
+    bids_entities,
+    decode_text,
+    file_suffix,
+    is_timeseries_file,
+    read_sidecar,
+    read_timeseries,
+)
 from .transforms import (
     NORMALIZATIONS,
     RobustScaler,
@@ -48,7 +56,9 @@ from .transforms import (
     normalize,
     reflect_indices,
     resampled_length,
+    magnitude_problem,
     same_tr,
+    scan_levels,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,11 @@ SPLITS = ("train", "val", "test")
 _RESERVED = ("path", "subject", "session", "tr", "split", "orientation", "variable", "atlas")
 _MANIFEST_NAMES = ("manifest.csv", "manifest.tsv")
 ON_ERROR = ("fail", "skip")
+# where a scan's TR comes from when the manifest's tr column and the file (or its sidecar) both
+# give one: 'check' (default) refuses a disagreement, 'manifest' or 'file' picks that source
+TR_SOURCES = ("check", "manifest", "file")
+# suffix of the folder a store is built in before it is renamed into place
+INCOMPLETE_SUFFIX = ".incomplete"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -97,6 +112,9 @@ def validate_timeseries(
         rois = np.flatnonzero(bad.any(axis=1))
         raise DataError(f"{name}: {int(bad.sum())} NaN/Inf value(s) in {len(rois)} ROI(s) "
                         f"({_roi_list(rois, ts.roi_labels)}); clean or interpolate them, or skip the file")
+    problem = magnitude_problem(x)
+    if problem:
+        raise DataError(f"{name}: {problem}")
     zero = np.flatnonzero(~x.any(axis=1))
     if len(zero):
         raise DataError(f"{name}: {len(zero)} all-zero ROI(s) ({_roi_list(zero, ts.roi_labels)}), usually "
@@ -139,14 +157,39 @@ class Record:
     variable: str | None = None
     atlas: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    source: str | None = None      # "MANIFEST, line N" for records read from a manifest
+    tr_source: str = "check"       # one of TR_SOURCES
+    levels: tuple | None = None    # (level, fluctuation) of the series, set when validated
 
     def read(self, tr: float | None = None, orientation: str | None = None) -> TimeSeries:
-        """The series; this record's tr overrides the file's, ``tr`` only fills a missing one."""
-        ts = read_timeseries(self.path, orientation=self.orientation or orientation, tr=self.tr,
+        """The series. A TR in this record (the manifest's tr column) and one in the file or its
+        sidecar must agree unless ``tr_source`` picks one; ``tr`` only fills a missing one."""
+        ts = read_timeseries(self.path, orientation=self.orientation or orientation,
                              variable=self.variable, atlas=self.atlas)
+        if self.tr is not None:
+            if ts.tr is not None and not same_tr(ts.tr, self.tr) and self.tr_source != "file":
+                if self.tr_source == "check":
+                    where = sidecar_or_file(self.path)
+                    raise DataError(
+                        f"{self.path}: TR {ts.tr:g} s in {where} but {self.tr:g} s in "
+                        f"{self.source or 'the tr given for it'}; correct the wrong one, or choose "
+                        "a source with --tr-source manifest|file (tr_source=...)")
+                ts.tr = float(self.tr)
+            elif ts.tr is None or self.tr_source == "manifest":
+                ts.tr = float(self.tr)
         if ts.tr is None and tr is not None:
             ts.tr = float(tr)
         return ts
+
+
+def sidecar_or_file(path) -> str:
+    """Where a file's own TR was read from, for messages: its JSON sidecar or the file itself."""
+    from .io import sidecar_path
+
+    side = sidecar_path(path)
+    meta = read_sidecar(path) if side.is_file() else {}
+    return str(side) if any(k in meta for k in ("RepetitionTime", "SamplingFrequency", "VolumeTiming")) \
+        else "the file itself"
 
 
 def subject_from_path(path: str | Path) -> tuple[str, str | None]:
@@ -163,22 +206,48 @@ def read_manifest(path) -> tuple[list[Record], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        text = f.read()
-    first = text.split("\n", 1)[0]
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
+    text = decode_text(raw, path, "manifest")
+    if "\0" in text:
+        raise DataError(f"{path}: NUL bytes; a manifest is a CSV/TSV text file, this one is binary or "
+                        "corrupted")
+    if not text.strip():
+        raise DataError(f"{path}: the manifest is empty; it needs a header line with a 'path' column "
+                        "and one line per scan")
+    lines = text.splitlines()
+    first = lines[0]
     delimiter = "\t" if (path.suffix.lower() == ".tsv" or ("\t" in first and "," not in first)) else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    try:
+        table = list(csv.reader(lines, delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file ({exc}); "
+                        "check the quoting") from None
+    columns = [c.strip() for c in table[0]]
     if "path" not in columns:
-        raise DataError(f"{path}: a manifest needs a 'path' column (found: {', '.join(columns) or 'nothing'})")
+        raise DataError(f"{path}, line 1: a manifest needs a 'path' column (found: "
+                        f"{', '.join(columns) or 'nothing'})")
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"{path}, line 1: column {repeated[0]!r} appears {columns.count(repeated[0])} "
+                        "times; give every column a distinct name")
     label_names = [c for c in columns if c not in _RESERVED and c]
     records = []
-    for line, row in enumerate(reader, start=2):
-        row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    for line, fields in enumerate(table[1:], start=2):
+        if not any(f.strip() for f in fields):
+            continue  # blank line
+        if len(fields) > len(columns):
+            raise DataError(f"{path}, line {line}: {len(fields)} fields but the header has "
+                            f"{len(columns)} columns; quote values that contain "
+                            f"{'tabs' if delimiter == chr(9) else 'commas'}")
+        row = {c: (fields[k].strip() if k < len(fields) else "") for k, c in enumerate(columns) if c}
         if not row.get("path"):
             raise DataError(f"{path}, line {line}: empty 'path'")
         file = Path(row["path"]).expanduser()
         file = file if file.is_absolute() else (path.parent / file)
+
         subject, session = subject_from_path(file)
         tr = row.get("tr") or None
         if tr is not None:
@@ -199,10 +268,10 @@ def read_manifest(path) -> tuple[list[Record], list[str]]:
             session=row.get("session") or (session if not row.get("subject") else None),
             tr=tr, split=split, orientation=row.get("orientation") or None,
             variable=row.get("variable") or None, atlas=atlas,
-            labels={k: row.get(k, "") for k in label_names},
+            labels={k: row.get(k, "") for k in label_names}, source=f"{path}, line {line}",
         ))
     if not records:
-        raise DataError(f"{path}: the manifest lists no files")
+        raise DataError(f"{path}: the manifest has a header but lists no files")
     return records, label_names
 
 
@@ -219,6 +288,9 @@ def _label_array(values: list[str]) -> np.ndarray:
 
 def _folder_records(folder: Path) -> list[Record]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_timeseries_file(p))
+    if not files and (folder / "data.bin").is_file():
+        raise DataError(f"{folder}: data.bin without store.json: an interrupted 'brainjepa prepare' "
+                        "(or a copy that missed store.json); prepare the store again with --overwrite")
     if not files:
         raise DataError(f"{folder}: no time-series files (supported: .npy .npz .csv .tsv .mat .h5 .nii) "
                         "and no manifest.csv")
@@ -241,7 +313,8 @@ class Cohort:
     """
 
     def __init__(self, *, subjects, trs, lengths, n_rois, roi_labels=None, labels=None,
-                 sessions=None, paths=None, splits=None, skipped=None, normalization=None):
+                 sessions=None, paths=None, splits=None, skipped=None, normalization=None,
+                 levels=None):
         self.subjects = list(subjects)
         self.trs = [None if t is None else float(t) for t in trs]
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -254,6 +327,8 @@ class Cohort:
         self.splits = list(splits) if splits is not None else ["train"] * n
         self.skipped = list(skipped or [])
         self.normalization = normalization
+        # per scan (level, fluctuation) of the raw series (see transforms.scan_levels), or None
+        self.levels = None if levels is None else np.asarray(levels, dtype=np.float64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -330,6 +405,7 @@ def iter_valid(
     skipped = skipped if skipped is not None else []
     n_rois = roi_labels = reference = None
     seen: dict[tuple, str] = {}
+    seen_files: dict[str, Record] = {}
     if progress:
         from tqdm.auto import tqdm
 
@@ -341,6 +417,12 @@ def iter_valid(
                 sess = f", session {rec.session}" if rec.session else ""
                 raise DataError(f"{rec.path}: duplicate subject {rec.subject}{sess} (also in {seen[key]}); "
                                 "give each scan a unique subject/session or remove one")
+            file_key = _file_key(rec.path)
+            if file_key in seen_files:
+                first = seen_files[file_key]
+                raise DataError(f"{rec.source or rec.path}: {rec.path} is listed twice (also for "
+                                f"subject {first.subject}{', ' + first.source if first.source else ''}); "
+                                "list each scan once")
             ts = rec.read(tr, orientation)
             validate_timeseries(ts, n_rois=n_rois, roi_labels=roi_labels, min_timepoints=min_timepoints,
                                 target_tr=target_tr, reference=reference)
@@ -355,14 +437,30 @@ def iter_valid(
         if roi_labels is None and ts.roi_labels is not None:  # the first file that names its ROIs
             roi_labels = ts.roi_labels
         seen[key] = rec.path
+        seen_files[file_key] = rec
+        rec.levels = scan_levels(ts.data)
         yield rec, ts
 
 
-def _with_defaults(records: list[Record], variable: str | None, atlas) -> list[Record]:
-    """Fill the cohort-wide array name / NIfTI atlas into records whose manifest row left them blank."""
+def _file_key(path) -> str:
+    """A file's identity for duplicate checks (the resolved path when it exists)."""
+    p = Path(path)
+    try:
+        return str(p.resolve()) if p.exists() else os.path.normpath(str(p.absolute()))
+    except OSError:
+        return str(p)
+
+
+def _with_defaults(records: list[Record], variable: str | None, atlas,
+                   tr_source: str = "check") -> list[Record]:
+    """Fill the cohort-wide array name / NIfTI atlas into records whose manifest row left them
+    blank, and the rule for a TR given by both the manifest and the file."""
+    if tr_source not in TR_SOURCES:
+        raise ConfigError(f"tr_source must be one of {TR_SOURCES}, got {tr_source!r}")
     for rec in records:
         rec.variable = rec.variable or variable
         rec.atlas = rec.atlas or (None if atlas is None else str(atlas))
+        rec.tr_source = tr_source
     return records
 
 
@@ -396,6 +494,7 @@ def open_cohort(
     variable: str | None = None,
     atlas=None,
     cache_bytes: int = 1 << 30,
+    tr_source: str = "check",
 ) -> Cohort:
     """Open a cohort from any source.
 
@@ -404,8 +503,10 @@ def open_cohort(
     CSV/TSV (has a 'path' column); or a list of (R, T) arrays / TimeSeries. tr/orientation
     apply where files do not say; on_error: 'fail' or 'skip' (skipped files in ``.skipped``);
     labels: name -> (N,) arrays for a list input; variable/atlas: array name in .npz/.mat/.h5
-    files and label image for NIfTI files, where the manifest does not give them. Files are read and validated once here; their
-    arrays are kept in memory when they total at most ``cache_bytes``.
+    files and label image for NIfTI files, where the manifest does not give them; tr_source: which
+    TR wins when a manifest's tr column and a file disagree ('check': neither, an error). Files
+    are read and validated once here; their arrays are kept in memory when they total at most
+    ``cache_bytes``.
     """
     if isinstance(path_or_list, Cohort):
         return path_or_list
@@ -414,6 +515,9 @@ def open_cohort(
     path = Path(path_or_list)
     if path.is_dir() and (path / "store.json").is_file():
         return open_store(path)
+    interrupted = interrupted_store(path)
+    if interrupted:
+        raise DataError(interrupted)
     label_names: list[str] = []
     if path.is_dir():
         manifest = next((path / m for m in _MANIFEST_NAMES if (path / m).is_file()), None)
@@ -428,7 +532,7 @@ def open_cohort(
                         "(CSV/TSV with a 'path' column) or a prepared store")
     else:
         raise DataError(f"{path}: no such file or folder")
-    records = _with_defaults(records, variable, atlas)
+    records = _with_defaults(records, variable, atlas, tr_source)
     skipped: list = []
     kept, arrays, total = [], [], 0
     roi_labels = None
@@ -447,6 +551,7 @@ def open_cohort(
         subjects=[r.subject for r in recs], sessions=[r.session for r in recs], paths=[r.path for r in recs],
         trs=[k[1] for k in kept], n_rois=kept[0][2][0], roi_labels=roi_labels,
         labels=_labels_of(recs, label_names), splits=_splits_of(recs, 1.0, 0), skipped=skipped,
+        levels=[r.levels for r in recs],
     )
     if arrays is not None:
         return ArrayCohort(arrays, **meta)
@@ -490,6 +595,7 @@ def _array_cohort(items, tr, orientation, on_error, labels) -> Cohort:
         [ts.data for _, ts in good], subjects=[rec.subject for rec, _ in good],
         trs=[ts.tr for _, ts in good], n_rois=good[0][1].n_rois, roi_labels=roi_labels,
         labels=labels, paths=[ts.path for _, ts in good], skipped=skipped,
+        levels=[rec.levels for rec, _ in good],
     )
 
 
@@ -542,6 +648,7 @@ class Store(Cohort):
             paths=meta.get("paths"), splits=meta.get("splits"),
             skipped=[(s["path"], s["reason"]) for s in meta.get("skipped", [])],
             normalization=meta.get("normalization"),
+            levels=meta.get("scan_levels"),
         )
         self.centered = bool(meta.get("centered", False))
         expected = self.total_timepoints * self.n_rois * self.dtype.itemsize
@@ -621,9 +728,31 @@ class Store(Cohort):
         return block + self._roi_means(i) if self.centered else block
 
 
+def interrupted_store(path) -> str | None:
+    """A message when ``path`` is (or is the destination of) a store whose preparation did not
+    finish, else None."""
+    path = Path(path)
+    name = path.name
+    if name.endswith(INCOMPLETE_SUFFIX) and path.is_dir():
+        final = path.with_name(name[: -len(INCOMPLETE_SUFFIX)])
+        return (f"{path}: a store that 'brainjepa prepare' was still writing when it stopped; use "
+                f"{final} once prepared, or prepare it again with --out {final} --overwrite")
+    partial = path.with_name(name + INCOMPLETE_SUFFIX)
+    if partial.is_dir() and not (path / "store.json").is_file():
+        return (f"{path}: not prepared: 'brainjepa prepare' was interrupted while writing it (the "
+                f"partial store is {partial}); run the prepare command again with --overwrite")
+    if path.is_dir() and (path / "data.bin").is_file() and not (path / "store.json").is_file():
+        return (f"{path}: data.bin without store.json: an interrupted 'brainjepa prepare' (or a copy "
+                "that missed store.json); run the prepare command again with --overwrite")
+    return None
+
+
 def open_store(path) -> Store:
     """Open a folder written by :func:`prepare_store`."""
     path = Path(path)
+    interrupted = interrupted_store(path)
+    if interrupted:
+        raise DataError(interrupted)
     if not (path / "store.json").is_file():
         raise DataError(f"{path}: not a prepared store (no store.json); create one with "
                         "brainjepa prepare MANIFEST --out STORE")
@@ -691,6 +820,7 @@ def prepare_store(
     max_scaler_timepoints: int = 50_000,
     overwrite: bool = False,
     progress: bool = False,
+    tr_source: str = "check",
 ) -> PrepareReport:
     """Validate every file of a manifest and pack the cohort into a memory-mapped store.
 
@@ -699,10 +829,14 @@ def prepare_store(
     manifest's ``split`` column, else a random subject-level ``train_fraction`` (the rest 'val');
     the robust-scaling statistics are fitted on the training scans. ``min_timepoints`` (at
     ``target_tr`` when given) rejects scans too short for the window you will train with.
-    tr/orientation/variable/atlas apply to files whose manifest row and contents do not say.
+    tr/orientation/variable/atlas apply to files whose manifest row and contents do not say;
+    tr_source decides a TR given by both the manifest and the file (see :data:`TR_SOURCES`).
+
+    The store is written to ``OUT.incomplete`` and renamed to ``out_dir`` when complete, so an
+    interrupted run never leaves something that looks like a store.
     """
     records, label_names = read_manifest(manifest_path)
-    records = _with_defaults(records, variable, atlas)
+    records = _with_defaults(records, variable, atlas, tr_source)
     skipped: list = []
     scans = iter_valid(records, tr=tr, orientation=orientation, on_error=on_error,
                        min_timepoints=min_timepoints, target_tr=target_tr, skipped=skipped,
@@ -735,20 +869,38 @@ def pack_store(
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     skipped = skipped if skipped is not None else []
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    final = Path(out_dir)
+    out = final.with_name(final.name + INCOMPLETE_SUFFIX)
+    if out.exists():
         if not overwrite:
-            raise DataError(f"{out}: the output folder exists and is not empty; choose another or pass "
-                            "--overwrite")
-        if not (out / "store.json").is_file() and not (out / "data.bin").is_file():
-            raise DataError(f"{out}: refusing to overwrite a folder that is not a brainjepa store")
+            raise DataError(f"{out}: left by an interrupted prepare of {final}; a partial store cannot "
+                            "be resumed: run the same command with --overwrite to start again")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if final.exists() and any(final.iterdir()):
+        if not overwrite:
+            raise DataError(f"{final}: the output folder exists and is not empty; choose another or pass "
+                            "--overwrite")
+        if not (final / "store.json").is_file() and not (final / "data.bin").is_file():
+            raise DataError(f"{final}: refusing to overwrite a folder that is not a brainjepa store")
+    out.mkdir(parents=True)
     centered = dtype == "float16"
     kept, trs, lengths, means = [], [], [], []
     roi_labels = None
     n_rois = 0
     try:
+        return _pack(scans, out, final, dtype, centered, label_names, train_fraction, seed, skipped,
+                     max_scaler_timepoints, source, kept, trs, lengths, means)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _pack(scans, out, final, dtype, centered, label_names, train_fraction, seed, skipped,
+          max_scaler_timepoints, source, kept, trs, lengths, means) -> PrepareReport:
+    """pack_store's work, in the temporary folder ``out``; renamed to ``final`` at the end."""
+    roi_labels = None
+    n_rois = 0
+    if True:
         with open(out / "data.bin", "wb") as f:
             for rec, ts in scans:
                 x = ts.data
@@ -764,16 +916,16 @@ def pack_store(
                 kept.append(rec)
                 trs.append(ts.tr)
                 lengths.append(ts.n_timepoints)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+                if rec.levels is None:
+                    rec.levels = scan_levels(ts.data)
     report_path = out / "skipped.tsv"
     with open(report_path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["path", "problem"])
         w.writerows(skipped)
     if not kept:
-        raise DataError(f"{source}: no usable files; all {len(skipped)} were skipped (see {report_path})")
+        shown = f": {skipped[0][1]}" if skipped else ""
+        raise DataError(f"{source}: no usable files; all {len(skipped)} were skipped{shown}")
     if centered:
         np.save(out / "roi_means.npy", np.stack(means))
     labels = _labels_of(kept, label_names)
@@ -799,6 +951,7 @@ def pack_store(
         "labels": {k: [_json_value(v) for v in a] for k, a in labels.items()},
         "label_types": {k: ("string" if a.dtype == object else "numeric") for k, a in labels.items()},
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "scan_levels": [[float(v) for v in r.levels] for r in kept],
         "normalization": None,
     }
     _write_json(out / "store.json", meta)
@@ -806,9 +959,26 @@ def pack_store(
         scaler = fit_scaler(Store(out), max_timepoints=max_scaler_timepoints, seed=seed)
         meta["normalization"] = normalization_to_dict("robust", scaler)
         _write_json(out / "store.json", meta)
+    n_bytes = (out / "data.bin").stat().st_size
+    _move_into_place(out, final)
     counts = {s: splits.count(s) for s in SPLITS if s in splits}
-    return PrepareReport(str(out), len(kept), n_rois, int(sum(lengths)),
-                         (out / "data.bin").stat().st_size, counts, skipped, str(report_path))
+    return PrepareReport(str(final), len(kept), n_rois, int(sum(lengths)), n_bytes, counts, skipped,
+                         str(final / "skipped.tsv"))
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``; an existing ``final`` (checked by the
+    caller to be replaceable) is moved aside first and deleted only after the rename."""
+    old = None
+    if final.exists():
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        else:
+            old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_value(v):

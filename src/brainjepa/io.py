@@ -185,11 +185,36 @@ def _orient(data: np.ndarray, orientation: str | None, path, default: str = "roi
 
 
 def _as_float32(data, path) -> np.ndarray:
+    src = np.asarray(data)
+    if src.dtype.kind not in "biuf":
+        if src.dtype.kind == "c":
+            raise DataError(f"{path}: complex values; a time series must be real numbers")
+        if src.dtype.kind not in "OUS":
+            raise DataError(f"{path}: values of type {src.dtype} are not numbers")
     try:
-        arr = np.asarray(data, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = src.astype(np.float32)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DataError(f"{path}: values are not numeric ({exc})") from exc
+    if src.dtype.kind == "f" and src.dtype.itemsize > 4:
+        lost = np.isinf(arr) & np.isfinite(src)
+        if lost.any():
+            raise DataError(f"{path}: {int(lost.sum())} value(s) up to {np.abs(src[lost]).max():.3g} "
+                            "overflow float32 (largest 3.4e38); such values are not a BOLD signal: "
+                            "check the units and the export of this file")
     return np.ascontiguousarray(arr)
+
+
+def decode_text(raw: bytes, path, what: str = "file") -> str:
+    """UTF-8 text of ``raw`` (a leading byte-order mark dropped); a byte that is not UTF-8 is a
+    :class:`DataError` naming the line and the byte."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        byte = raw[exc.start: exc.start + 1].hex()
+        raise DataError(f"{path}, line {line}: byte 0x{byte} is not UTF-8 text; save the {what} as "
+                        "UTF-8 (e.g. iconv -f latin1 -t utf-8 OLD > NEW)") from None
 
 
 def _labels_or_none(labels, n: int, path) -> list[str] | None:
@@ -345,10 +370,13 @@ class _Shape:
         self.dtype = ds.dtype if ds.dtype.kind in "fiub" else np.dtype(object)
 
 
-def _open_text(path: Path):
+def _read_text_bytes(path: Path) -> str:
     if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
+    return decode_text(raw, path)
 
 
 def _is_number(s: str) -> bool:
@@ -370,8 +398,9 @@ def _read_text(path: Path, orientation) -> TimeSeries:
     """CSV/TSV: XCP-D/fMRIPrep (header of parcels, rows = volumes), UKB (label column first)."""
     name = path.name.lower()
     delimiter = "\t" if ".tsv" in name else ","
-    with _open_text(path) as f:
-        text = f.read()
+    text = _read_text_bytes(path)
+    if "\0" in text:
+        raise DataError(f"{path}: NUL bytes in a text file; the file is binary or corrupted")
     if delimiter == "," and "\t" in text.split("\n", 1)[0] and "," not in text.split("\n", 1)[0]:
         delimiter = "\t"  # a .txt/.csv that is really tab separated
     if ".txt" in name and delimiter == "," and "," not in text.split("\n", 1)[0]:
@@ -393,6 +422,10 @@ def _read_text(path: Path, orientation) -> TimeSeries:
     )
     if not headerless_ukb and not all(_is_number(s) for s in first):
         header, rows = first, rows[1:]
+        _check_header(header, path)
+    elif _looks_like_column_numbers(first) and len(rows) > 1:
+        raise DataError(f"{path}: line 1 is {', '.join(first[:3])}, ... (column numbers, not ROI "
+                        "names and not data); replace it with the ROI names or delete the line")
     if not rows:
         raise DataError(f"{path}: a header but no data rows")
 
@@ -434,6 +467,33 @@ def _read_text(path: Path, orientation) -> TimeSeries:
 
     data = _parse_matrix(rows, path, header_offset=0)
     return TimeSeries(np.ascontiguousarray(_orient(data, orientation, path)), None, None)
+
+
+def _check_header(header: list[str], path) -> None:
+    """A header must name each column once: an empty or a repeated name is an error."""
+    blank = [i + 1 for i, h in enumerate(header) if not h]
+    if blank:
+        index = " (a row index written with the table?)" if blank == [1] else ""
+        raise DataError(f"{path}: line 1, column {blank[0]} has no name{index}; every column of the "
+                        "header must name its ROI: name it or drop that column")
+    seen: dict[str, int] = {}
+    for i, h in enumerate(header):
+        if h and h in seen:
+            raise DataError(f"{path}: line 1 names column {seen[h] + 1} and column {i + 1} both {h!r}; "
+                            "two ROIs cannot share a name: fix the header (a parcellation exported twice?)")
+        seen[h] = i
+
+
+def _looks_like_column_numbers(first: list[str]) -> bool:
+    """A first line 0, 1, 2, ... (or 1, 2, 3, ...): an index header, not a volume of data."""
+    if len(first) < 3:
+        return False
+    try:
+        values = [float(s) for s in first]
+    except ValueError:
+        return False
+    start = values[0]
+    return start in (0.0, 1.0) and values == [start + i for i in range(len(values))]
 
 
 def _parse_matrix(rows: list[list[str]], path, header_offset: int) -> np.ndarray:

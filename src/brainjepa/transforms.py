@@ -324,3 +324,74 @@ def normalize(x: np.ndarray, method: str, scaler: RobustScaler | None = None) ->
     if method == "none":
         return np.asarray(x, dtype=np.float32)
     raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
+
+
+# ------------------------------------------------------------------------------ input scale checks
+
+# A scan whose typical ROI mean is more than this many times its typical fluctuation (std over
+# time) carries the scanner's arbitrary intensity: unscaled BOLD (means of 1e2-1e4, fluctuations
+# of a few percent). Centred or scaled series have means near 0 (ratio < 1); percent signal
+# change that was not demeaned sits at ~100 with fluctuations ~1 and is caught as well.
+RAW_OFFSET_RATIO = 20.0
+# Scans whose levels differ by more than this many typical fluctuations (across the cohort)
+# differ by an intensity offset (scanner, site, coil) that cohort-level scaling keeps as signal.
+COHORT_OFFSET_RATIO = 3.0
+# float32 keeps about 7 significant digits: beyond this ratio of offset to fluctuation the
+# fluctuations lose their precision before any scaling happens.
+PRECISION_OFFSET_RATIO = 1e5
+# No BOLD signal, in any unit a pipeline writes, comes near this; larger values are a unit or
+# export error (and their squares overflow float32 in variances and FC).
+MAX_ABS_VALUE = 1e9
+
+
+def scan_levels(x: np.ndarray) -> tuple[float, float]:
+    """(level, fluctuation) of one (R, T) series: the median over ROIs of |mean over time| and
+    the median over ROIs of the std over time, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.median(np.abs(x.mean(axis=-1)))), float(np.median(x.std(axis=-1)))
+
+
+def raw_bold_problem(x: np.ndarray) -> str | None:
+    """A message when one (R, T) series looks like unscaled BOLD (large per-ROI offsets relative
+    to the fluctuations), else None. The message says what the data look like, not what to do:
+    the caller knows which scaling applies."""
+    level, fluct = scan_levels(x)
+    if level > RAW_OFFSET_RATIO * max(fluct, 1e-30) and level > 1.0:
+        return (f"looks like unscaled BOLD: typical ROI mean {level:.3g}, {level / max(fluct, 1e-30):.0f}x "
+                f"its fluctuations (std {fluct:.3g})")
+    return None
+
+
+def cohort_offset_problem(levels, fluctuations, names) -> str | None:
+    """A message when scans' intensity levels differ across the cohort by more than
+    :data:`COHORT_OFFSET_RATIO` typical fluctuations (site or scanner offsets), else None.
+
+    levels, fluctuations: per scan, as from :func:`scan_levels`; names: per scan."""
+    levels = np.asarray(levels, dtype=np.float64)
+    fluct = np.asarray(fluctuations, dtype=np.float64)
+    if len(levels) < 2:
+        return None
+    q25, q75 = np.percentile(levels, [25, 75])
+    spread = max(q75 - q25, 0.0)
+    typical = float(np.median(fluct))
+    if spread > COHORT_OFFSET_RATIO * max(typical, 1e-30) and spread > 1.0:
+        lo, hi = int(np.argmin(levels)), int(np.argmax(levels))
+        return (f"scans differ in intensity offset by {spread / max(typical, 1e-30):.0f}x their "
+                f"fluctuations (typical ROI mean {levels[lo]:.3g} in {names[lo]} vs "
+                f"{levels[hi]:.3g} in {names[hi]}): site or scanner offsets")
+    return None
+
+
+def magnitude_problem(x: np.ndarray) -> str | None:
+    """A message when a finite (R, T) series cannot be a usable signal at float32: values beyond
+    :data:`MAX_ABS_VALUE`, or offsets so large against the fluctuations that float32 loses them."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > MAX_ABS_VALUE:
+        return (f"values up to {peak:.3g}, beyond any BOLD signal (limit {MAX_ABS_VALUE:.0e}); check "
+                "the units and the export of this file")
+    level, fluct = scan_levels(x)
+    if fluct > 0 and level > PRECISION_OFFSET_RATIO * fluct:
+        return (f"offsets {level / fluct:.2g}x the fluctuations (typical ROI mean {level:.3g}, std "
+                f"{fluct:.3g}): float32 keeps about 7 digits, so the fluctuations are lost; remove "
+                "the mean of each ROI before export")
+    return None
