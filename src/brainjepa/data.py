@@ -793,11 +793,18 @@ class PrepareReport:
     splits: dict[str, int]
     skipped: list[tuple[str, str]]
     report_path: str
+    trs: list = field(default_factory=list)
 
     def summary(self) -> str:
         split = ", ".join(f"{k} {v}" for k, v in self.splits.items())
+        known = [t for t in self.trs if t is not None]
+        if not known:
+            tr = "TR unknown"
+        else:
+            tr = "TR " + _tr_list(known) + (f", {len(self.trs) - len(known)} without a TR"
+                                            if len(known) < len(self.trs) else "")
         text = (f"packed {self.n_scans} scans x {self.n_rois} ROIs ({self.total_timepoints} time points, "
-                f"{self.n_bytes / 2**20:.1f} MiB; {split}) into {self.out_dir}")
+                f"{self.n_bytes / 2**20:.1f} MiB; {split}; {tr}) into {self.out_dir}")
         if self.skipped:
             text += f"; skipped {len(self.skipped)} file(s), listed in {self.report_path}"
         return text
@@ -841,9 +848,18 @@ def prepare_store(
     scans = iter_valid(records, tr=tr, orientation=orientation, on_error=on_error,
                        min_timepoints=min_timepoints, target_tr=target_tr, skipped=skipped,
                        progress=progress)
-    return pack_store(scans, out_dir, dtype=dtype, label_names=label_names, train_fraction=train_fraction,
-                      seed=seed, skipped=skipped, max_scaler_timepoints=max_scaler_timepoints,
-                      overwrite=overwrite, source=str(manifest_path))
+    report = pack_store(scans, out_dir, dtype=dtype, label_names=label_names,
+                        train_fraction=train_fraction, seed=seed, skipped=skipped,
+                        max_scaler_timepoints=max_scaler_timepoints, overwrite=overwrite,
+                        source=str(manifest_path))
+    store = open_store(report.out_dir)
+    report_scaling(store, "robust", what="prepare")
+    distinct = {round(t, 6) for t in store.trs if t is not None}
+    if len(distinct) > 1:
+        log.info("the scans have different TRs (%s); pretrain (data.target_tr: auto) resamples every "
+                 "scan to %g s, the coarsest", _tr_list([t for t in store.trs if t is not None]),
+                 max(distinct))
+    return report
 
 
 def pack_store(
@@ -963,7 +979,7 @@ def _pack(scans, out, final, dtype, centered, label_names, train_fraction, seed,
     _move_into_place(out, final)
     counts = {s: splits.count(s) for s in SPLITS if s in splits}
     return PrepareReport(str(final), len(kept), n_rois, int(sum(lengths)), n_bytes, counts, skipped,
-                         str(final / "skipped.tsv"))
+                         str(final / "skipped.tsv"), list(trs))
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -1128,3 +1144,130 @@ class CohortSeries:
 
     def trs(self) -> list:
         return [self.cohort.tr(int(i)) for i in self.index]
+
+
+# ----------------------------------------------------------------------------- cohort checks
+
+
+def _tr_list(trs) -> str:
+    counts: dict[float, int] = {}
+    for t in trs:
+        key = next((k for k in counts if same_tr(k, t)), t)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{t:g} s ({n} scan{'s' if n > 1 else ''})" for t, n in sorted(counts.items()))
+
+
+def resolve_target_tr(setting, cohort, indices=None) -> float | None:
+    """The TR to train at, from ``data.target_tr`` and the TRs of scans ``indices`` (default all).
+
+    ``"auto"``: when every scan shares one TR, that TR; when they differ, the coarsest of them
+    (every scan is then resampled to it: downsampling low-passes, never invents frequencies the
+    coarser scans lack, and a window spans the same seconds for every subject), said in the log;
+    a scan without a known TR in a cohort that needs resampling is an error naming it. When no
+    scan has a TR, None (windows are counted in frames). A number is returned as it is; None
+    (native TR) is kept, with a warning when the TRs differ.
+    """
+    idx = np.arange(len(cohort)) if indices is None else np.asarray(indices, dtype=np.int64)
+    trs = [cohort.tr(int(i)) for i in idx]
+    known = [t for t in trs if t is not None]
+    distinct = []
+    for t in known:
+        if not any(same_tr(t, d) for d in distinct):
+            distinct.append(t)
+    if setting is None:
+        if len(distinct) > 1:
+            log.warning("data.target_tr is null: scans are used at their own TRs (%s), so a window "
+                        "spans different durations in different subjects; set data.target_tr=auto "
+                        "(or seconds) to resample them to one TR", _tr_list(known))
+        return None
+    if setting != "auto":
+        return float(setting)
+    if not known:
+        log.info("no scan has a known TR: windows are counted in frames (give a TR with --tr, a tr "
+                 "column or sidecars to train at a defined TR)")
+        return None
+    missing = [int(i) for i, t in zip(idx, trs) if t is None]
+    if missing:
+        raise DataError(f"{cohort.name(missing[0])}: no TR known (no RepetitionTime sidecar, tr column "
+                        f"or --tr), but other scans have TRs ({_tr_list(known)}), so it cannot be "
+                        f"aligned with them; give its TR{' (and that of ' + str(len(missing) - 1) + ' more)' if len(missing) > 1 else ''}, "
+                        "or set data.target_tr explicitly")
+    target = max(distinct)
+    if len(distinct) > 1:
+        log.info("data.target_tr auto: the scans have different TRs (%s); resampling every scan to "
+                 "%g s, the coarsest (set data.target_tr to choose another)", _tr_list(known), target)
+    else:
+        log.info("data.target_tr auto: every scan has TR %g s", target)
+    return float(target)
+
+
+PER_SCAN_METHODS = ("zscore", "center", "psc")  # normalisations that remove each scan's offsets
+
+
+def per_scan_method() -> str:
+    """The per-scan-centring normalisation to recommend ('center' where available)."""
+    return "center" if "center" in NORMALIZATIONS else "zscore"
+
+
+def cohort_levels(cohort, indices=None) -> np.ndarray:
+    """(N, 2) per scan (level, fluctuation) of scans ``indices`` (default all), from the values
+    recorded when the cohort was validated, else computed from the series."""
+    idx = np.arange(len(cohort)) if indices is None else np.asarray(indices, dtype=np.int64)
+    levels = getattr(cohort, "levels", None)
+    if levels is not None and len(levels) == len(cohort):
+        return levels[idx]
+    return np.array([scan_levels(cohort.series(int(i))) for i in idx], dtype=np.float64).reshape(-1, 2)
+
+
+def scaling_report(cohort, method: str, indices=None, *, what: str = "pretrain") -> tuple[str, str | None]:
+    """(severity, message) about how the cohort's raw scale meets normalisation ``method``.
+
+    severity 'error': unscaled BOLD with ``method`` 'none' (the model would see the scanner's
+    arbitrary intensities); 'warning': offsets that differ across scans or sites under 'robust'
+    (cohort statistics cannot remove them), or raw BOLD found at ``prepare``; 'info': raw BOLD
+    that ``method`` removes (a per-scan method); 'ok' with None when nothing is noticed.
+    """
+    from .transforms import RAW_OFFSET_RATIO, cohort_offset_problem
+
+    idx = np.arange(len(cohort)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(idx) == 0:
+        return "ok", None
+    lv = cohort_levels(cohort, idx)
+    level, fluct = lv[:, 0], lv[:, 1]
+    raw = (level > RAW_OFFSET_RATIO * np.maximum(fluct, 1e-30)) & (level > 1.0)
+    names = [cohort.name(int(i)) for i in idx]
+    offsets = cohort_offset_problem(level, fluct, names)
+    centring = per_scan_method()
+    if not raw.any() and offsets is None:
+        return "ok", None
+    k = int(np.flatnonzero(raw)[0]) if raw.any() else int(np.argmax(level))
+    example = (f"{int(raw.sum())} of {len(idx)} scans look like unscaled BOLD (e.g. {names[k]}: typical "
+               f"ROI mean {level[k]:.3g}, {level[k] / max(fluct[k], 1e-30):.0f}x its fluctuations)")
+    found = example if raw.any() else offsets
+    if raw.any() and offsets:
+        found += "; " + offsets
+    if what == "prepare":
+        return "warning", (f"{found}; the store keeps the values as they are: pretrain with "
+                           f"--set data.normalization={centring} (per-scan centring) so that each "
+                           "scan's offset is removed")
+    if method in PER_SCAN_METHODS:
+        return "info", f"{found}; data.normalization={method} removes each scan's offset"
+    if method == "none":
+        return "error", (f"{found}, and data.normalization=none would feed them to the model as they "
+                         f"are; use --set data.normalization={centring}")
+    if offsets:
+        return "warning", (f"{offsets}; data.normalization={method} scales with statistics pooled over "
+                           f"the cohort and keeps these offsets as if they were signal: use --set "
+                           f"data.normalization={centring} to remove each scan's offset")
+    return "info", f"{found}; data.normalization={method} rescales them with the cohort's statistics"
+
+
+def report_scaling(cohort, method: str, indices=None, *, what: str = "pretrain") -> None:
+    """Log :func:`scaling_report`'s message at its severity; raise ConfigError for an error."""
+    severity, message = scaling_report(cohort, method, indices, what=what)
+    if severity == "error":
+        raise ConfigError(message)
+    if severity == "warning":
+        log.warning(message)
+    elif severity == "info":
+        log.info(message)

@@ -69,14 +69,15 @@ from torch import nn
 from . import __version__
 from .attention import uses_chunked_attention
 from .bundle import export_run
-from .data import CohortSeries, WindowDataset, fit_scaler, open_cohort
+from .data import CohortSeries, WindowDataset, fit_scaler, open_cohort, report_scaling, resolve_target_tr
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from .masking import MaskBatch, SpatiotemporalMasker
 from .model import BrainEncoder, BrainPredictor, ContextState, ModelConfig
 from .report import plot_loss_curve
-from .runs import (MetricsLog, dump_config, latest_checkpoint, list_checkpoints, load_config,
-                   load_latest_checkpoint, resolve_config, save_checkpoint, write_text_atomic)
+from .runs import (Heartbeat, MetricsLog, check_gradient_inputs, dump_config, latest_checkpoint,
+                   list_checkpoints, load_config, load_latest_checkpoint, nonfinite_loss_error,
+                   resolve_config, save_checkpoint, write_text_atomic)
 from .transforms import normalization_from_dict, normalization_to_dict
 
 __all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "block_loss_sum", "Trainer",
@@ -608,6 +609,8 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                           "or choose a new --out folder")
     ckpt = load_latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
+        if cfg["data"]["target_tr"] == "auto":  # the TR the run resolved when it started
+            cfg["data"]["target_tr"] = ckpt["config"].get("data", {}).get("target_tr")
         diff = _config_diff(ckpt["config"], cfg)
         if diff:
             raise ConfigError(f"--resume: the config differs from the checkpoint's "
@@ -621,10 +624,13 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
             stale.unlink()
 
     cohort = open_cohort(data, tr=cfg["data"]["tr"], orientation=cfg["data"]["orientation"],
-                         on_error=cfg["data"]["on_error"])
+                         on_error=cfg["data"]["on_error"], tr_source=cfg["data"]["tr_source"])
     train_idx = cohort.split_indices("train")
     if len(train_idx) == 0:
         raise DataError(f"{data}: the cohort has no training scans (split 'train')")
+    cfg["data"]["target_tr"] = resolve_target_tr(cfg["data"]["target_tr"], cohort, train_idx)
+    report_scaling(cohort, cfg["data"]["normalization"], train_idx)
+    check_gradient_inputs(cfg, cohort.n_rois)
     n_grad = cfg["model"]["n_gradients"]
     ctx.from_rank0(lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume))
     gradients, _ = load_gradients_csv(run_dir / "gradients.csv")
@@ -681,6 +687,8 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
     tokens_per_sample = model_config.n_tokens
     last_time, last_step, last_warn, final_loss = time.perf_counter(), step, None, None
+    first_step = step
+    heartbeat = Heartbeat(total) if rank0 and bar is None else None  # a log line every 30 s
     try:
         while step < end:
             epoch, position = divmod(step, steps_per_epoch)
@@ -695,9 +703,20 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                 for _ in range(accum):
                     x = next(batches)
                     micro.append((x, masker(x.shape[0], mask_rng)))
-                monitor = (step + 1) % train["log_every"] == 0 or step + 1 == end
+                monitor = (step + 1) % train["log_every"] == 0 or step + 1 == end or step == first_step
                 stats = trainer.step(micro, step, monitor)
+                # one process: check every step and name the batch's scans (several processes
+                # check at the logged steps below, together, so that no rank waits for another)
+                if ctx.world_size == 1 and not bool(torch.isfinite(stats["loss"].detach())):
+                    replay = ShardSampler(sampler.n, batch, ctx.rank, ctx.world_size, seed)
+                    replay.set_epoch(epoch)
+                    order = list(replay)
+                    first = (step - epoch * steps_per_epoch) * accum * batch
+                    names = [cohort.name(int(dataset.indices[i])) for i in order[first:first + accum * batch]]
+                    raise nonfinite_loss_error(float(stats["loss"]), step + 1, names)
                 step += 1
+                if heartbeat is not None:
+                    heartbeat(step, final_loss)
                 if bar is not None:
                     bar.update(1)
                 if monitor:

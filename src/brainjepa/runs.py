@@ -70,13 +70,16 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "layernorm_eps": (None, "float", (0.0, None)),
     },
     "data": {
-        "target_tr": (None, "float", (0.0, None)),   # null: keep each file's own TR
+        # auto: the cohort's TR if all scans share one, else the coarsest (see
+        # brainjepa.data.resolve_target_tr); a number: resample to it; null: each file's own TR
+        "target_tr": ("auto", "tr", (0.0, None)),
         "tr": (None, "float", (0.0, None)),          # TR of files that do not say
         "orientation": (None, "str", ORIENTATIONS),
         "normalization": ("robust", "str", NORMALIZATIONS),
         "on_error": ("fail", "str", ("fail", "skip")),
         "num_workers": (0, "int", (0, None)),
         "gradients": (None, "str", None),            # CSV path; null: computed from the data
+        "tr_source": ("check", "str", ("check", "manifest", "file")),  # manifest tr vs file TR
     },
     "mask": {
         "n_blocks": (1, "int", (1, None)),
@@ -131,6 +134,19 @@ def _known(section: str) -> str:
 
 def _check_value(key: str, value, kind: str, bounds, nullable: bool):
     """Return ``value`` converted to ``kind`` or raise ConfigError naming ``key``."""
+    if kind == "tr":  # "auto", null, or a positive number of seconds
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("null", "none", "native"):
+            return None
+        try:
+            seconds = _check_value(key, value, "float", bounds, False)
+        except ConfigError:
+            seconds = 0.0
+        if not seconds > 0:
+            raise ConfigError(f"config key {key} must be auto, null or a positive number of seconds, "
+                              f"got {value!r}")
+        return seconds
     if value is None:
         if nullable:
             return None
@@ -344,3 +360,68 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class Heartbeat:
+    """A log line at most every ``every`` seconds, for runs without a progress bar.
+
+    Call it after each step with the step number and the latest known loss; it logs "step
+    k/total" with the loss and the rate when ``every`` seconds have passed since the last line
+    (the first call starts the clock). ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, total: int, every: float = 30.0, *, what: str = "pretrain", clock=None,
+                 logger: logging.Logger | None = None):
+        import time
+
+        self.total, self.every, self.what = int(total), float(every), what
+        self.clock = clock or time.monotonic
+        self.log = logger or log
+        self.start = self.last = self.clock()
+        self.first_step: int | None = None
+
+    def __call__(self, step: int, loss: float | None = None) -> bool:
+        now = self.clock()
+        if self.first_step is None:
+            self.first_step = step - 1
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        rate = (step - self.first_step) / max(now - self.start, 1e-9) * 60
+        shown = "n/a" if loss is None else f"{loss:.4f}"
+        self.log.info("%s: step %d/%d (%.0f%%), loss %s, %.1f steps/min", self.what, step, self.total,
+                      100.0 * step / max(self.total, 1), shown, rate)
+        return True
+
+
+def nonfinite_loss_error(loss: float, step: int, names: list[str]) -> BrainJEPAError:
+    """The error for a loss that became NaN/Inf at optimizer step ``step`` (1-based), naming the
+    scans of that step's batch."""
+    unique = list(dict.fromkeys(names))
+    shown = ", ".join(unique[:8]) + (f" and {len(unique) - 8} more" if len(unique) > 8 else "")
+    return BrainJEPAError(
+        f"the loss became {loss} at step {step}, on a batch of {shown}; check these scans (values, "
+        "units, scaling), then lower optim.lr or set optim.clip_grad, and resume from the last "
+        "checkpoint (--resume) or restart")
+
+
+def check_gradient_inputs(cfg: dict, n_rois: int) -> None:
+    """Refuse, before any work, gradients that cannot fit the data: too many gradients for the
+    ROI count (computed gradients), or a gradient file with another ROI count or too few columns."""
+    n_grad = cfg["model"]["n_gradients"]
+    path = cfg["data"]["gradients"]
+    if path is None:
+        if n_grad > n_rois - 2:
+            raise ConfigError(f"model.n_gradients={n_grad} needs at least {n_grad + 2} ROIs but the data "
+                              f"has {n_rois}; pass --set model.n_gradients=N with N at most "
+                              f"{max(n_rois - 2, 1)}, or a precomputed file with --gradients FILE")
+        return
+    from .gradients import load_gradients_csv
+
+    g, _ = load_gradients_csv(path)
+    if g.shape[0] != n_rois:
+        raise ConfigError(f"{path}: {g.shape[0]} rows (ROIs) of gradients, but the data has {n_rois} "
+                          "ROIs; use the gradients of this parcellation (brainjepa gradients DATA --out FILE)")
+    if g.shape[1] < n_grad:
+        raise ConfigError(f"{path}: {g.shape[1]} gradients, model.n_gradients={n_grad}; pass "
+                          f"--set model.n_gradients={g.shape[1]} or a file with more columns")

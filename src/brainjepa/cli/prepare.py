@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="stop at the first bad file (default) or skip and report bad files")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds for files that do not give one")
+    p.add_argument("--tr-source", choices=("check", "manifest", "file"), default="check",
+                   help="when the manifest's tr column and a file's sidecar (or the file) both give a "
+                   "TR: 'check' refuses a disagreement, 'manifest' or 'file' uses that one")
     p.add_argument("--orientation", choices=ORIENTATIONS, default=None,
                    help="axis order of headerless matrices (default: roi-by-time)")
     p.add_argument("--variable", default=None, help="array name inside .npz/.mat/.h5 files")
@@ -36,7 +39,9 @@ def register(subparsers) -> None:
                    help="reject scans shorter than this many time points (at --target-tr if given)")
     p.add_argument("--target-tr", type=float, default=None, help="TR at which --window is counted")
     p.add_argument("--seed", type=int, default=0, help="seed for the split and the scaling sample")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store in --out, or the partial store (OUT.incomplete) "
+                   "an interrupted run left")
     p.set_defaults(func=run)
 
 
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         orientation=args.orientation, variable=args.variable, atlas=args.atlas,
         train_fraction=args.train_fraction, seed=args.seed,
         min_timepoints=args.window, target_tr=args.target_tr, overwrite=args.overwrite,
-        progress=not getattr(args, "quiet", False),
+        progress=not getattr(args, "quiet", False), tr_source=args.tr_source,
     )
     print(report.summary())
     return 0

@@ -30,14 +30,26 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="random seed (train.seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config key, e.g. optim.lr=5e-4 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--gradients", metavar="CSV",
+                   help="precomputed brain gradients (R x m CSV, e.g. from brainjepa gradients) "
+                        "instead of computing them from the training scans (data.gradients)")
+    p.add_argument("--tr-source", choices=("check", "manifest", "file"),
+                   help="which TR wins when a manifest's tr column and a file disagree "
+                        "(data.tr_source; default check: an error)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; a log line at least every 30 s instead")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..pretrain import load_config, pretrain
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.gradients:
+        overrides.append(f"data.gradients={args.gradients}")
+    if args.tr_source:
+        overrides.append(f"data.tr_source={args.tr_source}")
+    config = load_config(args.config, overrides)
     summary = pretrain(config, args.data, args.out, resume=args.resume, max_steps=args.max_steps,
                        seed=args.seed, progress=not (args.no_progress or args.quiet),
                        stop_after=args.stop_after)
