@@ -69,6 +69,17 @@ class InputWarning(UserWarning):
     """The data given to a model looks unlike the data it was trained on."""
 
 
+# Prepared input lies within a few units of 0 (robust: IQRs from the training median; z-scores);
+# beyond this the series is on another scale than the model's training data.
+MAX_SCALED_VALUE = 1e3
+
+
+class PreparedInput(torch.Tensor):
+    """A tensor made by :meth:`BrainJEPA.prepare` (stacking or moving keeps the type): its scale
+    was checked against the model's normalisation there, naming the series, so the model does
+    not check it again."""
+
+
 # ------------------------------------------------------------------------------- the module
 
 
@@ -109,9 +120,17 @@ class BrainJEPA(nn.Module):
         first (:meth:`check_input`). Autograd is not switched off: wrap inference in
         ``torch.no_grad()`` (or ``torch.inference_mode()``).
         """
+        prepared = isinstance(x, PreparedInput)
         x = self._as_input(x)
-        self.check_input(x, roi_labels)
-        return self.encoder(x)
+        self.check_input(x, roi_labels, scale_checked=prepared)
+        h = self.encoder(x)
+        if not bool(torch.isfinite(h).all()):
+            bad = torch.flatnonzero(~torch.isfinite(h.reshape(len(h), -1)).all(1)).tolist()
+            weights = "" if all(bool(torch.isfinite(t).all()) for t in self.encoder.parameters()) \
+                else " (the encoder's weights hold NaN/Inf: the model is damaged)"
+            raise DataError(f"the encoder's output is NaN/Inf for sample(s) {bad[:10]} of this batch"
+                            f"{weights}; nothing was written: check those inputs' scale")
+        return h
 
     def embed(self, x, roi_labels: Sequence[str] | None = None) -> torch.Tensor:
         """Subject embeddings (B, D): token features averaged, then LayerNorm (no affine)."""
@@ -119,46 +138,68 @@ class BrainJEPA(nn.Module):
         return F.layer_norm(h, h.shape[-1:], eps=self.config.layernorm_eps)
 
     def prepare(self, series, tr: float | None = None, window: str = "center",
-                normalization: str | dict | None = None) -> torch.Tensor:
+                normalization: str | dict | None = None, name: str | None = None) -> torch.Tensor:
         """One subject's raw (R, T) series -> the model's (R, n_timepoints) float32 input.
 
-        Resamples to ``target_tr`` (when the bundle has one and ``tr`` is given), takes the
+        Resamples from ``tr`` to the model's ``target_tr`` (when the bundle has one), takes the
         centre window (``window="start"``: the first n_timepoints) and applies the bundle's
         normalisation, or ``normalization`` ("robust" dict / RobustScaler, "zscore", "none")
-        when given. A bundle without statistics (method "unknown") needs that choice.
+        when given. A bundle without statistics (method "unknown") needs that choice. ``name``
+        (default: the series' ``source_name`` attribute, set for cohort scans) starts every
+        message. Errors: wrong shape, NaN/Inf, absurd magnitudes, too short, and values that
+        the model's scaling leaves far outside the training data's range (another scale);
+        a milder mismatch of scale is an :class:`InputWarning`.
         """
-        from .transforms import center_window, normalization_from_dict, normalize, resample_tr, same_tr
+        from .transforms import (center_window, magnitude_problem, normalization_from_dict, normalize,
+                                 resample_tr, same_tr)
 
         cfg = self.config
+        name = name or getattr(series, "source_name", None)
+        who = f"{name}: " if name else "prepare: "
         x = np.asarray(series, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] != cfg.n_rois:
-            raise DataError(f"prepare: expected one subject's (R={cfg.n_rois}, T) series, got "
+            raise DataError(f"{who}expected one subject's (R={cfg.n_rois}, T) series, got "
                             f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs")
         if not np.isfinite(x).all():
-            raise DataError("prepare: the series contains NaN or Inf values")
+            raise DataError(f"{who}the series contains NaN or Inf values")
+        problem = magnitude_problem(x)
+        if problem:
+            raise DataError(f"{who}{problem}")
+        at = ""
         if self.target_tr is not None:
             if tr is None:
-                warnings.warn(f"prepare: the model was trained at TR {self.target_tr} s; pass "
+                warnings.warn(f"{who}the model was trained at TR {self.target_tr} s; pass "
                               "tr=<seconds> so the series is resampled to it", InputWarning,
                               stacklevel=2)
             elif not same_tr(tr, self.target_tr):
+                n_raw = x.shape[1]
                 x = resample_tr(x, tr, self.target_tr)
-        if window == "center":
-            x = center_window(x, cfg.n_timepoints)
-        elif window == "start":
-            if x.shape[1] < cfg.n_timepoints:
-                raise DataError(f"series has {x.shape[1]} time points, shorter than the window "
-                                f"of {cfg.n_timepoints}")
-            x = x[:, : cfg.n_timepoints]
-        else:
+                at = f" ({n_raw} frames at TR {tr:g} s resampled to the model's TR {self.target_tr:g} s)"
+        if window not in ("center", "start"):
             raise ConfigError(f"prepare: window must be 'center' or 'start', not {window!r}")
+        if x.shape[1] < cfg.n_timepoints:
+            raise DataError(f"{who}{x.shape[1]} time points{at}, shorter than the model's window of "
+                            f"{cfg.n_timepoints}; use longer scans or leave this one out")
+        x = center_window(x, cfg.n_timepoints) if window == "center" else x[:, : cfg.n_timepoints]
         norm = self.normalization if normalization is None else _check_normalization(
             _normalization_dict(normalization), cfg.n_rois)
         if norm["method"] == "unknown":
             raise ConfigError("prepare: this model does not know how its training data was "
                               "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE))
         method, scaler = normalization_from_dict(norm)
-        return torch.from_numpy(np.ascontiguousarray(normalize(x, method, scaler)))
+        out = np.ascontiguousarray(normalize(x, method, scaler), dtype=np.float32)
+        if method != "none":
+            peak = float(np.abs(out).max())
+            if not np.isfinite(peak) or peak > MAX_SCALED_VALUE:
+                raise DataError(
+                    f"{who}after the model's {method} scaling the values reach {peak:.3g} (its "
+                    f"training data lay within a few units of 0): this series is on another scale "
+                    f"(unscaled BOLD for a model whose statistics came from scaled data, other "
+                    f"units, another scanner); {_scale_fix(method)}")
+            problem = _statistics_problem(torch.from_numpy(out)[None], norm, prepared=True)
+            if problem:
+                warnings.warn(f"{who}{problem}", InputWarning, stacklevel=2)
+        return torch.from_numpy(out).as_subclass(PreparedInput)
 
     def set_normalization(self, normalization: str | dict) -> None:
         """Record how inputs are scaled: "zscore", "none", a robust dict or a fitted RobustScaler
@@ -166,7 +207,8 @@ class BrainJEPA(nn.Module):
         self.normalization = _check_normalization(_normalization_dict(normalization),
                                                   self.config.n_rois)
 
-    def check_input(self, x, roi_labels: Sequence[str] | None = None) -> None:
+    def check_input(self, x, roi_labels: Sequence[str] | None = None, *,
+                    scale_checked: bool = False) -> None:
         """Check a prepared batch (B, R, T) against the model.
 
         Errors (DataError): not 3-D, wrong ROI count, too few time points, NaN/Inf.
@@ -205,13 +247,16 @@ class BrainJEPA(nn.Module):
                               f"positions ({shown}); reorder your ROIs to the model's "
                               "gradients.csv or results will be meaningless", InputWarning,
                               stacklevel=3)
+        if scale_checked or isinstance(x, PreparedInput):  # model.prepare checked each series
+            return
         problem = _statistics_problem(x[:, :, : cfg.n_timepoints], self.normalization)
         if problem:
             warnings.warn(problem, InputWarning, stacklevel=3)
 
     def _as_input(self, x) -> torch.Tensor:
         p = next(self.encoder.parameters())
-        return torch.as_tensor(x, dtype=p.dtype, device=p.device)
+        x = torch.as_tensor(x, dtype=p.dtype, device=p.device)
+        return x.as_subclass(torch.Tensor) if isinstance(x, PreparedInput) else x
 
     # --- save / load ----------------------------------------------------------------------
 
@@ -647,6 +692,11 @@ def _load_tensors(model: BrainJEPA, tensors: dict[str, torch.Tensor], source: Pa
             raise BrainJEPAError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)} "
                                  f"but the config's architecture needs {tuple(ref.shape)}; config "
                                  "and weights disagree")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BrainJEPAError(f"{source}: tensor '{name}' holds NaN/Inf values; the weights are "
+                                 "damaged (a diverged run?): export an earlier checkpoint "
+                                 "(brainjepa export RUN_DIR --step N)")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
 
@@ -683,8 +733,20 @@ def _check_normalization(d: dict, n_rois: int) -> dict:
     return d
 
 
-def _statistics_problem(x: torch.Tensor, normalization: dict) -> str | None:
-    """A message when prepared input (B, R, T) looks unlike what the model was trained on."""
+def _scale_fix(method: str) -> str:
+    """What to do when series stay off-scale after the model's own normalisation."""
+    if method == "robust":
+        return ("its statistics are the training cohort's median/IQR per ROI, so series with other "
+                "offsets stay off-scale: use a model trained with per-scan centring (pretrain "
+                "--set data.normalization=zscore), or fit statistics on your cohort "
+                "(model.set_normalization(RobustScaler().fit(series))) knowing the model never saw "
+                "that scale")
+    return "check the series' units and export"
+
+
+def _statistics_problem(x: torch.Tensor, normalization: dict, prepared: bool = False) -> str | None:
+    """A message when prepared input (B, R, T) looks unlike what the model was trained on.
+    ``prepared``: the input came out of model.prepare (the message then cannot ask for it)."""
     method = normalization["method"]
     if method == "unknown":
         method = normalization.get("expected", "unknown")
@@ -694,10 +756,14 @@ def _statistics_problem(x: torch.Tensor, normalization: dict) -> str | None:
     q25, med, q75 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], device=x.device), dim=-1)
     level = float(med.abs().median())  # typical per-ROI offset
     iqr = float((q75 - q25).median())  # typical per-ROI spread
-    fix = ("prepare raw series with model.prepare(series, tr=...), which applies the model's "
-           "normalisation" if normalization["method"] != "unknown" else
-           "scale each ROI as the model's training data was (see the note in its "
-           "normalization.json), e.g. model.set_normalization(...) then model.prepare(series)")
+    if prepared:
+        fix = ("model.prepare applied the model's own normalisation and the series is still off: "
+               + _scale_fix(method))
+    else:
+        fix = ("prepare raw series with model.prepare(series, tr=...), which applies the model's "
+               "normalisation" if normalization["method"] != "unknown" else
+               "scale each ROI as the model's training data was (see the note in its "
+               "normalization.json), e.g. model.set_normalization(...) then model.prepare(series)")
     if level > 100:
         return (f"input looks like raw BOLD signal (typical ROI median {level:.3g}) but the model "
                 f"was trained on {method}-scaled data; features will be meaningless (chance-level "

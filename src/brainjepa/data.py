@@ -1128,6 +1128,22 @@ class WindowDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.window(idx), dtype=np.float32))
 
 
+class NamedSeries(np.ndarray):
+    """A scan's (R, T) array that knows where it came from (``source_name``), so that messages
+    about it (e.g. from :meth:`brainjepa.bundle.BrainJEPA.prepare`) can name the file."""
+
+    source_name: str | None = None
+
+    @classmethod
+    def of(cls, x: np.ndarray, name: str | None) -> NamedSeries:
+        out = np.asarray(x).view(cls)
+        out.source_name = name
+        return out
+
+    def __array_finalize__(self, obj) -> None:
+        self.source_name = getattr(obj, "source_name", None)
+
+
 class CohortSeries:
     """Lazy sequence view of a cohort's raw (R, T_i) series, read one subject at a time (group FC,
     embedding) without holding the cohort in memory."""
@@ -1140,7 +1156,8 @@ class CohortSeries:
         return len(self.index)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.cohort.series(int(self.index[i]))
+        k = int(self.index[i])
+        return NamedSeries.of(self.cohort.series(k), self.cohort.name(k))
 
     def trs(self) -> list:
         return [self.cohort.tr(int(i)) for i in self.index]
@@ -1271,3 +1288,33 @@ def report_scaling(cohort, method: str, indices=None, *, what: str = "pretrain")
         log.warning(message)
     elif severity == "info":
         log.info(message)
+
+
+def check_cohort_for_model(model, cohort) -> None:
+    """Before embedding, probing or fine-tuning: every scan must have a TR when the model has one,
+    and enough frames at the model's TR for its window (each refused by name); the cohort's raw
+    scale is reported against the model's normalisation (:func:`report_scaling`)."""
+    target = getattr(model, "target_tr", None)
+    n = model.config.n_timepoints
+    for i in range(len(cohort)):
+        tr = cohort.tr(i)
+        frames = cohort.length(i)
+        if target is not None:
+            if tr is None:
+                raise DataError(f"{cohort.name(i)}: no TR known (no RepetitionTime sidecar, tr column "
+                                f"or --tr), but the model works at TR {target:g} s and each scan is "
+                                "resampled from its own TR; give the TR with --tr or a tr column")
+            if not same_tr(tr, target):
+                frames = resampled_length(frames, tr, target)
+        if frames < n:
+            at = f" at the model's TR {target:g} s (from {cohort.length(i)} at {tr:g} s)" \
+                if target is not None and not same_tr(tr, target) else ""
+            raise DataError(f"{cohort.name(i)}: {frames} time points{at}, shorter than the model's "
+                            f"window of {n}; use longer scans or leave this one out")
+    trs = {round(t, 6) for t in cohort.trs if t is not None}
+    if target is not None and len(trs) > 1:
+        log.info("the scans have TRs %s; each is resampled from its own TR to the model's %g s",
+                 _tr_list([t for t in cohort.trs if t is not None]), target)
+    method = (getattr(model, "normalization", None) or {}).get("method", "unknown")
+    if method != "unknown":
+        report_scaling(cohort, method, what="model")

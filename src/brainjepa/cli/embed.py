@@ -22,9 +22,30 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace):
     """(model, cohort) from the shared arguments."""
     from ..bundle import load_model
+    from ..data import check_cohort_for_model
     from ..evaluate import load_cohort
 
-    return load_model(args.model), load_cohort(args.data, tr=args.tr, orientation=args.orientation)
+    model = load_model(args.model)
+    cohort = load_cohort(args.data, tr=args.tr, orientation=args.orientation)
+    check_cohort_for_model(model, cohort)  # names the scan before any slow work
+    return model, cohort
+
+
+def check_finite_npz(path, subjects) -> None:
+    """Refuse an embedding file with NaN/Inf rows, naming the subjects."""
+    import numpy as np
+
+    from ..errors import DataError
+
+    with np.load(path) as z:
+        for key in ("embeddings", "tokens"):
+            if key in z.files:
+                values = z[key].reshape(len(z[key]), -1)
+                bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+                if len(bad):
+                    names = ", ".join(str(subjects[i]) for i in bad[:5])
+                    raise DataError(f"{key} of {len(bad)} subject(s) are NaN/Inf ({names}); nothing "
+                                    "was written: check those scans")
 
 
 def register(subparsers) -> None:
@@ -48,9 +69,20 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import save_embeddings
 
+    import os
+    from pathlib import Path
+
     model, cohort = load(args)
-    out = save_embeddings(model, cohort, args.out, tokens=args.tokens, batch_size=args.batch_size,
-                          device=args.device, progress=not args.quiet)
+    final = Path(args.out)
+    tmp = final.with_name(f".{final.name}.incomplete")  # renamed when complete and checked
+    try:
+        save_embeddings(model, cohort, tmp, tokens=args.tokens, batch_size=args.batch_size,
+                        device=args.device, progress=not args.quiet)
+        check_finite_npz(tmp, cohort.subjects)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    out = final
     print(f"wrote {out}: {len(cohort)} subjects x {model.config.embed_dim} dimensions"
           + (f", tokens {len(cohort)} x {model.config.n_rois} x {model.config.n_patches} x "
              f"{model.config.embed_dim}" if args.tokens else ""))
