@@ -43,6 +43,7 @@ from .model import BrainEncoder, BrainPredictor, ModelConfig, infer_official_con
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+INCOMPLETE_SUFFIX = ".incomplete"  # a bundle being written: .NAME.incomplete next to NAME
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GRADIENTS_FILE = "gradients.csv"
@@ -266,24 +267,38 @@ class BrainJEPA(nn.Module):
         from . import __version__
         from .gradients import save_gradients_csv
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        final = Path(directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # built in a sibling folder, then moved into place: an interrupted save leaves that
+        # folder (recognised by from_pretrained), never a half-written bundle
+        out = final.with_name(f".{final.name}{INCOMPLETE_SUFFIX}")
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        out.mkdir()
         config = bundle_config(self, __version__)
         tensors = _state_tensors(self)
-        tmp = out / (WEIGHTS_FILE + ".tmp")  # a crash mid-write never leaves a truncated bundle
         # serialised in memory and written by Python so the file gets the usual permissions
-        tmp.write_bytes(save_safetensors(tensors, metadata={"format": "pt",
-                                                            "brainjepa_format": str(FORMAT_VERSION)}))
-        os.replace(tmp, out / WEIGHTS_FILE)
+        (out / WEIGHTS_FILE).write_bytes(save_safetensors(
+            tensors, metadata={"format": "pt", "brainjepa_format": str(FORMAT_VERSION)}))
         save_gradients_csv(self.encoder.gradients.cpu().numpy(), out / GRADIENTS_FILE, self.roi_labels)
         _write_json(out / NORMALIZATION_FILE, self.normalization)
         prov = {**self.provenance, **(provenance or {})}
         prov.setdefault("config_sha256", _sha256_json(config["architecture"]))
         prov["model_sha256"] = _sha256_file(out / WEIGHTS_FILE)
         _write_json(out / PROVENANCE_FILE, prov)
-        _write_json(out / CONFIG_FILE, config)  # last: a half-written folder is no bundle
+        _write_json(out / CONFIG_FILE, config)
+        if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+            if final.exists():
+                final.rmdir()
+            os.replace(out, final)
+        else:  # a folder with other files: replace the bundle's files one by one, config last
+            for name in (WEIGHTS_FILE, GRADIENTS_FILE, NORMALIZATION_FILE, PROVENANCE_FILE, CONFIG_FILE):
+                os.replace(out / name, final / name)
+            out.rmdir()
         self.provenance = prov
-        return out
+        return final
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> BrainJEPA:
@@ -566,6 +581,10 @@ def _checkpoint_path(run_dir: Path, step: int | None) -> Path:
 
 def _resolve_bundle(path: str | Path) -> Path:
     p = Path(path)
+    partial = p.with_name(f".{p.name}{INCOMPLETE_SUFFIX}")
+    if not (p / CONFIG_FILE).exists() and partial.is_dir():
+        raise BrainJEPAError(f"{p}: the bundle was not completed (an interrupted save or export left "
+                             f"{partial}); save or export it again")
     if p.is_dir():
         if not (p / CONFIG_FILE).exists():
             raise BrainJEPAError(f"{p}: not a model bundle (no {CONFIG_FILE}); bundles are made by "

@@ -561,9 +561,12 @@ def open_cohort(
 def _looks_like_manifest(path: Path) -> bool:
     if path.suffix.lower() not in (".csv", ".tsv"):
         return False
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        first = f.readline()
-    return "path" in [c.strip() for c in first.replace("\t", ",").split(",")]
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    return "path" in [c.strip().strip('"') for c in first.replace("\t", ",").split(",")]
 
 
 def _array_cohort(items, tr, orientation, on_error, labels) -> Cohort:

@@ -23,8 +23,9 @@ def register(subparsers) -> None:
             "gradient, and a PNG of the ROIs in gradient space next to it."
         ),
     )
-    p.add_argument("timeseries", nargs="*", metavar="TIMESERIES_FILES",
-                   help="one file per subject (.npy/.npz/.csv/.tsv/.mat/.h5/.nii.gz)")
+    p.add_argument("timeseries", nargs="*", metavar="DATA",
+                   help="one file per subject (.npy/.npz/.csv/.tsv/.mat/.h5/.nii.gz), or one "
+                        "manifest CSV/TSV, folder or prepared store (its training split is used)")
     p.add_argument("--fc", metavar="FC_FILE",
                    help="use this R x R connectivity matrix (.npy or header-less CSV) instead")
     p.add_argument("--out", required=True, help="output CSV (the PNG gets the same stem)")
@@ -64,6 +65,20 @@ def run(args: argparse.Namespace) -> int:
     if args.fc:
         fc = load_connectivity(args.fc)
         source = f"FC {args.fc}"
+    elif len(args.timeseries) == 1 and _is_cohort(args.timeseries[0]):
+        from ..data import CohortSeries, open_cohort
+
+        cohort = open_cohort(args.timeseries[0], orientation=args.orientation, variable=args.variable,
+                             atlas=args.atlas)
+        index = cohort.split_indices("train")
+        if len(index) == 0:
+            raise DataError(f"{args.timeseries[0]}: no training scans (split 'train') to compute "
+                            "gradients from")
+        series = CohortSeries(cohort, index)
+        fc = connectivity(series, fisher_z=not args.no_fisher_z,
+                          names=[cohort.name(int(i)) for i in index])
+        labels = cohort.roi_labels
+        source = f"{len(index)} training scans of {args.timeseries[0]}"
     else:
         from ..io import read_timeseries
 
@@ -97,3 +112,15 @@ def run(args: argparse.Namespace) -> int:
         png = plot_gradients(gradients, Path(args.out).with_suffix(".png"), roi_labels=labels)
         print(f"wrote {png}")
     return 0
+
+
+def _is_cohort(path: str) -> bool:
+    """A folder, prepared store or manifest (a CSV/TSV whose header has a 'path' column)."""
+    p = Path(path)
+    if p.is_dir():
+        return True
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
+        from ..data import _looks_like_manifest
+
+        return _looks_like_manifest(p)
+    return False
