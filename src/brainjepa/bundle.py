@@ -126,7 +126,7 @@ class BrainJEPA(nn.Module):
         self.check_input(x, roi_labels, scale_checked=prepared)
         h = self.encoder(x)
         if not bool(torch.isfinite(h).all()):
-            bad = torch.flatnonzero(~torch.isfinite(h.reshape(len(h), -1)).all(1)).tolist()
+            bad = torch.nonzero(~torch.isfinite(h.reshape(len(h), -1)).all(1)).flatten().tolist()
             weights = "" if all(bool(torch.isfinite(t).all()) for t in self.encoder.parameters()) \
                 else " (the encoder's weights hold NaN/Inf: the model is damaged)"
             raise DataError(f"the encoder's output is NaN/Inf for sample(s) {bad[:10]} of this batch"
