@@ -498,7 +498,7 @@ def _looks_like_column_numbers(first: list[str]) -> bool:
 
 def _parse_matrix(rows: list[list[str]], path, header_offset: int) -> np.ndarray:
     try:
-        return np.array([[_to_float(s) for s in r] for r in rows], dtype=np.float32)
+        wide = np.array([[_to_float(s) for s in r] for r in rows], dtype=np.float64)
     except ValueError:
         for i, r in enumerate(rows):
             for j, s in enumerate(r):
@@ -508,6 +508,13 @@ def _parse_matrix(rows: list[list[str]], path, header_offset: int) -> np.ndarray
                     raise DataError(f"{path}: line {i + 1 + header_offset}, field {j + 1}: "
                                     f"{s!r} is not a number") from None
         raise
+    big = np.argwhere(np.isfinite(wide) & (np.abs(wide) > np.finfo(np.float32).max))
+    if len(big):
+        i, j = (int(v) for v in big[0])
+        raise DataError(f"{path}: line {i + 1 + header_offset}, field {j + 1}: {rows[i][j].strip()} "
+                        "overflows float32 (largest 3.4e38); such values are not a BOLD signal: check "
+                        "the units and the export of this file")
+    return wide.astype(np.float32)
 
 
 def _read_nifti(path: Path, atlas) -> TimeSeries:
