@@ -434,3 +434,12 @@ def test_hints_name_flags_of_the_command_that_printed_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--set model.n_gradients=" in err and "--n-components" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_text_series_cut_short_is_refused(tmp_path):
+    x = scan(0, t=20)
+    path = write_timeseries(tmp_path / "s_timeseries.tsv", x, tr=2.0)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-4])  # the last value loses its last digits: 0.3553727 -> 0.355
+    with pytest.raises(DataError, match=r"s_timeseries\.tsv: the last line has no line break"):
+        read_timeseries(path)

@@ -1057,6 +1057,9 @@ class WindowDataset(torch.utils.data.Dataset):
         self._max_start = np.empty(len(self.indices), dtype=np.int64)
         for k, i in enumerate(self.indices):
             self._max_start[k] = self._check_scan(int(i))
+        severity, message = scaling_report(self.cohort, normalization, self.indices, what="dataset")
+        if severity in ("error", "warning"):  # a dataset built by hand: say it, do not refuse
+            log.warning(message)
         self.scaler = None
         if normalization == "robust":
             self.scaler = scaler if scaler is not None else self._default_scaler()

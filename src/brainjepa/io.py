@@ -401,6 +401,13 @@ def _read_text(path: Path, orientation) -> TimeSeries:
     text = _read_text_bytes(path)
     if "\0" in text:
         raise DataError(f"{path}: NUL bytes in a text file; the file is binary or corrupted")
+    body = text.rstrip(" \t")
+    if body.strip() and "\n" in body.strip() and not body.endswith(("\n", "\r")):
+        # writers end every line, the last one too: a missing line break is how a file that was
+        # cut short looks, and its last number may be cut (0.3553727 -> 0.3) without any error
+        raise DataError(f"{path}: the last line has no line break, so the file may be truncated "
+                        f"(line {text.count(chr(10)) + 1} cut short); check the file, and if it is "
+                        "complete add a line break at its end")
     if delimiter == "," and "\t" in text.split("\n", 1)[0] and "," not in text.split("\n", 1)[0]:
         delimiter = "\t"  # a .txt/.csv that is really tab separated
     if ".txt" in name and delimiter == "," and "," not in text.split("\n", 1)[0]:
