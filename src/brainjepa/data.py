@@ -902,41 +902,38 @@ def pack_store(
         if not (final / "store.json").is_file() and not (final / "data.bin").is_file():
             raise DataError(f"{final}: refusing to overwrite a folder that is not a brainjepa store")
     out.mkdir(parents=True)
-    centered = dtype == "float16"
-    kept, trs, lengths, means = [], [], [], []
-    roi_labels = None
-    n_rois = 0
     try:
-        return _pack(scans, out, final, dtype, centered, label_names, train_fraction, seed, skipped,
-                     max_scaler_timepoints, source, kept, trs, lengths, means)
+        return _pack(scans, out, final, dtype, label_names, train_fraction, seed, skipped,
+                     max_scaler_timepoints, source)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _pack(scans, out, final, dtype, centered, label_names, train_fraction, seed, skipped,
-          max_scaler_timepoints, source, kept, trs, lengths, means) -> PrepareReport:
+def _pack(scans, out: Path, final: Path, dtype, label_names, train_fraction, seed, skipped,
+          max_scaler_timepoints, source) -> PrepareReport:
     """pack_store's work, in the temporary folder ``out``; renamed to ``final`` at the end."""
+    centered = dtype == "float16"
+    kept, trs, lengths, means = [], [], [], []
     roi_labels = None
     n_rois = 0
-    if True:
-        with open(out / "data.bin", "wb") as f:
-            for rec, ts in scans:
-                x = ts.data
-                if centered:
-                    mu = x.mean(axis=1, dtype=np.float64).astype(np.float32)
-                    x = x - mu[:, None]
-                    if np.abs(x).max() > 6e4:
-                        raise DataError(f"{rec.path}: fluctuations up to {np.abs(x).max():.3g} overflow "
-                                        "float16; use --dtype float32")
-                    means.append(mu)
-                f.write(np.ascontiguousarray(x.T, dtype=dtype).tobytes())
-                roi_labels, n_rois = roi_labels or ts.roi_labels, ts.n_rois
-                kept.append(rec)
-                trs.append(ts.tr)
-                lengths.append(ts.n_timepoints)
-                if rec.levels is None:
-                    rec.levels = scan_levels(ts.data)
+    with open(out / "data.bin", "wb") as f:
+        for rec, ts in scans:
+            x = ts.data
+            if centered:
+                mu = x.mean(axis=1, dtype=np.float64).astype(np.float32)
+                x = x - mu[:, None]
+                if np.abs(x).max() > 6e4:
+                    raise DataError(f"{rec.path}: fluctuations up to {np.abs(x).max():.3g} overflow "
+                                    "float16; use --dtype float32")
+                means.append(mu)
+            f.write(np.ascontiguousarray(x.T, dtype=dtype).tobytes())
+            roi_labels, n_rois = roi_labels or ts.roi_labels, ts.n_rois
+            kept.append(rec)
+            trs.append(ts.tr)
+            lengths.append(ts.n_timepoints)
+            if rec.levels is None:
+                rec.levels = scan_levels(ts.data)
     report_path = out / "skipped.tsv"
     with open(report_path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -1274,7 +1271,19 @@ def scaling_report(cohort, method: str, indices=None, *, what: str = "pretrain")
                            f"--set data.normalization={centring} (per-scan centring) so that each "
                            "scan's offset is removed")
     if method in PER_SCAN_METHODS:
-        return "info", f"{found}; data.normalization={method} removes each scan's offset"
+        return "info", f"{found}; the {method} normalisation removes each scan's offset"
+    if what == "model":  # embed, probe, ...: the model's normalisation is fixed
+        if method == "none":
+            return "warning", (f"{found}; the model was trained without normalisation, so these "
+                               "values go in as they are and its features follow the scanner's "
+                               "intensity")
+        if offsets:
+            return "warning", (f"{offsets}; the model's {method} statistics come from its training "
+                               "cohort and cannot remove offsets that differ between scans, so "
+                               "features may follow site rather than subject; a model pretrained with "
+                               f"per-scan centring (brainjepa pretrain --set data.normalization="
+                               f"{centring}) removes them")
+        return "info", f"{found}; the model's {method} statistics rescale them"
     if method == "none":
         return "error", (f"{found}, and data.normalization=none would feed them to the model as they "
                          f"are; use --set data.normalization={centring}")

@@ -15,6 +15,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="repetition time of files that do not carry one")
     p.add_argument("--orientation", choices=("roi-by-time", "time-by-roi"),
                    help="layout of files where it cannot be read from them")
+    p.add_argument("--tr-source", choices=("check", "manifest", "file"), default="check",
+                   help="when a manifest's tr column and a file disagree: 'check' refuses, "
+                        "'manifest' or 'file' uses that one")
     p.add_argument("--batch-size", type=int, default=16, help="subjects per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="auto (default: GPU when available), cpu, cuda, cuda:1, ...")
 
@@ -26,7 +29,13 @@ def load(args: argparse.Namespace):
     from ..evaluate import load_cohort
 
     model = load_model(args.model)
-    cohort = load_cohort(args.data, tr=args.tr, orientation=args.orientation)
+    if len(args.data) == 1 and getattr(args, "tr_source", "check") != "check":
+        from ..data import open_cohort
+
+        cohort = open_cohort(args.data[0], tr=args.tr, orientation=args.orientation,
+                             tr_source=args.tr_source)
+    else:
+        cohort = load_cohort(args.data, tr=args.tr, orientation=args.orientation)
     check_cohort_for_model(model, cohort)  # names the scan before any slow work
     return model, cohort
 
