@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import BrainJEPAError, ConfigError, DataError, require
 from .model import BrainEncoder, BrainPredictor, ModelConfig, infer_official_config, map_official_state_dict
+from .transforms import FITTED_NORMALIZATIONS, NORMALIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ PROVENANCE_FILE = "provenance.json"
 BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, GRADIENTS_FILE, NORMALIZATION_FILE, PROVENANCE_FILE)
 # "unknown": the weights came without statistics (the authors' checkpoint); prepare() then
 # refuses to guess until the user chooses
-NORMALIZATION_METHODS = ("robust", "zscore", "none", "unknown")
+NORMALIZATION_METHODS = (*NORMALIZATIONS, "unknown")
 ENCODERS = {"target": "target_encoder", "context": "encoder"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -659,8 +660,8 @@ def _normalization_dict(normalization) -> dict:
     if isinstance(normalization, RobustScaler):
         return normalization.to_dict()
     if isinstance(normalization, str):
-        if normalization == "robust":
-            raise ConfigError("normalization='robust' needs statistics: pass a fitted "
+        if normalization in FITTED_NORMALIZATIONS:
+            raise ConfigError(f"normalization={normalization!r} needs statistics: pass a fitted "
                               "brainjepa.transforms.RobustScaler or its to_dict()")
         return {"method": normalization}
     if isinstance(normalization, dict):
@@ -675,10 +676,10 @@ def _check_normalization(d: dict, n_rois: int) -> dict:
     method = d.get("method")
     if method not in NORMALIZATION_METHODS:
         raise ConfigError(f"normalization method must be one of {NORMALIZATION_METHODS}, got {method!r}")
-    if method == "robust":
+    if method in FITTED_NORMALIZATIONS:
         normalization_from_dict(d)  # validates median / iqr
         if len(d["median"]) != n_rois:
-            raise DataError(f"robust normalization has statistics for {len(d['median'])} ROIs but "
+            raise DataError(f"{method} normalization has statistics for {len(d['median'])} ROIs but "
                             f"the model has {n_rois}")
     return d
 
@@ -708,8 +709,8 @@ def _statistics_problem(x: torch.Tensor, normalization: dict) -> str | None:
         if mean > 1 or not 0.25 < std < 4:
             return (f"input does not look z-scored per ROI (typical |mean| {mean:.3g}, std "
                     f"{std:.3g}) but the model was trained on z-scored data: {fix}")
-    elif method == "robust" and (level > 5 or not 0.01 < iqr < 20):
-        return (f"input does not look robust-scaled (typical ROI |median| {level:.3g}, IQR "
-                f"{iqr:.3g}; expected near 0 and 1) but the model was trained on (x - median) / "
-                f"IQR scaled data: {fix}")
+    elif method in FITTED_NORMALIZATIONS and (level > 5 or not 0.01 < iqr < 20):
+        return (f"input does not look {method}-scaled (typical ROI |median| {level:.3g}, IQR "
+                f"{iqr:.3g}; expected near 0 and 1) but the model was trained on {method}-scaled "
+                f"data: {fix}")
     return None

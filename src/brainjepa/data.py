@@ -40,6 +40,7 @@ from . import __version__
 from .errors import ConfigError, DataError
 from .io import TimeSeries, bids_entities, file_suffix, is_timeseries_file, read_timeseries
 from .transforms import (
+    FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
     RobustScaler,
     WindowResampler,
@@ -49,6 +50,7 @@ from .transforms import (
     reflect_indices,
     resampled_length,
     same_tr,
+    scan_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -630,22 +632,33 @@ def open_store(path) -> Store:
     return Store(path)
 
 
-def fit_scaler(cohort: Cohort, indices=None, *, max_timepoints: int = 50_000, seed: int = 0) -> RobustScaler:
-    """Fit a :class:`RobustScaler` on scans ``indices`` (default: the training split).
+def fit_scaler(cohort: Cohort, indices=None, *, method: str = "robust",
+               max_timepoints: int = 50_000, seed: int = 0) -> RobustScaler:
+    """Fit a :class:`RobustScaler` for normalisation ``method`` on scans ``indices`` (default:
+    the training split), each scan first put through the method's per-scan part
+    (:func:`brainjepa.transforms.scan_transform`: percent signal change for 'psc', demeaning
+    for 'center').
 
-    Each scan contributes an equal share of a ~``max_timepoints`` sample of its frames (a store
-    reads only those frames), and the scaler's reservoir keeps the total bounded either way.
+    Each scan contributes an equal share of a ~``max_timepoints`` sample of its frames (for
+    'robust' a store reads only those frames; the per-scan methods read the whole scan), and the
+    scaler's reservoir keeps the total bounded either way.
     """
     idx = cohort.split_indices("train") if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
-        raise DataError("no training scans to fit the robust scaling statistics on")
+        raise DataError("no training scans to fit the scaling statistics on")
     per_scan = max(1, -(-max_timepoints // len(idx)))
     rng = np.random.default_rng(seed)
-    if isinstance(cohort, Store):
-        gen = (cohort.sample_frames(int(i), per_scan, rng) for i in idx)
-    else:
-        gen = (_subsample(cohort.series(int(i)), per_scan, rng) for i in idx)
-    return RobustScaler(max_timepoints=max_timepoints, seed=seed).fit(gen)
+
+    def frames(i: int) -> np.ndarray:
+        if method == "robust" and isinstance(cohort, Store):
+            return cohort.sample_frames(i, per_scan, rng)
+        try:
+            x = scan_transform(cohort.series(i), method)
+        except DataError as exc:
+            raise DataError(f"{cohort.name(i)}: {exc}") from None
+        return _subsample(x, per_scan, rng)
+
+    return RobustScaler(max_timepoints=max_timepoints, seed=seed).fit(frames(int(i)) for i in idx)
 
 
 def _subsample(x: np.ndarray, k: int, rng) -> np.ndarray:
@@ -834,8 +847,9 @@ class WindowDataset(torch.utils.data.Dataset):
 
     Item i is scan ``indices[i]``: its series is resampled to ``target_tr`` (when given; every
     scan then needs a TR), a window of ``n_timepoints`` is cut (random when ``train``, else
-    centred) and normalised ('robust' with ``scaler``, the store's stored statistics, or a scaler
-    fitted on the cohort's training split; 'zscore' per window; 'none'). The random window of
+    centred) and normalised (the fitted methods 'psc', 'center', 'robust' with ``scaler``, the
+    store's stored statistics, or a scaler fitted on the cohort's training split; 'zscore' per
+    window; 'none'). The random window of
     item i depends only on (seed, epoch, i), so a resumed run sees the same windows: call
     ``set_epoch(epoch)`` at the start of each epoch. Windows are read through
     :meth:`Cohort.read`, so a store streams from disk and only the window (plus the resampling
@@ -869,10 +883,10 @@ class WindowDataset(torch.utils.data.Dataset):
         for k, i in enumerate(self.indices):
             self._max_start[k] = self._check_scan(int(i))
         self.scaler = None
-        if normalization == "robust":
+        if normalization in FITTED_NORMALIZATIONS:
             self.scaler = scaler if scaler is not None else self._default_scaler()
             if len(self.scaler.median_) != self.cohort.n_rois:
-                raise DataError(f"the robust scaler has {len(self.scaler.median_)} ROIs, the cohort "
+                raise DataError(f"the {normalization} scaler has {len(self.scaler.median_)} ROIs, the cohort "
                                 f"{self.cohort.n_rois}")
 
     def _check_scan(self, i: int) -> int:
@@ -903,10 +917,10 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def _default_scaler(self) -> RobustScaler:
         stored = self.cohort.normalization
-        if stored and stored.get("method") == "robust":
+        if stored and stored.get("method") == self.normalization:
             return normalization_from_dict(stored)[1]
-        log.info("fitting robust scaling statistics on the cohort's training split")
-        return fit_scaler(self.cohort, seed=self.seed)
+        log.info("fitting %s scaling statistics on the cohort's training split", self.normalization)
+        return fit_scaler(self.cohort, method=self.normalization, seed=self.seed)
 
     def normalization_dict(self) -> dict:
         """The JSON description of this dataset's normalisation (for normalization.json)."""

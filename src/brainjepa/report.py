@@ -449,3 +449,49 @@ def _demo_sections(s: DemoSettings, sim, model, summary: dict, results, attentio
             f"--networks {out / 'data/eval/rois.tsv'} --out attention",
             "```"])),
     ]
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+_DIAG_LOSSES = (("loss_own", "own context", "#1f77b4"), ("loss_other", "another sample's context", "#d62728"),
+                ("loss_zero", "all-zero input", "#9e9e9e"), ("loss_position", "position-only floor", "#2ca02c"))
+
+
+def plot_diagnostics(result: dict, path: str | Path) -> Path:
+    """Bars of :func:`brainjepa.diagnostics.diagnose_model`'s predictor losses and the variance
+    shares of the target features."""
+    m = result["mean"]
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    ax.bar(range(4), [m[k] for k, _, _ in _DIAG_LOSSES], color=[c for _, _, c in _DIAG_LOSSES])
+    ax.set_xticks(range(4), [label for _, label, _ in _DIAG_LOSSES], rotation=15, fontsize=8)
+    ax.set_ylabel("predictor loss")
+    ax.set_title(f"context reliance (gain {100 * m['context_gain']:+.1f}%)")
+    ax2.bar([0, 1], [m["position_share"], m["subject_share"]], color=["#8c564b", "#1f77b4"])
+    ax2.set_xticks([0, 1], ["position", "subject"])
+    ax2.set_ylim(0, 1)
+    ax2.set_title("target variance share")
+    return _save(fig, path)
+
+
+def plot_diagnostics_history(metrics: str | Path | Sequence[dict], path: str | Path) -> Path:
+    """The training-time diagnostics (``diag_*`` in metrics.jsonl) against optimizer step."""
+    records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
+    records = [r for r in records if "diag_loss_own" in r]
+    if not records:
+        raise DataError("no diagnostics records (train.diagnose_every was 0)")
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in records]
+    for key, label, color in _DIAG_LOSSES:
+        ax.plot(steps, [r[f"diag_{key}"] for r in records], label=label, color=color, marker="o", ms=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("predictor loss")
+    ax.legend(fontsize=7)
+    for key, label in (("target_cos", "target token cosine"), ("context_cos", "context token cosine"),
+                       ("position_share", "position share"), ("subject_share", "subject share")):
+        ax2.plot(steps, [r[f"diag_{key}"] for r in records], label=label, marker="o", ms=3)
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("optimizer step")
+    ax2.legend(fontsize=7)
+    return _save(fig, path)
