@@ -22,6 +22,7 @@ from brainjepa.evaluate import (  # noqa: E402
     ClosedFormProbe,
     Results,
     amplitude_features,
+    binary_logistic,
     class_weights,
     classification_metrics,
     compare,
@@ -212,8 +213,16 @@ def test_closed_form_logistic_matches_sklearn_and_learns():
     tr, va, te = np.arange(70), np.arange(70, 95), np.arange(95, 120)
     probe = ClosedFormProbe("classification").fit(X[tr], y[tr], X[va], y[va])
     mean, std = X[tr].mean(0), X[tr].std(0)
-    ref = LogisticRegression(C=1 / probe.alpha_, max_iter=500).fit((X[tr] - mean) / std, y[tr])
+    # the reference solved to a tight tolerance: the probe is exact, not just as close as lbfgs
+    ref = LogisticRegression(C=1 / probe.alpha_, max_iter=10000, tol=1e-12).fit((X[tr] - mean) / std, y[tr])
     np.testing.assert_allclose(probe.predict_proba(X[te]), ref.predict_proba((X[te] - mean) / std), atol=1e-6)
+    # balanced class weights, and a weakly regularised fit (where lbfgs stops early)
+    yb = (X[:, 0] > 0.7).astype(int)
+    for C in (1e3, 0.05):
+        w, b = binary_logistic(X[tr], yb[tr].astype(float), C, class_weights(yb[tr], 2)[yb[tr]])
+        ref = LogisticRegression(C=C, class_weight="balanced", max_iter=100000, tol=1e-12).fit(X[tr], yb[tr])
+        np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4 * max(1, np.abs(ref.coef_).max()))
+        np.testing.assert_allclose(b, ref.intercept_[0], atol=1e-4 * max(1, abs(ref.intercept_[0])))
     proba = probe.predict_proba(X[te])
     assert classification_metrics(y[te], proba.argmax(1), proba)["auroc"] > 0.9
     with pytest.raises(ConfigError):
@@ -229,9 +238,8 @@ def test_closed_form_logistic_with_more_features_than_subjects_matches_sklearn()
     probe = ClosedFormProbe("classification", grid=[0.1]).fit(X[tr], y[tr], X[va], y[va])
     mean, std = X[tr].mean(0), X[tr].std(0)
     ref = LogisticRegression(C=1 / probe.alpha_, max_iter=5000, tol=1e-10).fit((X[tr] - mean) / std, y[tr])
-    # up to the probe's solver tolerance (sklearn's default 1e-4)
-    np.testing.assert_allclose(probe.predict_proba(X[va]), ref.predict_proba((X[va] - mean) / std), atol=2e-4)
-    np.testing.assert_allclose(probe.coef_[:, 1], ref.coef_[0], atol=2e-4)
+    np.testing.assert_allclose(probe.predict_proba(X[va]), ref.predict_proba((X[va] - mean) / std), atol=1e-6)
+    np.testing.assert_allclose(probe.coef_[:, 1], ref.coef_[0], atol=1e-5)
     assert np.abs(ref.coef_).max() > 0.01  # a real model, not all zeros
 
 
