@@ -529,8 +529,9 @@ def test_random_init_summaries_and_comparisons_from_records():
         ("brainjepa:fc", "fc_window")]
     assert all(c["metric"] == "auroc" for c in rows)
     assert rows[0]["mean_diff"] == pytest.approx(np.mean([0.8 - 0.9, 0.8 - 0.5]))
+    assert rows[0]["baseline_source"] == "random_init#1:fc" and "baseline_source" not in rows[1]
     text = format_comparisons(rows)
-    assert "random_init(best):fc" in text and "p (paired t)" in text and "1/2" in text
+    assert "random_init(best):fc (#1)" in text and "p (paired t)" in text and "1/2" in text
 
 
 def test_probe_cohort_end_to_end(sim):

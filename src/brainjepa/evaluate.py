@@ -1034,7 +1034,8 @@ def comparison_rows(records: list[dict], metric: str | None = None) -> list[dict
     """For each target and each readout r of the pretrained model: brainjepa:r against
     random_init(best):r, random_init(mean):r, fc_window, fc_full and amplitude (those present),
     on the target's headline metric (or ``metric``). Each: {"target", "metric", "method",
-    "baseline"} + :func:`compare`."""
+    "baseline"} + :func:`compare`, and for random_init(best) "baseline_source", the init seed's
+    method name."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     rows = []
     for target in dict.fromkeys(r["target"] for r in records):
@@ -1045,8 +1046,13 @@ def comparison_rows(records: list[dict], metric: str | None = None) -> list[dict
                     method_name(f"{RANDOM_INIT}(mean)", readout), "fc_window", "fc_full", "amplitude"]
             for ref in refs:
                 if ref in methods:
-                    rows.append({"target": target, "metric": m, "method": method, "baseline": ref,
-                                 **compare(records, target, m, method, ref)})
+                    row = {"target": target, "metric": m, "method": method, "baseline": ref,
+                           **compare(records, target, m, method, ref)}
+                    source = next((r["source"] for r in records if r["method"] == ref
+                                   and r["target"] == target and "source" in r), None)
+                    if source:  # which init seed random_init(best) is
+                        row["baseline_source"] = source
+                    rows.append(row)
     return rows
 
 
@@ -1063,7 +1069,10 @@ def format_p(p) -> str:
 
 def comparison_cells(c: dict) -> list[str]:
     """The cells of one comparison in table order (see :data:`COMPARISON_COLUMNS`)."""
-    return [c["target"], METRIC_NAMES.get(c["metric"], c["metric"]), c["method"], c["baseline"],
+    baseline = c["baseline"]
+    if c.get("baseline_source"):  # random_init(best):fc (#1)
+        baseline += f" (#{c['baseline_source'].split('#', 1)[1].split(':', 1)[0]})"
+    return [c["target"], METRIC_NAMES.get(c["metric"], c["metric"]), c["method"], baseline,
             str(c["n"]), _fmt(c["mean_diff"]),
             f"[{_fmt(c['ci95_low'])}, {_fmt(c['ci95_high'])}]", format_p(c["p_value"]),
             f"{c['wins']}/{c['n']}"]

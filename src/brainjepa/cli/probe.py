@@ -46,12 +46,12 @@ def register(subparsers) -> None:
             "'random_init(mean)' and the seed with the best mean test score 'random_init(best)'); "
             "FC of the full scan ('fc_full') and of the model's windows ('fc_window'); per-ROI "
             "log amplitude ('amplitude'). Prints mean +- std over seeds and paired comparisons "
-            "of brainjepa against each reference (mean difference, 95%% CI, paired t-test p)."
+            "of brainjepa against each reference (mean difference, 95% CI, paired t-test p)."
         ),
     )
     add_model_data_arguments(p)
     add_protocol_arguments(p, fc_input=False)
-    p.add_argument("--readout", action="append", choices=READOUTS, metavar="READOUT",
+    p.add_argument("--readout", action="append", choices=READOUTS,
                    help=f"readout of the token features, one of {', '.join(READOUTS)}; repeat "
                         f"for several (default: all of {', '.join(READOUTS)})")
     p.add_argument("--random-init-seeds", type=int, default=3, metavar="N",
