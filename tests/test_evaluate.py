@@ -395,9 +395,13 @@ def test_short_scan_is_encoded_on_its_valid_patches_only():
         torch.testing.assert_close(encode_windows(model, w_noisy, p), h)
         emb = BrainJEPAEmbedder(model, readout="roi").transform([x], tr=1.44)
         np.testing.assert_allclose(emb[0], readout_features(h[0], "roi").numpy(), atol=1e-6)
-        tok = BrainJEPAEmbedder(model, tokens=True).transform([x], tr=1.44)
-        assert np.isnan(tok[0, :, 1]).all()
+        # a short and a full scan in one batch: each gets its own valid patches
+        full = np.random.default_rng(2).normal(size=(R, 40)).astype(np.float32)
+        tok = BrainJEPAEmbedder(model, tokens=True).transform([x, full], tr=1.44)
+        assert np.isnan(tok[0, :, 1]).all() and not np.isnan(tok[1]).any()
         np.testing.assert_allclose(tok[0, :, 0], h[0, :, 0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(tok[1], encode_windows(model, model.prepare(full, tr=1.44)[None])[0].numpy(),
+                                   atol=1e-5)
 
 
 def test_readouts_on_known_token_features():

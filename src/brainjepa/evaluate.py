@@ -522,9 +522,14 @@ class BrainJEPAEmbedder:
         cfg = model.config
         trs = _trs(tr, len(X))
         out = np.full((len(X), cfg.n_rois, cfg.n_patches, cfg.embed_dim), np.nan, dtype=np.float32)
-        for i in _progress(range(len(X)), len(X), "embedding", self.progress):
-            w, p = subject_windows(model, X[i], tr=trs[i], windows="center")
-            out[i, :, :p] = encode_windows(model, w, p)[0].float().cpu().numpy()
+        steps = range(0, len(X), self.batch_size)
+        for start in _progress(steps, len(steps), "embedding", self.progress):
+            chunk = list(range(start, min(start + self.batch_size, len(X))))
+            items = [subject_windows(model, X[i], tr=trs[i], windows="center") for i in chunk]
+            for p in {p for _, p in items}:  # scans of equal valid length share a pass
+                idx = [j for j, (_, q) in enumerate(items) if q == p]
+                h = encode_windows(model, torch.cat([items[j][0] for j in idx]), p)
+                out[[chunk[j] for j in idx], :, :p] = h.float().cpu().numpy()
         return out
 
     def fit_transform(self, X, y=None, tr=None) -> np.ndarray:
