@@ -551,6 +551,9 @@ def test_probe_cohort_end_to_end(sim):
                                embed_cohort(random_init_like(model, 1), cohort, progress=False), atol=1e-5)
     assert not np.allclose(feats["random_init#0:mean"], feats["random_init#1:mean"], atol=1e-3)
     assert not np.allclose(feats["random_init#0:fc"], feats["brainjepa:fc"], atol=1e-3)
+    own = embed_cohort_readouts(model, cohort, readouts=("fc", "roi"), progress=False)
+    np.testing.assert_allclose(own["fc"], feats["brainjepa:fc"], atol=1e-5)
+    assert own["roi"].shape == (30, R * 2 * 24)
     w, p = model.prepare_windows(sim.timeseries[3], tr=0.72)
     np.testing.assert_allclose(feats["fc_window"][3], window_fc(w.numpy(), p, 16), atol=1e-5)
 
