@@ -128,22 +128,10 @@ class BrainJEPA(nn.Module):
         normalisation, or ``normalization`` ("robust" dict / RobustScaler, "zscore", "none")
         when given. A bundle without statistics (method "unknown") needs that choice.
         """
-        from .transforms import center_window, normalization_from_dict, normalize, resample_tr, same_tr
+        from .transforms import center_window
 
         cfg = self.config
-        x = np.asarray(series, dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] != cfg.n_rois:
-            raise DataError(f"prepare: expected one subject's (R={cfg.n_rois}, T) series, got "
-                            f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs")
-        if not np.isfinite(x).all():
-            raise DataError("prepare: the series contains NaN or Inf values")
-        if self.target_tr is not None:
-            if tr is None:
-                warnings.warn(f"prepare: the model was trained at TR {self.target_tr} s; pass "
-                              "tr=<seconds> so the series is resampled to it", InputWarning,
-                              stacklevel=2)
-            elif not same_tr(tr, self.target_tr):
-                x = resample_tr(x, tr, self.target_tr)
+        x = _resampled_input(self, series, tr, "prepare")
         if window == "center":
             x = center_window(x, cfg.n_timepoints)
         elif window == "start":
@@ -153,13 +141,40 @@ class BrainJEPA(nn.Module):
             x = x[:, : cfg.n_timepoints]
         else:
             raise ConfigError(f"prepare: window must be 'center' or 'start', not {window!r}")
-        norm = self.normalization if normalization is None else _check_normalization(
-            _normalization_dict(normalization), cfg.n_rois)
-        if norm["method"] == "unknown":
-            raise ConfigError("prepare: this model does not know how its training data was "
-                              "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE))
-        method, scaler = normalization_from_dict(norm)
-        return torch.from_numpy(np.ascontiguousarray(normalize(x, method, scaler)))
+        return torch.from_numpy(_normalized_window(self, x, normalization, "prepare"))
+
+    def prepare_windows(self, series, tr: float | None = None,
+                        normalization: str | dict | None = None) -> tuple[torch.Tensor, int]:
+        """One subject's raw (R, T) series -> every window of it: ((W, R, n_timepoints) float32,
+        n_patches_valid).
+
+        Resampled to ``target_tr`` as in :meth:`prepare`; then W = ceil(T / n_timepoints)
+        windows (T counted after resampling) start at evenly spaced frames from 0 to
+        T - n_timepoints (rounded), so together they cover the whole scan and the last one ends
+        at its final frame. Each window is normalised on its own, exactly as :meth:`prepare`
+        normalises its one window. A scan shorter than one window gives one window: its real
+        frames normalised (using only them), then zeros; ``n_patches_valid`` = T // patch_size
+        says how many time patches hold data (all ``n_patches`` otherwise), and only the tokens
+        of those patches should be encoded (``token_idx``).
+        """
+        cfg = self.config
+        x = _resampled_input(self, series, tr, "prepare_windows")
+        n_frames, length = x.shape[1], cfg.n_timepoints
+        if n_frames < length:
+            n_valid = n_frames // cfg.patch_size
+            if n_valid == 0:
+                raise DataError(f"prepare_windows: the series has {n_frames} time points at the "
+                                f"model's TR, fewer than one time patch ({cfg.patch_size}); use "
+                                "a longer scan")
+            window = np.zeros((cfg.n_rois, length), dtype=np.float32)
+            # statistics of the real frames only: the padding must not shift the scaling
+            window[:, :n_frames] = _normalized_window(self, x, normalization, "prepare_windows")
+            return torch.from_numpy(window[None]), n_valid
+        n_windows = -(-n_frames // length)
+        starts = np.rint(np.linspace(0, n_frames - length, n_windows)).astype(int)
+        windows = np.stack([_normalized_window(self, x[:, s: s + length], normalization,
+                                               "prepare_windows") for s in starts])
+        return torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)), cfg.n_patches
 
     def set_normalization(self, normalization: str | dict) -> None:
         """Record how inputs are scaled: "zscore", "none", a robust dict or a fitted RobustScaler
@@ -714,3 +729,37 @@ def _statistics_problem(x: torch.Tensor, normalization: dict) -> str | None:
                 f"{iqr:.3g}; expected near 0 and 1) but the model was trained on {method}-scaled "
                 f"data: {fix}")
     return None
+
+
+def _resampled_input(model: BrainJEPA, series, tr: float | None, caller: str) -> np.ndarray:
+    """A checked (R, T) float32 series at the model's TR (shared by prepare and prepare_windows)."""
+    from .transforms import resample_tr, same_tr
+
+    cfg = model.config
+    x = np.asarray(series, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != cfg.n_rois:
+        raise DataError(f"{caller}: expected one subject's (R={cfg.n_rois}, T) series, got "
+                        f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs")
+    if not np.isfinite(x).all():
+        raise DataError(f"{caller}: the series contains NaN or Inf values")
+    if model.target_tr is not None:
+        if tr is None:
+            warnings.warn(f"{caller}: the model was trained at TR {model.target_tr} s; pass "
+                          "tr=<seconds> so the series is resampled to it", InputWarning,
+                          stacklevel=3)
+        elif not same_tr(tr, model.target_tr):
+            x = resample_tr(x, tr, model.target_tr)
+    return x
+
+
+def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, caller: str) -> np.ndarray:
+    """One (R, t) window scaled by the model's normalisation, or by ``normalization`` when given."""
+    from .transforms import normalization_from_dict, normalize
+
+    norm = model.normalization if normalization is None else _check_normalization(
+        _normalization_dict(normalization), model.config.n_rois)
+    if norm["method"] == "unknown":
+        raise ConfigError(f"{caller}: this model does not know how its training data was "
+                          "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE))
+    method, scaler = normalization_from_dict(norm)
+    return np.ascontiguousarray(normalize(x, method, scaler), dtype=np.float32)
