@@ -12,7 +12,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from brainjepa.cli import main  # noqa: E402
+from brainjepa.evaluate import comparison_rows  # noqa: E402
 from brainjepa.report import (  # noqa: E402
+    comparisons_markdown,
     paired_differences,
     pca,
     plot_embedding_pca,
@@ -30,7 +32,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _rows():
     rows = []
     for target, metrics in (("age", ("mse", "pearson_r", "r2")), ("patient", ("balanced_acc", "auroc"))):
-        for i, method in enumerate(("brainjepa", "random_init", "fc_baseline")):
+        for i, method in enumerate(("brainjepa:fc", "random_init(best):fc", "random_init#0:fc",
+                                    "fc_window")):
             rows += [{"method": method, "target": target, "metric": m, "mean": 0.5 + 0.1 * i,
                       "std": 0.05, "n_seeds": 3} for m in metrics]
     return rows
@@ -69,40 +72,67 @@ def test_figures_and_markdown(tmp_path):
     assert save_attention(tmp_path / "att2", values, None, None)["png"].name == "roi_attention.png"
 
     md = results_markdown(_rows())
-    assert "| method | MSE | r | R2 |" in md and "| fc_baseline | 0.700 ± 0.050 |" in md
+    assert "| method | MSE | r | R2 |" in md and "| random_init#0:fc | 0.700 ± 0.050 |" in md
     assert "**patient** (test split, mean ± std over 3 seeds)" in md
     report = write_report(tmp_path / "report.md", "T", [("Results", md)])
     assert report.read_text().startswith("# T\n\n## Results\n")
 
 
-def test_paired_reading():
-    records = [{"method": m, "target": "dx", "seed": seed, "metric": "auroc", "value": v}
-               for m, vals in (("brainjepa", [0.7, 0.8, 0.9]), ("random_init", [0.5, 0.6, 0.6]),
-                               ("fc_baseline", [0.9, 0.9, 0.9]))
-               for seed, v in enumerate(vals)]
-    d = paired_differences(records, "dx", "auroc", "brainjepa", "random_init")
-    np.testing.assert_allclose(d, [0.2, 0.2, 0.3])
+def _auroc_records(values: dict) -> list[dict]:
+    return [{"method": m, "target": "dx", "seed": seed, "metric": "auroc", "value": v}
+            for m, vals in values.items() for seed, v in enumerate(vals)]
+
+
+def test_paired_reading_tells_the_truth_either_way():
+    records = _auroc_records({
+        "brainjepa:mean": [0.5, 0.5, 0.5, 0.5], "brainjepa:fc": [0.7, 0.8, 0.9, 0.8],
+        "random_init#0:fc": [0.5, 0.6, 0.6, 0.6], "random_init#1:fc": [0.6, 0.6, 0.7, 0.5],
+        "random_init#1:mean": [0.4, 0.4, 0.4, 0.4], "fc_full": [0.9, 0.9, 0.9, 0.9]})
+    d = paired_differences(records, "dx", "auroc", "brainjepa:fc", "random_init#1:fc")
+    np.testing.assert_allclose(d, [0.1, 0.2, 0.2, 0.3])
     text = reading(records)
-    assert "**dx**, AUROC" in text and "+0.233 ± 0.058 vs random_init" in text
-    assert "-0.100 ± 0.100 vs fc_baseline" in text
+    # best readout vs best init seed (over seeds and readouts), with the paired test
+    assert "**dx** (AUROC)" in text and "`brainjepa:fc` (0.800) beats" in text
+    assert "`random_init#1:fc` (0.600)" in text and "+0.200" in text and "p 0.0" in text
+    assert "better on 4 of 4 splits" in text
+    # the other way round: worse, and no difference
+    worse = _auroc_records({"brainjepa:fc": [0.5, 0.55, 0.6, 0.5],
+                            "random_init#2:roi": [0.7, 0.8, 0.9, 0.8]})
+    assert "`brainjepa:fc` (0.537) is worse than the best random-init seed" in reading(worse)
+    tie = _auroc_records({"brainjepa:fc": [0.7, 0.6, 0.8, 0.6], "random_init#0:fc": [0.6, 0.7, 0.7, 0.7]})
+    assert "does not significantly differ from" in reading(tie)
+    md = comparisons_markdown(comparison_rows(records))
+    assert md.startswith("| target | metric | method | baseline |")
+    assert "| dx | AUROC | brainjepa:fc | fc_full | 4 | -0.100 |" in md
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"report: {out / 'report.md'}" in printed and "fc_baseline" in printed
+    assert f"report: {out / 'report.md'}" in printed and "fc_window" in printed
     for name in ("report.md", "results.json", "gradients.csv", "figures/loss.png", "figures/gradients.png",
                  "figures/embedding_pca.png", "figures/results.png", "attention/network_attention.png",
                  "attention/network_attention.csv", "run/bundle/model.safetensors",
                  "data/eval/manifest.csv", "data/pretrain/manifest.csv"):
         assert (out / name).is_file(), name
-    rows = json.loads((out / "results.json").read_text())
-    assert {(r["method"], r["target"]) for r in rows} == {
-        (m, t) for m in ("brainjepa", "random_init", "fc_baseline") for t in ("age", "patient")}
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["rows"]
+    readouts = ("mean", "roi", "fc")
+    bases = ("brainjepa", "random_init#0", "random_init#1", "random_init#2", "random_init(best)",
+             "random_init(mean)")
+    methods = {f"{b}:{r}" for b in bases for r in readouts} | {"fc_full", "fc_window", "amplitude"}
+    assert {(r["method"], r["target"]) for r in rows} == {(m, t) for m in methods for t in ("age", "patient")}
     assert set(rows[0]) == {"method", "target", "metric", "mean", "std", "n_seeds"}
     assert all(r["n_seeds"] == 3 for r in rows if r["metric"] != "auroc")
+    assert len(saved["comparisons"]) == 2 * len(readouts) * 5
     report = (out / "report.md").read_text()
+    results = report.split("## Results")[1].split("## ")[0]
+    for target in ("age", "patient"):  # one verdict per target, with its p value
+        line = next(ln for ln in results.splitlines() if ln.startswith(f"- **{target}**"))
+        assert "the best random-init seed" in line and "paired t-test p" in line
+        assert any(v in line for v in ("beats", "is worse than", "does not significantly differ"))
+    assert "| target | metric | method | baseline | n | mean diff | 95% CI | p (paired t) | wins |" in results
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file(), image
     networks = (out / "attention/network_attention.csv").read_text().splitlines()[1:]

@@ -15,16 +15,31 @@ from sklearn.linear_model import LogisticRegression, Ridge  # noqa: E402
 from brainjepa.bundle import BrainJEPA  # noqa: E402
 from brainjepa.errors import ConfigError, DataError  # noqa: E402
 from brainjepa.evaluate import (  # noqa: E402
+    BASELINES,
+    READOUTS,
     BNLinearProbe,
     BrainJEPAEmbedder,
     ClosedFormProbe,
     Results,
+    amplitude_features,
+    binary_logistic,
     class_weights,
     classification_metrics,
+    compare,
+    comparison_rows,
     embed_cohort,
+    embed_cohort_readouts,
     encode_labels,
+    encode_windows,
     fc_features,
+    format_comparisons,
     format_table,
+    probe_features,
+    probe_method_names,
+    random_init_summaries,
+    readout_features,
+    token_index,
+    window_fc,
     infer_task,
     network_attention,
     network_labels_from_roi_names,
@@ -50,6 +65,7 @@ from brainjepa.finetune import (  # noqa: E402
 )
 from brainjepa.model import ModelConfig  # noqa: E402
 from brainjepa.synthetic import simulate_cohort  # noqa: E402
+from brainjepa.transforms import zscore  # noqa: E402
 
 R, T_MODEL = 16, 32
 
@@ -197,12 +213,34 @@ def test_closed_form_logistic_matches_sklearn_and_learns():
     tr, va, te = np.arange(70), np.arange(70, 95), np.arange(95, 120)
     probe = ClosedFormProbe("classification").fit(X[tr], y[tr], X[va], y[va])
     mean, std = X[tr].mean(0), X[tr].std(0)
-    ref = LogisticRegression(C=1 / probe.alpha_, max_iter=500).fit((X[tr] - mean) / std, y[tr])
+    # the reference solved to a tight tolerance: the probe is exact, not just as close as lbfgs
+    ref = LogisticRegression(C=1 / probe.alpha_, max_iter=10000, tol=1e-12).fit((X[tr] - mean) / std, y[tr])
     np.testing.assert_allclose(probe.predict_proba(X[te]), ref.predict_proba((X[te] - mean) / std), atol=1e-6)
+    # balanced class weights, and a weakly regularised fit (where lbfgs stops early)
+    yb = (X[:, 0] > 0.7).astype(int)
+    for C in (1e3, 0.05):
+        w, b = binary_logistic(X[tr], yb[tr].astype(float), C, class_weights(yb[tr], 2)[yb[tr]])
+        ref = LogisticRegression(C=C, class_weight="balanced", max_iter=100000, tol=1e-12).fit(X[tr], yb[tr])
+        np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4 * max(1, np.abs(ref.coef_).max()))
+        np.testing.assert_allclose(b, ref.intercept_[0], atol=1e-4 * max(1, abs(ref.intercept_[0])))
     proba = probe.predict_proba(X[te])
     assert classification_metrics(y[te], proba.argmax(1), proba)["auroc"] > 0.9
     with pytest.raises(ConfigError):
         ClosedFormProbe("regression").fit(X[tr], y[tr] * 1.0, X[va], y[va] * 1.0).predict_proba(X[te])
+
+
+def test_closed_form_logistic_with_more_features_than_subjects_matches_sklearn():
+    # fitted on the n x n row-space coordinates: must be the full-feature solution
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(50, 400))
+    y = (X[:, :4].sum(1) + rng.normal(size=50) > 0).astype(int)
+    tr, va = np.arange(30), np.arange(30, 50)
+    probe = ClosedFormProbe("classification", grid=[0.1]).fit(X[tr], y[tr], X[va], y[va])
+    mean, std = X[tr].mean(0), X[tr].std(0)
+    ref = LogisticRegression(C=1 / probe.alpha_, max_iter=5000, tol=1e-10).fit((X[tr] - mean) / std, y[tr])
+    np.testing.assert_allclose(probe.predict_proba(X[va]), ref.predict_proba((X[va] - mean) / std), atol=1e-6)
+    np.testing.assert_allclose(probe.coef_[:, 1], ref.coef_[0], atol=1e-5)
+    assert np.abs(ref.coef_).max() > 0.01  # a real model, not all zeros
 
 
 def test_bn_linear_probe_learns_and_selects_on_validation():
@@ -274,7 +312,9 @@ def test_results_json_and_table(tmp_path):
     res = Results([{"method": "brainjepa", "target": "age", "seed": s, "metric": "pearson_r", "value": v}
                    for s, v in enumerate([0.5, 0.7, float("nan")])])
     path = res.save(tmp_path / "r.json")
-    rows = json.loads(path.read_text())
+    saved = json.loads(path.read_text())
+    assert saved["comparisons"] == []
+    rows = saved["rows"]
     assert rows == [{"method": "brainjepa", "target": "age", "metric": "pearson_r", "mean": 0.6,
                      "std": pytest.approx(np.std([0.5, 0.7], ddof=1)), "n_seeds": 2}]
     table = format_table(res.rows)
@@ -287,17 +327,141 @@ def test_results_json_and_table(tmp_path):
 def test_embedder_shapes_determinism_and_tokens(sim):
     model = small_model()
     X = sim.timeseries[:5]
-    emb = BrainJEPAEmbedder(model, batch_size=2).fit().transform(X, tr=0.72)
+    emb = BrainJEPAEmbedder(model, windows="center", batch_size=2).fit().transform(X, tr=0.72)
     assert emb.shape == (5, 24) and emb.dtype == np.float32
-    np.testing.assert_allclose(emb, BrainJEPAEmbedder(model, batch_size=5).transform(X, tr=[0.72] * 5), atol=1e-5)
+    np.testing.assert_allclose(emb, BrainJEPAEmbedder(model, windows="center", batch_size=5)
+                               .transform(X, tr=[0.72] * 5), atol=1e-5)
     with torch.no_grad():
         windows = torch.stack([model.prepare(x, tr=0.72) for x in X])
         np.testing.assert_allclose(emb, model.embed(windows).numpy(), atol=1e-5)
+        # every window (the default): the mean readout averaged over the subject's windows
+        every = BrainJEPAEmbedder(model, batch_size=3).transform(X, tr=0.72)
+        for i in (0, 4):
+            w, p = model.prepare_windows(X[i], tr=0.72)
+            assert len(w) == 2 and p == T_MODEL // 16
+            np.testing.assert_allclose(every[i], model.embed(w).mean(0).numpy(), atol=1e-5)
+        assert not np.allclose(every, emb, atol=1e-3)
         tok = BrainJEPAEmbedder(model, tokens=True).transform(X, tr=0.72)
         assert tok.shape == (5, R, T_MODEL // 16, 24)
         np.testing.assert_allclose(tok[:, 3, 1], model.encode(windows)[:, 3 * 2 + 1].numpy(), atol=1e-5)
     with pytest.raises(DataError, match="repetition times"):
         BrainJEPAEmbedder(model).transform(X, tr=[0.72, 0.72])
+    with pytest.raises(ConfigError, match="windows='center'"):
+        BrainJEPAEmbedder(model, tokens=True, windows="all")
+    with pytest.raises(ConfigError, match="readouts must be among"):
+        BrainJEPAEmbedder(model, readout="max")
+
+
+def test_prepare_windows_tiles_the_scan():
+    model = small_model()  # TR 1.44, zscore, windows of 32 frames
+    x = np.random.default_rng(0).normal(size=(R, 75)).astype(np.float32) * 3 + 1
+    w, p = model.prepare_windows(x, tr=1.44)
+    # ceil(75 / 32) = 3 windows starting at 0, round(21.5) = 22 and 75 - 32 = 43
+    assert w.shape == (3, R, T_MODEL) and w.dtype == torch.float32 and p == 2
+    for k, start in enumerate((0, 22, 43)):
+        np.testing.assert_allclose(w[k].numpy(), zscore(x[:, start:start + T_MODEL]), atol=1e-5)
+    assert model.prepare_windows(x[:, :64], tr=1.44)[0].shape[0] == 2  # exact multiple: no overlap
+    np.testing.assert_allclose(model.prepare_windows(x[:, :32], tr=1.44)[0][0].numpy(),
+                               model.prepare(x[:, :32], tr=1.44).numpy())
+    # resampled first (0.72 s -> 1.44 s), exactly as prepare does
+    w2, _ = model.prepare_windows(x, tr=0.72)
+    assert len(w2) == 2  # 75 frames at 0.72 s span 38 frames at 1.44 s
+    np.testing.assert_allclose(w2[0].numpy(), model.prepare(x, tr=0.72, window="start").numpy(), atol=1e-6)
+    # a scan shorter than a window: one window, the real frames normalised alone, then zeros
+    short, p = model.prepare_windows(x[:, :20], tr=1.44)
+    assert short.shape == (1, R, T_MODEL) and p == 1
+    np.testing.assert_allclose(short[0, :, :20].numpy(), zscore(x[:, :20]), atol=1e-5)
+    assert not short[0, :, 20:].any()
+    with pytest.raises(DataError, match="fewer than one time patch"):
+        model.prepare_windows(x[:, :10], tr=1.44)
+    with pytest.raises(DataError, match="R=16"):
+        model.prepare_windows(x[:5], tr=1.44)
+
+
+def test_short_scan_is_encoded_on_its_valid_patches_only():
+    model = small_model()
+    x = np.random.default_rng(1).normal(size=(R, 20)).astype(np.float32)
+    w, p = model.prepare_windows(x, tr=1.44)
+    idx = token_index(R, T_MODEL // 16, p)
+    assert idx.tolist() == [r * 2 for r in range(R)]  # patch 0 of every ROI, ROI-major
+    with torch.no_grad():
+        direct = model.encoder(w, token_idx=idx[None])  # (1, R * p, D)
+        h = encode_windows(model, w, p)
+        assert h.shape == (1, R, 1, 24)
+        torch.testing.assert_close(h.reshape(1, R, -1), direct)
+        # the padding takes no part: other values there change nothing
+        w_noisy = w.clone()
+        w_noisy[:, :, 16:] = torch.randn(R, T_MODEL - 16)
+        torch.testing.assert_close(encode_windows(model, w_noisy, p), h)
+        emb = BrainJEPAEmbedder(model, readout="roi").transform([x], tr=1.44)
+        np.testing.assert_allclose(emb[0], readout_features(h[0], "roi").numpy(), atol=1e-6)
+        # a short and a full scan in one batch: each gets its own valid patches
+        full = np.random.default_rng(2).normal(size=(R, 40)).astype(np.float32)
+        tok = BrainJEPAEmbedder(model, tokens=True).transform([x, full], tr=1.44)
+        assert np.isnan(tok[0, :, 1]).all() and not np.isnan(tok[1]).any()
+        np.testing.assert_allclose(tok[0, :, 0], h[0, :, 0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(tok[1], encode_windows(model, model.prepare(full, tr=1.44)[None])[0].numpy(),
+                                   atol=1e-5)
+
+
+def test_readouts_on_known_token_features():
+    rng = np.random.default_rng(2)
+    a = torch.as_tensor(rng.normal(size=(4, 3)))  # p = 4 time patches, D = 3
+    h = torch.stack([a, a, -a + 5.0, torch.as_tensor(rng.normal(size=(4, 3)))]).float()  # R = 4
+    fc = readout_features(h, "fc").numpy()
+    assert fc.shape == (6,)  # edges (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    assert fc[0] > 7  # identical features: r = 1, z capped near 8.4
+    assert fc[1] < -7 and fc[3] < -7  # negated (the offset is removed by centring over time)
+    c = (h - h.mean(1, keepdim=True)).reshape(4, -1).double().numpy()
+    norms = np.linalg.norm(c, axis=1)
+    r = (c @ c.T) / np.outer(norms, norms)  # cosine of the centred, flattened features
+    np.testing.assert_allclose(fc[2], np.arctanh(r[0, 3]), rtol=1e-5)
+    np.testing.assert_allclose(fc[5], np.arctanh(r[2, 3]), rtol=1e-5)
+    assert not readout_features(h[:, :1], "fc").any()  # one patch: nothing varies over time
+
+    roi = readout_features(h, "roi").numpy()
+    hn = h.numpy()
+    manual = np.concatenate([hn.mean(1), hn.std(1)], axis=1).reshape(-1)  # per ROI [mean, std]
+    np.testing.assert_allclose(roi, manual, atol=1e-6)
+    assert roi.shape == (4 * 2 * 3,) and np.allclose(roi[6:9], roi[:3])
+
+    mean = readout_features(h, "mean").numpy()
+    m = hn.reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(mean, (m - m.mean()) / np.sqrt(m.var() + 1e-6), atol=1e-5)
+    # batched: the same per window; and the mean readout is BrainJEPA.embed
+    model = small_model()
+    xb = torch.randn(2, R, T_MODEL)
+    with torch.no_grad():
+        hb = encode_windows(model, xb)
+        np.testing.assert_allclose(readout_features(hb, "mean", model.config.layernorm_eps).numpy(),
+                                   model.embed(xb).numpy(), atol=1e-5)
+        assert readout_features(hb, "fc").shape == (2, R * (R - 1) // 2)
+        np.testing.assert_allclose(readout_features(hb, "fc")[1].numpy(),
+                                   readout_features(hb[1], "fc").numpy(), atol=1e-6)
+    with pytest.raises(ConfigError, match="unknown readout"):
+        readout_features(h, "max")
+
+
+def test_amplitude_and_window_fc_baselines():
+    rng = np.random.default_rng(3)
+    noise = rng.normal(size=(3, 200))
+    centred = noise * np.array([[1.0], [2.0], [0.5]])
+    np.testing.assert_allclose(amplitude_features([centred])[0], np.log(centred.std(1)), rtol=1e-5)
+    # raw BOLD (large offsets): percent signal change, so the offset's size does not matter
+    raw = 1000.0 * np.array([[1.0], [2.0], [4.0]]) + 10 * noise
+    amp = amplitude_features([raw])[0]
+    np.testing.assert_allclose(amp, np.log(100 * raw.std(1) / raw.mean(1)), rtol=1e-5)
+    np.testing.assert_allclose(amplitude_features([3 * raw])[0], amp, rtol=1e-5)
+    assert amp[0] > amp[2]  # same noise on a lower baseline: more percent change
+    assert not np.allclose(amplitude_features([3 * centred])[0], amplitude_features([centred])[0])
+
+    windows = rng.normal(size=(2, 4, 32)).astype(np.float32)
+    expect = np.mean([np.arctanh(np.corrcoef(w)[np.triu_indices(4, 1)]) for w in windows], axis=0)
+    np.testing.assert_allclose(window_fc(windows, 2, 16), expect, rtol=1e-4)
+    # a padded window: only the frames of its valid patches count
+    np.testing.assert_allclose(window_fc(windows[:1], 1, 16),
+                               np.arctanh(np.corrcoef(windows[0, :, :16])[np.triu_indices(4, 1)]),
+                               rtol=1e-4)
 
 
 def test_random_init_like_keeps_everything_but_weights():
@@ -312,36 +476,124 @@ def test_random_init_like_keeps_everything_but_weights():
                            random_init_like(model, seed=1).encoder.blocks[0].attn.qkv.weight)
 
 
+def _records(values: dict, target="dx", metric="auroc"):
+    """Records {method: [value per split seed]}."""
+    return [{"method": m, "target": target, "seed": seed, "metric": metric, "value": v}
+            for m, vals in values.items() for seed, v in enumerate(vals)]
+
+
+def test_compare_matches_hand_computation_and_scipy():
+    from scipy import stats
+
+    a, b = [0.7, 0.8, 0.9, 0.6], [0.5, 0.6, 0.6, 0.7]
+    records = _records({"m": a, "base": b})
+    c = compare(records, "dx", "auroc", "m", "base")
+    d = np.subtract(a, b)  # 0.2, 0.2, 0.3, -0.1
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert c["n"] == 4 and c["wins"] == 3
+    assert c["mean_diff"] == pytest.approx(0.15) and c["std"] == pytest.approx(d.std(ddof=1))
+    assert (c["ci95_low"], c["ci95_high"]) == pytest.approx((0.15 - half, 0.15 + half))
+    t = 0.15 / (d.std(ddof=1) / 2)
+    assert c["p_value"] == pytest.approx(2 * stats.t.sf(t, 3))
+    assert c["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    # reversed: the same test, the difference negated
+    r = compare(records, "dx", "auroc", "base", "m")
+    assert r["mean_diff"] == pytest.approx(-0.15) and r["p_value"] == pytest.approx(c["p_value"])
+    assert r["wins"] == 1
+    # NaN pairs are left out; one pair left: no test
+    nan = compare(_records({"m": [0.7, np.nan, 0.9], "base": [0.5, 0.6, np.nan]}), "dx", "auroc", "m", "base")
+    assert nan["n"] == 1 and nan["mean_diff"] == pytest.approx(0.2)
+    assert np.isnan(nan["p_value"]) and np.isnan(nan["ci95_low"])
+    # lower is better for errors: a smaller MSE wins
+    mse = compare(_records({"m": [1.0, 2.0], "base": [2.0, 2.5]}, metric="mse"), "dx", "mse", "m", "base")
+    assert mse["wins"] == 2 and mse["mean_diff"] == pytest.approx(-0.75)
+    same = compare(_records({"m": [0.5, 0.6], "base": [0.5, 0.6]}), "dx", "auroc", "m", "base")
+    assert same["mean_diff"] == 0 and np.isnan(same["p_value"])
+
+
+def test_random_init_summaries_and_comparisons_from_records():
+    recs = _records({"random_init#0:fc": [0.6, 0.7], "random_init#1:fc": [0.9, 0.5],
+                     "random_init#2:fc": [0.5, np.nan], "brainjepa:fc": [0.8, 0.8],
+                     "fc_window": [0.7, 0.7]})
+    recs += _records({"random_init#0:fc": [0.2, 0.4], "random_init#1:fc": [0.0, 0.6],
+                      "random_init#2:fc": [0.6, 0.6], "brainjepa:fc": [0.1, 0.1]}, metric="acc")
+    extra = random_init_summaries(recs, ["fc"], [0, 1, 2])
+    mean = {(r["seed"], r["metric"]): r["value"] for r in extra if r["method"] == "random_init(mean):fc"}
+    assert mean[(0, "auroc")] == pytest.approx(np.mean([0.6, 0.9, 0.5]))
+    assert mean[(1, "auroc")] == pytest.approx(0.6)  # the NaN is left out
+    assert mean[(1, "acc")] == pytest.approx(np.mean([0.4, 0.6, 0.6]))
+    # best on the headline metric (AUROC): seed 0 (0.65) beats seed 1 (0.70)? no: 0.70 > 0.65
+    best = [r for r in extra if r["method"] == "random_init(best):fc"]
+    assert {r["source"] for r in best} == {"random_init#1:fc"}
+    assert sorted((r["metric"], r["value"]) for r in best) == [
+        ("acc", 0.0), ("acc", 0.6), ("auroc", 0.5), ("auroc", 0.9)]
+    rows = comparison_rows(recs + extra)
+    assert [(c["method"], c["baseline"]) for c in rows] == [
+        ("brainjepa:fc", "random_init(best):fc"), ("brainjepa:fc", "random_init(mean):fc"),
+        ("brainjepa:fc", "fc_window")]
+    assert all(c["metric"] == "auroc" for c in rows)
+    assert rows[0]["mean_diff"] == pytest.approx(np.mean([0.8 - 0.9, 0.8 - 0.5]))
+    assert rows[0]["baseline_source"] == "random_init#1:fc" and "baseline_source" not in rows[1]
+    text = format_comparisons(rows)
+    assert "random_init(best):fc (#1)" in text and "p (paired t)" in text and "1/2" in text
+
+
 def test_probe_cohort_end_to_end(sim):
     cohort = sim.to_cohort()
-    model = small_model()
-    res = probe_cohort(model, cohort, ["age", "patient"], seeds=2, progress=False)
+    model = small_model(seed=7)
+    feats = probe_features(model, cohort, readouts=("mean", "fc"), random_init_seeds=2, progress=False)
+    names = probe_method_names(("mean", "fc"), 2)
+    assert sorted(feats) == sorted(names) and len(names) == 2 + 4 + 3
+    assert feats["brainjepa:fc"].shape == (30, R * (R - 1) // 2) and feats["amplitude"].shape == (30, R)
+    np.testing.assert_allclose(feats["fc_full"], fc_features(sim.timeseries), atol=1e-6)
+    # the one pass gives what the embedder gives, and init seeds really differ
+    np.testing.assert_allclose(feats["random_init#1:mean"],
+                               embed_cohort(random_init_like(model, 1), cohort, progress=False), atol=1e-5)
+    assert not np.allclose(feats["random_init#0:mean"], feats["random_init#1:mean"], atol=1e-3)
+    assert not np.allclose(feats["random_init#0:fc"], feats["brainjepa:fc"], atol=1e-3)
+    own = embed_cohort_readouts(model, cohort, readouts=("fc", "roi"), progress=False)
+    np.testing.assert_allclose(own["fc"], feats["brainjepa:fc"], atol=1e-5)
+    assert own["roi"].shape == (30, R * 2 * 24)
+    w, p = model.prepare_windows(sim.timeseries[3], tr=0.72)
+    np.testing.assert_allclose(feats["fc_window"][3], window_fc(w.numpy(), p, 16), atol=1e-5)
+
+    res = probe_cohort(model, cohort, ["age", "patient"], seeds=2, readouts=("mean", "fc"),
+                       random_init_seeds=2, progress=False, features=feats)
     rows = res.rows
-    assert {(r["method"], r["target"]) for r in rows} == {
-        (m, t) for m in ("brainjepa", "random_init", "fc_baseline") for t in ("age", "patient")}
+    methods = names + [f"random_init({s}):{r}" for s in ("best", "mean") for r in ("mean", "fc")]
+    assert {(r["method"], r["target"]) for r in rows} == {(m, t) for m in methods for t in ("age", "patient")}
     assert {r["metric"] for r in rows if r["target"] == "age"} == {"mse", "mae", "pearson_r", "r2"}
     assert {r["metric"] for r in rows if r["target"] == "patient"} == {"acc", "balanced_acc", "f1", "auroc"}
     assert all(r["n_seeds"] == 2 for r in rows if r["metric"] != "auroc")
-    # cached features give the same numbers; the bn-linear probe runs on them too
-    feats = {"brainjepa": embed_cohort(model, cohort, progress=False),
-             "random_init": embed_cohort(random_init_like(model), cohort, progress=False),
-             "fc_baseline": fc_features(sim.timeseries)}
-    again = probe_cohort(model, cohort, ["age"], seeds=2, progress=False, features=feats)
-    first = {(r["method"], r["metric"]): r["mean"] for r in rows if r["target"] == "age"}
-    for r in again.rows:
-        assert r["mean"] == pytest.approx(first[(r["method"], r["metric"])], rel=1e-5)
+    table = res.table()
+    assert table.index("brainjepa:fc") < table.index("random_init(best):mean") < table.index("fc_full")
+    assert len(res.comparisons) == 2 * 2 * 5
+    assert {c["baseline"] for c in res.comparisons} == {
+        "random_init(best):mean", "random_init(mean):mean", "random_init(best):fc",
+        "random_init(mean):fc", *BASELINES}
+    assert all(c["n"] == 2 and np.isfinite(c["mean_diff"]) for c in res.comparisons)
     # a user-given split column: the split is fixed, so the closed-form probes repeat exactly
     cohort.labels["fold"] = np.array((["train"] * 3 + ["val", "test"]) * 6, dtype=object)
-    fixed = probe_cohort(model, cohort, ["age"], seeds=2, split_column="fold", progress=False, features=feats)
+    fixed = probe_cohort(model, cohort, ["age"], seeds=2, split_column="fold", readouts=("mean", "fc"),
+                         random_init_seeds=2, progress=False, features=feats)
     assert all(r["std"] == 0.0 and r["n_seeds"] == 2 for r in fixed.rows)
     with pytest.raises(DataError, match="no subject to 'val'"):  # the manifest's split: all train here
-        probe_cohort(model, cohort, ["age"], split_column="split", progress=False, features=feats)
-    bn = probe_cohort(model, cohort, ["patient"], seeds=1, probe="bn-linear", progress=False, features=feats)
-    assert len(bn.rows) == 12
+        probe_cohort(model, cohort, ["age"], split_column="split", readouts=("mean", "fc"),
+                     random_init_seeds=2, progress=False, features=feats)
+    bn = probe_cohort(model, cohort, ["age"], seeds=1, probe="bn-linear", readouts=("mean",),
+                      random_init_seeds=0, progress=False,
+                      features={k: v for k, v in feats.items() if k in ("brainjepa:mean", *BASELINES)},
+                      probe_options={"epochs": 2})
+    assert {r["method"] for r in bn.rows} == {"brainjepa:mean", *BASELINES}
+    with pytest.raises(ConfigError, match="not methods of this probe"):
+        probe_cohort(model, cohort, ["age"], seeds=1, progress=False, features={"fc_baseline": feats["fc_full"]})
     with pytest.raises(DataError, match="not a column"):
-        probe_cohort(model, cohort, ["iq"], seeds=1, progress=False, features=feats)
+        probe_cohort(model, cohort, ["iq"], seeds=1, progress=False, readouts=("mean", "fc"),
+                     random_init_seeds=2, features=feats)
     with pytest.raises(ConfigError, match="unknown probe"):
         probe_cohort(model, cohort, ["age"], probe="mlp", progress=False, features=feats)
+    with pytest.raises(ConfigError, match="windows must be one of"):
+        probe_cohort(model, cohort, ["age"], windows="random", progress=False)
 
 
 # --------------------------------------------------------------------------- interpretation
@@ -471,16 +723,37 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     z = np.load(tmp_path / "emb.npz")
     assert z["embeddings"].shape == (30, 24) and z["tokens"].shape == (30, R, 2, 24)
     assert z["subjects"][0] == sim.subjects[0] and z["label_age"].shape == (30,)
+    assert str(z["readout"]) == "mean" and str(z["windows"]) == "all"
+    assert main(["embed", *data, "--out", str(tmp_path / "fc.npz"), "--readout", "fc",
+                 "--windows", "center"]) == 0
+    assert np.load(tmp_path / "fc.npz")["embeddings"].shape == (30, R * (R - 1) // 2)
+    assert "fc readout, center windows" in capsys.readouterr().out
 
+    # every method of the default protocol (3 readouts, 3 init seeds, all baselines)
     out = tmp_path / "results.json"
-    assert main(["probe", *data, "--target", "patient", "--target", "age", "--seeds", "2", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())
-    assert {(r["method"], r["target"]) for r in rows} == {
-        (m, t) for m in ("brainjepa", "random_init", "fc_baseline") for t in ("age", "patient")}
-    assert "patient (n_seeds=2)" in capsys.readouterr().out
+    assert main(["probe", *data, "--target", "age", "--seeds", "2", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    methods = {r["method"] for r in saved["rows"]}
+    expected = {f"{base}:{r}" for r in READOUTS for base in (
+        "brainjepa", "random_init#0", "random_init#1", "random_init#2", "random_init(best)",
+        "random_init(mean)")} | set(BASELINES)
+    assert methods == expected
+    assert all(r["n_seeds"] == 2 and np.isfinite(r["mean"]) and np.isfinite(r["std"]) for r in saved["rows"])
+    assert len(saved["comparisons"]) == len(READOUTS) * 5
+    assert all(c["n"] == 2 and np.isfinite(c["mean_diff"]) for c in saved["comparisons"])
+    printed = capsys.readouterr().out
+    assert "age (n_seeds=2)" in printed and "p (paired t)" in printed
+    assert "random_init(best):roi" in printed
+
+    assert main(["probe", *data, "--target", "patient", "--seeds", "2", "--readout", "fc",
+                 "--random-init-seeds", "1", "--windows", "center"]) == 0
+    printed = capsys.readouterr().out
+    assert "patient (n_seeds=2)" in printed and "AUROC" in printed
+    assert "brainjepa:mean" not in printed and "random_init#1" not in printed and "amplitude" in printed
 
     assert main(["probe", *data, "--target", "site", "--task", "regression", "--seeds", "1",
-                 "--probe", "bn-linear", "--epochs", "3"]) == 0
+                 "--probe", "bn-linear", "--epochs", "3", "--readout", "mean",
+                 "--random-init-seeds", "0"]) == 0
     assert "MSE" in capsys.readouterr().out
 
     assert main(["finetune", *data, "--target", "patient", "--seeds", "1", "--epochs", "1",

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -145,11 +146,14 @@ def test_embedding_refuses_a_scan_without_tr_or_too_short_at_the_model_tr_by_nam
     no_tr.paths = ["a.npy"]
     with pytest.raises(DataError, match=r"a\.npy: no TR known .* model works at TR 2 s"):
         check_cohort_for_model(model, no_tr)
-    # 40 frames at 1 s are 20 at the model's 2 s: too short, named, before any embedding
-    short = open_cohort([scan(0, 40)], tr=1.0)
+    # 24 frames at 1 s are 12 at the model's 2 s, less than one 16-frame patch: named, up front
+    short = open_cohort([scan(0, 24)], tr=1.0)
     short.paths = ["short.npy"]
-    with pytest.raises(DataError, match=r"short\.npy: 20 time points at the model's TR 2 s"):
+    with pytest.raises(DataError, match=r"short\.npy: 12 time points at the model's TR 2 s"):
         check_cohort_for_model(model, short)
+    # the model's own preparation names the series too
+    with pytest.raises(DataError, match=r"sub-9\.npy: 20 time points .*shorter than the model's window"):
+        model.prepare(scan(0, 40), tr=1.0, name="sub-9.npy")
 
 
 # ------------------------------------------------------------------------------ 2. scaling
@@ -374,15 +378,24 @@ def test_embed_writes_nothing_when_embeddings_are_not_finite(tmp_path, monkeypat
     data.mkdir()
     m = cohort_files(data, [(2.0, 60, 0.0)] * 3)
 
-    def nan_embed(self, x, roi_labels=None):
-        return torch.full((len(x), self.config.embed_dim), float("nan"))
+    from brainjepa.model import BrainEncoder
 
-    monkeypatch.setattr(BrainJEPA, "embed", nan_embed)
+    real_forward = BrainEncoder.forward
+
+    def nan_forward(self, *args, **kwargs):
+        return real_forward(self, *args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(BrainEncoder, "forward", nan_forward)
     out = tmp_path / "emb.npz"
     assert main(["embed", "--model", str(bundle), "--data", str(m), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "NaN/Inf" in err and "sub-00" in err
+    assert "NaN/Inf" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".emb.npz*"))
+    # the last check before the file is renamed into place names the subjects
+    from brainjepa.cli.embed import check_finite_npz
+
+    np.savez(tmp_path / "e.npz", embeddings=np.array([[0.0, 1.0], [np.nan, 1.0]]))
+    with pytest.raises(DataError, match=r"embeddings of 1 subject\(s\) are NaN/Inf \(sub-b\)"):
+        check_finite_npz(tmp_path / "e.npz", ["sub-a", "sub-b"])
 
 
 def test_an_interrupted_bundle_save_is_recognised(tmp_path, monkeypatch):
@@ -416,7 +429,7 @@ def test_every_verb_help_shows_defaults_and_ends_with_examples():
     assert len(verbs) == len(COMMANDS)
     for verb, sub in verbs.items():
         text = sub.format_help()
-        tail = text.rstrip().split("\n\nexamples:\n")
+        tail = re.split(r"\n\nexamples?:\n", text.rstrip())
         assert len(tail) == 2, verb
         assert all(line.strip().startswith(f"brainjepa {verb}") for line in tail[1].splitlines()), verb
         for action in sub._actions:

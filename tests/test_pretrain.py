@@ -18,8 +18,9 @@ from brainjepa.cli import main
 from brainjepa.errors import ConfigError
 from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
-from brainjepa.pretrain import (Schedule, ShardSampler, Trainer, block_loss_sum, feature_stats,
-                                latest_checkpoint, load_config, pretrain)
+from brainjepa.diagnostics import feature_stats
+from brainjepa.objective import block_loss_sum
+from brainjepa.pretrain import Schedule, ShardSampler, Trainer, latest_checkpoint, load_config, pretrain
 from brainjepa.runs import (MetricsLog, dump_config, list_checkpoints, load_latest_checkpoint,
                             parse_override, resolve_config, save_checkpoint)
 from brainjepa.synthetic import simulate_cohort
@@ -156,9 +157,11 @@ def test_shard_sampler_order_sharding_and_skip():
 # ------------------------------------------------------------------------------- loss and EMA
 
 
-def _reference_loss(enc, pred, target_encoder, x, masks, loss):
+def _reference_loss(enc, pred, target_encoder, x, masks, loss, center=False):
     """The JEPA loss written plainly: every (sample, block) alone, without padding."""
     h = F.layer_norm(target_encoder(x), (target_encoder.cfg.embed_dim,)).detach()
+    if center:  # each position's batch mean removed
+        h = h - h.mean(0, keepdim=True)
     per_block = []
     for b in range(x.shape[0]):
         ctx = masks.context_idx[b][masks.context_valid[b]][None]
@@ -170,20 +173,22 @@ def _reference_loss(enc, pred, target_encoder, x, masks, loss):
     return torch.stack(per_block).mean()
 
 
-@pytest.mark.parametrize("loss,backend", [("smooth_l1", "auto"), ("l2", "auto"), ("smooth_l1", "chunked")])
-def test_step_loss_and_update_match_the_plain_joint_loss(loss, backend):
+@pytest.mark.parametrize("loss,backend,center", [("smooth_l1", "auto", False), ("l2", "auto", False),
+                                                 ("smooth_l1", "chunked", False), ("l2", "auto", True)])
+def test_step_loss_and_update_match_the_plain_joint_loss(loss, backend, center):
     """Padded, region-grouped, split-backward training step == the plain per-block loss, and its
     AdamW update == the one from a single joint backward (also through the chunked attention
-    kernel, whose padding shortcuts the unpadded reference never takes)."""
+    kernel, whose padding shortcuts the unpadded reference never takes, and with centred
+    targets)."""
     previous = set_attention_backend(backend)
     try:
-        _check_step_against_plain_loss(loss, shares_context=backend == "chunked")
+        _check_step_against_plain_loss(loss, shares_context=backend == "chunked", center=center)
     finally:
         set_attention_backend(previous)
 
 
-def _check_step_against_plain_loss(loss, shares_context):
-    tr = _trainer(loss=loss)
+def _check_step_against_plain_loss(loss, shares_context, center):
+    tr = _trainer(loss=loss, center_targets=center)
     # with the chunked kernel the predictor's context part is computed once for all blocks
     assert tr._share_context() == shares_context
     masks = SpatiotemporalMasker(16, 3, n_blocks=2)(3, np.random.default_rng(1))
@@ -191,7 +196,7 @@ def _check_step_against_plain_loss(loss, shares_context):
     x = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(3))
     enc, pred, tgt = (copy.deepcopy(m) for m in (tr.encoder, tr.predictor, tr.target_encoder))
     out = tr.step([(x, masks)], step=2)
-    ref = _reference_loss(enc, pred, tgt, x, masks, loss)
+    ref = _reference_loss(enc, pred, tgt, x, masks, loss, center)
     torch.testing.assert_close(out["loss"], ref.detach(), atol=1e-6, rtol=1e-5)
     ref.backward()
     params = [p for m in (enc, pred) for p in m.parameters()]
@@ -223,8 +228,8 @@ def test_feature_stats_detects_collapse():
     torch.manual_seed(0)
     healthy = feature_stats(F.layer_norm(torch.randn(2, 300, 64), (64,)))
     collapsed = feature_stats(F.layer_norm(torch.randn(1, 1, 64), (64,)).expand(2, 300, 64))
-    assert healthy["target_std"] > 0.9 and abs(healthy["target_cos"]) < 0.05
-    assert collapsed["target_std"] < 1e-5 and collapsed["target_cos"] > 0.999
+    assert healthy["std"] > 0.9 and abs(healthy["cos"]) < 0.05
+    assert collapsed["std"] < 1e-5 and collapsed["cos"] > 0.999
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
@@ -237,8 +242,9 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypat
         assert P._use_bf16("bf16", cpu) and not P._use_bf16("fp32", cpu)  # forced either way
 
 
-def _trainer(precision="fp32", loss="smooth_l1", **optim):
-    cfg = resolve_config(_config(optim=optim, train={"precision": precision, "loss": loss}))
+def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, **optim):
+    cfg = resolve_config(_config(optim=optim, train={"precision": precision, "loss": loss,
+                                                     "center_targets": center_targets}))
     return Trainer(SMALL_MODEL, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), cfg, 10)
 
 
@@ -358,6 +364,26 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     assert {"encoder", "target_encoder", "predictor", "optimizer", "rng", "data_state", "config"} <= set(ckpt)
     assert summary["bundle"] is not None and (run / "bundle" / "model.safetensors").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 12
+
+
+def test_diagnostics_are_logged_while_training(data_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    cfg = _config(optim={"epochs": 4, "ema_start": 0.99, "ema_end": 0.999},
+                  train={"log_every": 2, "diagnose_every": 3, "checkpoint_every": 100})
+    with caplog.at_level(logging.WARNING):
+        pretrain(cfg, data_dir, run, progress=False)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    diag = [r for r in records if "diag_loss_own" in r]
+    assert [r["step"] for r in diag] == [3, 6, 9, 12]  # every 3 steps and the last
+    for key in ("loss_own", "loss_other", "loss_zero", "loss_position", "context_gain", "target_std",
+                "target_cos", "context_std", "context_cos", "position_share", "subject_share",
+                "effective_rank"):
+        assert np.isfinite(diag[-1][f"diag_{key}"]), key
+    schedule = Schedule.from_config(resolve_config(cfg)["optim"], 12)
+    for r in records:
+        assert r["ema_init_share"] == pytest.approx(np.prod([schedule.momentum_at(s) for s in range(r["step"])]))
+    warned = [m.getMessage() for m in caplog.records if "barely uses its context" in m.getMessage()]
+    assert len(warned) == sum(r["diag_context_gain"] < 0.1 for r in diag)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import BrainJEPAError, ConfigError, DataError, require
 from .model import BrainEncoder, BrainPredictor, ModelConfig, infer_official_config, map_official_state_dict
+from .transforms import FITTED_NORMALIZATIONS, NORMALIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ PROVENANCE_FILE = "provenance.json"
 BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, GRADIENTS_FILE, NORMALIZATION_FILE, PROVENANCE_FILE)
 # "unknown": the weights came without statistics (the authors' checkpoint); prepare() then
 # refuses to guess until the user chooses
-NORMALIZATION_METHODS = ("robust", "zscore", "none", "unknown")
+NORMALIZATION_METHODS = (*NORMALIZATIONS, "unknown")
 ENCODERS = {"target": "target_encoder", "context": "encoder"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -151,56 +152,62 @@ class BrainJEPA(nn.Module):
         the model's scaling leaves far outside the training data's range (another scale);
         a milder mismatch of scale is an :class:`InputWarning`.
         """
-        from .transforms import (center_window, magnitude_problem, normalization_from_dict, normalize,
-                                 resample_tr, same_tr)
+        from .transforms import center_window
 
         cfg = self.config
-        name = name or getattr(series, "source_name", None)
-        who = f"{name}: " if name else "prepare: "
-        x = np.asarray(series, dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] != cfg.n_rois:
-            raise DataError(f"{who}expected one subject's (R={cfg.n_rois}, T) series, got "
-                            f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs")
-        if not np.isfinite(x).all():
-            raise DataError(f"{who}the series contains NaN or Inf values")
-        problem = magnitude_problem(x)
-        if problem:
-            raise DataError(f"{who}{problem}")
-        at = ""
-        if self.target_tr is not None:
-            if tr is None:
-                warnings.warn(f"{who}the model was trained at TR {self.target_tr} s; pass "
-                              "tr=<seconds> so the series is resampled to it", InputWarning,
-                              stacklevel=2)
-            elif not same_tr(tr, self.target_tr):
-                n_raw = x.shape[1]
-                x = resample_tr(x, tr, self.target_tr)
-                at = f" ({n_raw} frames at TR {tr:g} s resampled to the model's TR {self.target_tr:g} s)"
+        who = name or getattr(series, "source_name", None) or "prepare"
         if window not in ("center", "start"):
             raise ConfigError(f"prepare: window must be 'center' or 'start', not {window!r}")
+        x, at = _resampled_input(self, series, tr, who)
         if x.shape[1] < cfg.n_timepoints:
-            raise DataError(f"{who}{x.shape[1]} time points{at}, shorter than the model's window of "
+            raise DataError(f"{who}: {x.shape[1]} time points{at}, shorter than the model's window of "
                             f"{cfg.n_timepoints}; use longer scans or leave this one out")
         x = center_window(x, cfg.n_timepoints) if window == "center" else x[:, : cfg.n_timepoints]
-        norm = self.normalization if normalization is None else _check_normalization(
-            _normalization_dict(normalization), cfg.n_rois)
-        if norm["method"] == "unknown":
-            raise ConfigError("prepare: this model does not know how its training data was "
-                              "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE))
-        method, scaler = normalization_from_dict(norm)
-        out = np.ascontiguousarray(normalize(x, method, scaler), dtype=np.float32)
-        if method != "none":
-            peak = float(np.abs(out).max())
-            if not np.isfinite(peak) or peak > MAX_SCALED_VALUE:
-                raise DataError(
-                    f"{who}after the model's {method} scaling the values reach {peak:.3g} (its "
-                    f"training data lay within a few units of 0): this series is on another scale "
-                    f"(unscaled BOLD for a model whose statistics came from scaled data, other "
-                    f"units, another scanner); {_scale_fix(method)}")
-            problem = _statistics_problem(torch.from_numpy(out)[None], norm, prepared=True)
-            if problem:
-                warnings.warn(f"{who}{problem}", InputWarning, stacklevel=2)
+        out, problem = _normalized_window(self, x, normalization, who)
+        if problem:
+            warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
         return torch.from_numpy(out).as_subclass(PreparedInput)
+
+    def prepare_windows(self, series, tr: float | None = None,
+                        normalization: str | dict | None = None,
+                        name: str | None = None) -> tuple[torch.Tensor, int]:
+        """One subject's raw (R, T) series -> every window of it: ((W, R, n_timepoints) float32,
+        n_patches_valid).
+
+        Resampled to ``target_tr`` as in :meth:`prepare`; then W = ceil(T / n_timepoints)
+        windows (T counted after resampling) start at evenly spaced frames from 0 to
+        T - n_timepoints (rounded), so together they cover the whole scan and the last one ends
+        at its final frame. Each window is normalised on its own, exactly as :meth:`prepare`
+        normalises its one window. A scan shorter than one window gives one window: its real
+        frames normalised (using only them), then zeros; ``n_patches_valid`` = T // patch_size
+        says how many time patches hold data (all ``n_patches`` otherwise), and only the tokens
+        of those patches should be encoded (``token_idx``).
+        """
+        cfg = self.config
+        who = name or getattr(series, "source_name", None) or "prepare_windows"
+        x, _ = _resampled_input(self, series, tr, who)
+        n_frames, length = x.shape[1], cfg.n_timepoints
+        if n_frames < length:
+            n_valid = n_frames // cfg.patch_size
+            if n_valid == 0:
+                raise DataError(f"{who}: the series has {n_frames} time points at the "
+                                f"model's TR, fewer than one time patch ({cfg.patch_size}); use "
+                                "a longer scan")
+            window = np.zeros((cfg.n_rois, length), dtype=np.float32)
+            # statistics of the real frames only: the padding must not shift the scaling
+            window[:, :n_frames], problem = _normalized_window(self, x, normalization, who)
+            if problem:
+                warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
+            return torch.from_numpy(window[None]).as_subclass(PreparedInput), n_valid
+        n_windows = -(-n_frames // length)
+        starts = np.rint(np.linspace(0, n_frames - length, n_windows)).astype(int)
+        scaled = [_normalized_window(self, x[:, s: s + length], normalization, who) for s in starts]
+        problem = next((pr for _, pr in scaled if pr), None)
+        if problem:  # once per series
+            warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
+        windows = np.stack([w for w, _ in scaled])
+        return (torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).as_subclass(PreparedInput),
+                cfg.n_patches)
 
     def set_normalization(self, normalization: str | dict) -> None:
         """Record how inputs are scaled: "zscore", "none", a robust dict or a fitted RobustScaler
@@ -728,8 +735,8 @@ def _normalization_dict(normalization) -> dict:
     if isinstance(normalization, RobustScaler):
         return normalization.to_dict()
     if isinstance(normalization, str):
-        if normalization == "robust":
-            raise ConfigError("normalization='robust' needs statistics: pass a fitted "
+        if normalization in FITTED_NORMALIZATIONS:
+            raise ConfigError(f"normalization={normalization!r} needs statistics: pass a fitted "
                               "brainjepa.transforms.RobustScaler or its to_dict()")
         return {"method": normalization}
     if isinstance(normalization, dict):
@@ -744,10 +751,10 @@ def _check_normalization(d: dict, n_rois: int) -> dict:
     method = d.get("method")
     if method not in NORMALIZATION_METHODS:
         raise ConfigError(f"normalization method must be one of {NORMALIZATION_METHODS}, got {method!r}")
-    if method == "robust":
+    if method in FITTED_NORMALIZATIONS:
         normalization_from_dict(d)  # validates median / iqr
         if len(d["median"]) != n_rois:
-            raise DataError(f"robust normalization has statistics for {len(d['median'])} ROIs but "
+            raise DataError(f"{method} normalization has statistics for {len(d['median'])} ROIs but "
                             f"the model has {n_rois}")
     return d
 
@@ -793,8 +800,62 @@ def _statistics_problem(x: torch.Tensor, normalization: dict, prepared: bool = F
         if mean > 1 or not 0.25 < std < 4:
             return (f"input does not look z-scored per ROI (typical |mean| {mean:.3g}, std "
                     f"{std:.3g}) but the model was trained on z-scored data: {fix}")
-    elif method == "robust" and (level > 5 or not 0.01 < iqr < 20):
-        return (f"input does not look robust-scaled (typical ROI |median| {level:.3g}, IQR "
-                f"{iqr:.3g}; expected near 0 and 1) but the model was trained on (x - median) / "
-                f"IQR scaled data: {fix}")
+    elif method in FITTED_NORMALIZATIONS and (level > 5 or not 0.01 < iqr < 20):
+        return (f"input does not look {method}-scaled (typical ROI |median| {level:.3g}, IQR "
+                f"{iqr:.3g}; expected near 0 and 1) but the model was trained on {method}-scaled "
+                f"data: {fix}")
     return None
+
+
+def _resampled_input(model: BrainJEPA, series, tr: float | None, who: str) -> tuple[np.ndarray, str]:
+    """A checked (R, T) float32 series at the model's TR, and a note on the resampling for
+    messages (shared by prepare and prepare_windows). ``who`` starts every message."""
+    from .transforms import magnitude_problem, resample_tr, same_tr
+
+    cfg = model.config
+    x = np.asarray(series, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] != cfg.n_rois:
+        raise DataError(f"{who}: expected one subject's (R={cfg.n_rois}, T) series, got "
+                        f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs")
+    if not np.isfinite(x).all():
+        raise DataError(f"{who}: the series contains NaN or Inf values")
+    problem = magnitude_problem(x)
+    if problem:
+        raise DataError(f"{who}: {problem}")
+    at = ""
+    if model.target_tr is not None:
+        if tr is None:
+            warnings.warn(f"{who}: the model was trained at TR {model.target_tr} s; pass "
+                          "tr=<seconds> so the series is resampled to it", InputWarning,
+                          stacklevel=3)
+        elif not same_tr(tr, model.target_tr):
+            n_raw = x.shape[1]
+            x = resample_tr(x, tr, model.target_tr)
+            at = f" ({n_raw} frames at TR {tr:g} s resampled to the model's TR {model.target_tr:g} s)"
+    return x, at
+
+
+def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, who: str
+                       ) -> tuple[np.ndarray, str | None]:
+    """One (R, t) window scaled by the model's normalisation, or by ``normalization`` when given,
+    and a message when it is mildly off the training scale (None when not). A window the scaling
+    leaves far off (beyond MAX_SCALED_VALUE) is an error naming ``who``."""
+    from .transforms import normalization_from_dict, normalize
+
+    norm = model.normalization if normalization is None else _check_normalization(
+        _normalization_dict(normalization), model.config.n_rois)
+    if norm["method"] == "unknown":
+        raise ConfigError(f"{who}: this model does not know how its training data was "
+                          "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE))
+    method, scaler = normalization_from_dict(norm)
+    out = np.ascontiguousarray(normalize(x, method, scaler), dtype=np.float32)
+    if method == "none":
+        return out, None
+    peak = float(np.abs(out).max())
+    if not np.isfinite(peak) or peak > MAX_SCALED_VALUE:
+        raise DataError(
+            f"{who}: after the model's {method} scaling the values reach {peak:.3g} (its training "
+            "data lay within a few units of 0): this series is on another scale (unscaled BOLD for "
+            "a model whose statistics came from scaled data, other units, another scanner); "
+            f"{_scale_fix(method)}")
+    return out, _statistics_problem(torch.from_numpy(out)[None], norm, prepared=True)

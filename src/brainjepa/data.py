@@ -48,6 +48,7 @@ from .io import (
     read_timeseries,
 )
 from .transforms import (
+    FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
     RobustScaler,
     WindowResampler,
@@ -59,6 +60,7 @@ from .transforms import (
     magnitude_problem,
     same_tr,
     scan_levels,
+    scan_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -762,22 +764,33 @@ def open_store(path) -> Store:
     return Store(path)
 
 
-def fit_scaler(cohort: Cohort, indices=None, *, max_timepoints: int = 50_000, seed: int = 0) -> RobustScaler:
-    """Fit a :class:`RobustScaler` on scans ``indices`` (default: the training split).
+def fit_scaler(cohort: Cohort, indices=None, *, method: str = "robust",
+               max_timepoints: int = 50_000, seed: int = 0) -> RobustScaler:
+    """Fit a :class:`RobustScaler` for normalisation ``method`` on scans ``indices`` (default:
+    the training split), each scan first put through the method's per-scan part
+    (:func:`brainjepa.transforms.scan_transform`: percent signal change for 'psc', demeaning
+    for 'center').
 
-    Each scan contributes an equal share of a ~``max_timepoints`` sample of its frames (a store
-    reads only those frames), and the scaler's reservoir keeps the total bounded either way.
+    Each scan contributes an equal share of a ~``max_timepoints`` sample of its frames (for
+    'robust' a store reads only those frames; the per-scan methods read the whole scan), and the
+    scaler's reservoir keeps the total bounded either way.
     """
     idx = cohort.split_indices("train") if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
-        raise DataError("no training scans to fit the robust scaling statistics on")
+        raise DataError("no training scans to fit the scaling statistics on")
     per_scan = max(1, -(-max_timepoints // len(idx)))
     rng = np.random.default_rng(seed)
-    if isinstance(cohort, Store):
-        gen = (cohort.sample_frames(int(i), per_scan, rng) for i in idx)
-    else:
-        gen = (_subsample(cohort.series(int(i)), per_scan, rng) for i in idx)
-    return RobustScaler(max_timepoints=max_timepoints, seed=seed).fit(gen)
+
+    def frames(i: int) -> np.ndarray:
+        if method == "robust" and isinstance(cohort, Store):
+            return cohort.sample_frames(i, per_scan, rng)
+        try:
+            x = scan_transform(cohort.series(i), method)
+        except DataError as exc:
+            raise DataError(f"{cohort.name(i)}: {exc}") from None
+        return _subsample(x, per_scan, rng)
+
+    return RobustScaler(max_timepoints=max_timepoints, seed=seed).fit(frames(int(i)) for i in idx)
 
 
 def _subsample(x: np.ndarray, k: int, rng) -> np.ndarray:
@@ -1020,8 +1033,9 @@ class WindowDataset(torch.utils.data.Dataset):
 
     Item i is scan ``indices[i]``: its series is resampled to ``target_tr`` (when given; every
     scan then needs a TR), a window of ``n_timepoints`` is cut (random when ``train``, else
-    centred) and normalised ('robust' with ``scaler``, the store's stored statistics, or a scaler
-    fitted on the cohort's training split; 'zscore' per window; 'none'). The random window of
+    centred) and normalised (the fitted methods 'psc', 'center', 'robust' with ``scaler``, the
+    store's stored statistics, or a scaler fitted on the cohort's training split; 'zscore' per
+    window; 'none'). The random window of
     item i depends only on (seed, epoch, i), so a resumed run sees the same windows: call
     ``set_epoch(epoch)`` at the start of each epoch. Windows are read through
     :meth:`Cohort.read`, so a store streams from disk and only the window (plus the resampling
@@ -1058,10 +1072,10 @@ class WindowDataset(torch.utils.data.Dataset):
         if severity in ("error", "warning"):  # a dataset built by hand: say it, do not refuse
             log.warning(message)
         self.scaler = None
-        if normalization == "robust":
+        if normalization in FITTED_NORMALIZATIONS:
             self.scaler = scaler if scaler is not None else self._default_scaler()
             if len(self.scaler.median_) != self.cohort.n_rois:
-                raise DataError(f"the robust scaler has {len(self.scaler.median_)} ROIs, the cohort "
+                raise DataError(f"the {normalization} scaler has {len(self.scaler.median_)} ROIs, the cohort "
                                 f"{self.cohort.n_rois}")
 
     def _check_scan(self, i: int) -> int:
@@ -1092,10 +1106,10 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def _default_scaler(self) -> RobustScaler:
         stored = self.cohort.normalization
-        if stored and stored.get("method") == "robust":
+        if stored and stored.get("method") == self.normalization:
             return normalization_from_dict(stored)[1]
-        log.info("fitting robust scaling statistics on the cohort's training split")
-        return fit_scaler(self.cohort, seed=self.seed)
+        log.info("fitting %s scaling statistics on the cohort's training split", self.normalization)
+        return fit_scaler(self.cohort, method=self.normalization, seed=self.seed)
 
     def normalization_dict(self) -> dict:
         """The JSON description of this dataset's normalisation (for normalization.json)."""
@@ -1307,10 +1321,11 @@ def report_scaling(cohort, method: str, indices=None, *, what: str = "pretrain")
 
 def check_cohort_for_model(model, cohort) -> None:
     """Before embedding, probing or fine-tuning: every scan must have a TR when the model has one,
-    and enough frames at the model's TR for its window (each refused by name); the cohort's raw
-    scale is reported against the model's normalisation (:func:`report_scaling`)."""
+    and at least one time patch of frames at the model's TR (each refused by name; a scan shorter
+    than the model's window is embedded from its valid patches); the cohort's raw scale is
+    reported against the model's normalisation (:func:`report_scaling`)."""
     target = getattr(model, "target_tr", None)
-    n = model.config.n_timepoints
+    patch = model.config.patch_size
     for i in range(len(cohort)):
         tr = cohort.tr(i)
         frames = cohort.length(i)
@@ -1321,11 +1336,11 @@ def check_cohort_for_model(model, cohort) -> None:
                                 "resampled from its own TR; give the TR with --tr or a tr column")
             if not same_tr(tr, target):
                 frames = resampled_length(frames, tr, target)
-        if frames < n:
+        if frames < patch:
             at = f" at the model's TR {target:g} s (from {cohort.length(i)} at {tr:g} s)" \
                 if target is not None and not same_tr(tr, target) else ""
-            raise DataError(f"{cohort.name(i)}: {frames} time points{at}, shorter than the model's "
-                            f"window of {n}; use longer scans or leave this one out")
+            raise DataError(f"{cohort.name(i)}: {frames} time points{at}, fewer than one time patch "
+                            f"of the model ({patch}); use a longer scan or leave this one out")
     trs = {round(t, 6) for t in cohort.trs if t is not None}
     if target is not None and len(trs) > 1:
         log.info("the scans have TRs %s; each is resampled from its own TR to the model's %g s",

@@ -1,30 +1,58 @@
-"""Downstream evaluation (SPEC s7): embeddings, probes, baselines, metrics and the split protocol.
+"""Downstream evaluation: embeddings, readouts, probes, baselines, metrics and the split protocol.
 
-The protocol, for every target and seed: split the subjects 60/20/20 into train / validation /
-test (stratified for classification, or a user-given split column), fit every method on train,
-choose its regularisation or epoch on validation only, and evaluate the test split exactly once.
-Results are mean +- std (sample std, ddof = 1) over seeds, one row per (method, target, metric).
+The protocol, for every target and split seed: split the subjects 60/20/20 into train /
+validation / test (stratified for classification, or a user-given split column), fit every
+method on train, choose its regularisation or epoch on validation only, and evaluate the test
+split exactly once. Results are mean +- std (sample std, ddof = 1) over split seeds, one row per
+(method, target, metric), and every method sees the same splits, so methods can be compared
+pair by pair, seed by seed.
 
-Every table holds three methods on the *same* splits:
+What the encoder sees. Each scan is resampled to the model's TR and tiled with evenly spaced
+windows of the model's length that together cover it (:meth:`BrainJEPA.prepare_windows`; a scan
+shorter than one window is encoded on its real time patches only); ``windows="center"`` keeps
+only the centre window instead. Each window is encoded once and its token features h (R, p, D)
+are summarised by one or more *readouts*; a subject's embedding under a readout is the average
+of that readout over its windows:
 
-- ``brainjepa``: the pretrained encoder, frozen; subject embedding = mean over tokens +
-  LayerNorm (no affine) (:meth:`BrainJEPA.embed`), then a linear probe;
-- ``random_init``: the same architecture freshly initialised (fixed seed), probed identically,
-  so the gain from pretraining is visible at a glance;
-- ``fc_baseline``: ridge / logistic regression on the Fisher-z functional-connectivity upper
-  triangle, the baseline brain foundation models often lose to.
+- ``mean``: mean over all tokens, then LayerNorm without affine (:meth:`BrainJEPA.embed`);
+- ``roi``: per ROI, the mean and the std of each feature over the time patches (R * 2D);
+- ``fc``: ROI x ROI correlation of the token features over time: each ROI's (p, D) features
+  centred over time and flattened, cosine between ROIs, Fisher-z, strict upper triangle.
+
+Mean pooling discards how ROIs co-vary over time, which is what FC measures; the ``roi`` and
+``fc`` readouts keep first- and second-order structure, so a weak ``mean`` row does not by
+itself show that the features lack the information.
+
+Methods in every table, on the same splits:
+
+- ``brainjepa:<readout>``: the pretrained encoder, frozen, then a probe;
+- ``random_init#<k>:<readout>``: the same architecture initialised with seed k (several seeds,
+  3 by default: the spread between seeds can exceed the gap to the pretrained model), probed
+  identically; ``random_init(mean):<readout>`` averages them per split seed and
+  ``random_init(best):<readout>`` is the seed with the best mean headline metric (AUROC or
+  Pearson r) over split seeds. That choice looks at test results, so it is an optimistic
+  reference for random initialisation: beating it is the stricter test;
+- ``fc_full``: the Fisher-z FC upper triangle of the full raw scan (FC at its strongest);
+- ``fc_window``: the FC of exactly the windows the encoder sees, Fisher-z averaged over them;
+- ``amplitude``: per-ROI log temporal std of the full resampled scan (of percent signal
+  change when the scan looks like raw BOLD), a first-order signal that needs no model.
+
+The FC and amplitude baselines always use the closed-form probe. :func:`compare` gives paired
+differences over split seeds (mean, 95% t interval, two-sided paired t-test, wins), and
+:func:`probe_cohort` reports them for the pretrained model against each reference.
 
 Probes. ``closed-form`` (default): ridge regression or L2 logistic regression on standardised
 embeddings, regularisation chosen on validation. ``bn-linear``: the paper's linear probe,
 BatchNorm (no affine) + Linear trained with AdamW for 50 epochs, epoch chosen on validation.
-Because the encoder is frozen and evaluation windows are deterministic (centre window), the
-embeddings are computed once and cached: training the head on cached embeddings gives exactly
-the gradients it would get from running the encoder every step, at a fraction of the cost.
-Selection criterion everywhere: the validation loss (cross-entropy or MSE on normalised
-labels), which is continuous where accuracy on a small validation split is not.
+Because the encoder is frozen and evaluation windows are deterministic, the embeddings are
+computed once and cached: training the head on cached embeddings gives exactly the gradients it
+would get from running the encoder every step, at a fraction of the cost. Selection criterion
+everywhere: the validation loss (cross-entropy or MSE on normalised labels), which is
+continuous where accuracy on a small validation split is not.
 
 Regression labels are normalised with the training split's mean and std; every metric is
-reported in the original units. Fine-tuning lives in :mod:`brainjepa.finetune`.
+reported in the original units. Fine-tuning lives in :mod:`brainjepa.finetune` (methods
+:data:`METHODS`: one centre window per subject, as the fine-tuning recipe trains on).
 """
 
 from __future__ import annotations
@@ -32,12 +60,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import CohortSeries
@@ -45,7 +75,17 @@ from .errors import ConfigError, DataError, require
 
 log = logging.getLogger(__name__)
 
+# the methods of fine-tuning (brainjepa.finetune); linear probing names its methods with
+# probe_method_names()
 METHODS = ("brainjepa", "random_init", "fc_baseline")
+READOUTS = ("mean", "roi", "fc")
+WINDOWS = ("all", "center")
+BASELINES = ("fc_full", "fc_window", "amplitude")
+MODEL = "brainjepa"
+RANDOM_INIT = "random_init"
+# the metric that ranks methods and that comparisons use, per task
+HEADLINE_METRIC = {"classification": "auroc", "regression": "pearson_r"}
+LOWER_IS_BETTER = ("mse", "mae")
 METRIC_NAMES = {"acc": "ACC", "balanced_acc": "BACC", "f1": "F1", "auroc": "AUROC",
                 "mse": "MSE", "mae": "MAE", "pearson_r": "r", "r2": "R2"}
 PROBES = ("closed-form", "bn-linear")
@@ -55,6 +95,9 @@ RELATIVE_GRID = tuple(np.logspace(-4, 3, 15))
 # A label with at most this many distinct integer values is a classification target under "auto".
 MAX_AUTO_CLASSES = 10
 MISSING = {"", "na", "n/a", "nan", "none", "null"}
+# a scan whose ROI means exceed this many temporal stds (median over ROIs) is raw BOLD: its
+# amplitude is measured in percent signal change
+RAW_BOLD_MEAN_OVER_STD = 5.0
 
 
 # --------------------------------------------------------------------------- metrics
@@ -229,10 +272,191 @@ def fc_features(series: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(rows)
 
 
+def window_fc(windows, n_patches_valid: int, patch_size: int) -> np.ndarray:
+    """FC of the windows one subject's model input is made of, (R(R-1)/2,) float32: each
+    window's Fisher-z FC over the frames the encoder reads (its valid patches), averaged over
+    the windows. windows: (W, R, n_timepoints), as from :meth:`BrainJEPA.prepare_windows`."""
+    frames = n_patches_valid * patch_size
+    return fc_features([np.asarray(w)[:, :frames] for w in windows]).mean(axis=0)
+
+
+def amplitude_features(series: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, R) float32: per ROI, the log of the temporal std of each (R, T) series.
+
+    A series that looks like raw BOLD (median over ROIs of |mean| / std above 5) is measured in
+    percent signal change, 100 (x - mean) / |mean|, so scanner-dependent offsets cancel; any
+    other series (already centred or scaled) as it is.
+    """
+    rows = []
+    for x in series:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] < 2:
+            raise DataError(f"amplitude: expected an (R, T) series with T >= 2, got shape {x.shape}")
+        mean, std = x.mean(axis=1), x.std(axis=1)
+        ratio = np.abs(mean) / np.maximum(std, 1e-12)
+        if np.median(ratio) > RAW_BOLD_MEAN_OVER_STD:
+            std = 100.0 * std / np.maximum(np.abs(mean), 1e-12)
+        # a constant ROI has no amplitude; a floor keeps its log finite for the probe
+        rows.append(np.log(np.maximum(std, 1e-12)).astype(np.float32))
+    return np.stack(rows)
+
+
+def readout_features(h: torch.Tensor, readout: str, eps: float = 1e-6) -> torch.Tensor:
+    """One readout of token features h (..., R, p, D) (p time patches) -> (..., F) float32.
+
+    ``mean``: mean over the R * p tokens, then LayerNorm without affine (eps ``eps``), F = D.
+    ``roi``: per ROI the mean over time patches of each feature, then their std (ddof 0),
+    F = R * 2D laid out ROI by ROI as [mean (D), std (D)] (large: 0.7M values per subject at
+    R = 450, D = 768).
+    ``fc``: each ROI's (p, D) features centred over time and flattened to p * D, cosine
+    between ROIs (Pearson over time and features), Fisher-z (|r| clipped below 1 - 1e-7),
+    strict upper triangle in row-major order, F = R(R-1)/2. With one time patch nothing varies
+    over time and every edge is 0.
+    """
+    h = h.float()
+    if readout == "mean":
+        pooled = h.mean(dim=(-3, -2))
+        return F.layer_norm(pooled, pooled.shape[-1:], eps=eps)
+    if readout == "roi":
+        stats = torch.cat([h.mean(dim=-2), h.std(dim=-2, unbiased=False)], dim=-1)  # (..., R, 2D)
+        return stats.flatten(-2)
+    if readout == "fc":
+        n_rois = h.shape[-3]
+        # float64: correlations near 1 must not round to 1 before the Fisher-z
+        c = (h - h.mean(dim=-2, keepdim=True)).flatten(-2).double()  # (..., R, p*D)
+        c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        r = (c @ c.transpose(-1, -2)).clamp(-1 + 1e-7, 1 - 1e-7)
+        iu = torch.triu_indices(n_rois, n_rois, offset=1, device=h.device)
+        return torch.atanh(r[..., iu[0], iu[1]]).float()
+    raise ConfigError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+
+
+def _check_readouts(readouts) -> tuple[str, ...]:
+    readouts = (readouts,) if isinstance(readouts, str) else tuple(dict.fromkeys(readouts))
+    unknown = [r for r in readouts if r not in READOUTS]
+    if unknown or not readouts:
+        raise ConfigError(f"readouts must be among {READOUTS}, got {list(readouts) or 'none'}")
+    return readouts
+
+
+def _check_windows(windows: str) -> str:
+    if windows not in WINDOWS:
+        raise ConfigError(f"windows must be one of {WINDOWS}, got {windows!r}")
+    return windows
+
+
+def token_index(n_rois: int, n_patches: int, n_patches_valid: int) -> torch.Tensor:
+    """(R * n_patches_valid,) indices of the tokens (r, t) with t < n_patches_valid, ROI-major
+    (token r * n_patches + t), in the order encode_windows returns them."""
+    return (torch.arange(n_rois)[:, None] * n_patches + torch.arange(n_patches_valid)).reshape(-1)
+
+
+def encode_windows(model, windows: torch.Tensor, n_patches_valid: int | None = None) -> torch.Tensor:
+    """Token features of prepared windows (B, R, n_timepoints) -> (B, R, p, D), p =
+    ``n_patches_valid`` (default all patches): a window padded after its last valid patch is
+    encoded on its valid tokens only, so the padding takes no part in attention."""
+    cfg = model.config
+    p = cfg.n_patches if n_patches_valid is None else int(n_patches_valid)
+    if not 1 <= p <= cfg.n_patches:
+        raise DataError(f"n_patches_valid must be between 1 and {cfg.n_patches}, got {p}")
+    if p == cfg.n_patches:
+        h = model.encode(windows)
+    else:  # prepare_windows made these inputs, so the input checks have nothing to add
+        x = model._as_input(windows)
+        idx = token_index(cfg.n_rois, cfg.n_patches, p).to(x.device).expand(len(x), -1)
+        h = model.encoder(x, token_idx=idx)
+    return h.reshape(len(windows), cfg.n_rois, p, -1)
+
+
+def subject_windows(model, series, tr: float | None = None, windows: str = "all"
+                    ) -> tuple[torch.Tensor, int]:
+    """The windows of one subject the encoder sees: ((W, R, n_timepoints), n_patches_valid).
+    ``all``: :meth:`BrainJEPA.prepare_windows`; ``center``: the centre window of
+    :meth:`BrainJEPA.prepare` (a scan shorter than a window: its one padded window)."""
+    from .transforms import resampled_length
+
+    if _check_windows(windows) == "center":
+        n = np.shape(series)[-1]
+        if model.target_tr is not None and tr is not None:
+            n = resampled_length(n, tr, model.target_tr)
+        if n >= model.config.n_timepoints:
+            return model.prepare(series, tr=tr)[None], model.config.n_patches
+    return model.prepare_windows(series, tr=tr)
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def _trs(tr, n: int) -> list:
+    trs = list(tr) if isinstance(tr, (list, tuple, np.ndarray)) else [tr] * n
+    if len(trs) != n:
+        raise DataError(f"got {len(trs)} repetition times for {n} series")
+    return trs
+
+
+@torch.inference_mode()
+def encode_readouts(models: dict, X, tr=None, *, readouts: Sequence[str] = READOUTS,
+                    windows: str = "all", batch_size: int = 16, device: str | None = None,
+                    fc_window: bool = False, progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Several readouts of several encoders from one pass over the data.
+
+    ``models``: {name: BrainJEPA}, all with the same preprocessing (e.g. a model and its
+    :func:`random_init_like` copies): each subject's windows are prepared once, with the first
+    model, and every model encodes each window once; every readout is computed from those token
+    features. X: a sequence of raw (R, T_i) series read one at a time; ``tr``: one repetition
+    time or one per subject. Returns {name: {readout: (N, F) float32}}, each subject's readout
+    averaged over its windows; with ``fc_window`` also {"fc_window": {"fc": (N, R(R-1)/2)}},
+    the FC of the same windows (see :func:`window_fc`).
+    """
+    readouts, windows = _check_readouts(readouts), _check_windows(windows)
+    if not models:
+        raise ConfigError("encode_readouts needs at least one model")
+    names = list(models)
+    first = models[names[0]]
+    for name in names[1:]:
+        if models[name].config != first.config:
+            raise ConfigError(f"model {name!r} has another architecture than {names[0]!r}; "
+                              "encode them separately")
+    dev = resolve_device(device)
+    nets = {name: m.to(dev).eval() for name, m in models.items()}
+    n = len(X)
+    trs = _trs(tr, n)
+    cfg = first.config
+    out: dict[str, dict[str, list]] = {name: {r: [] for r in readouts} for name in names}
+    fcs: list[np.ndarray] = []
+    steps = range(0, n, batch_size)
+    for start in _progress(steps, len(steps), "encoding", progress):
+        chunk = range(start, min(start + batch_size, n))
+        items = [subject_windows(first, X[i], tr=trs[i], windows=windows) for i in chunk]
+        if fc_window:
+            fcs += [window_fc(w.numpy(), p, cfg.patch_size) for w, p in items]
+        # windows of equal valid length share a batch (the usual case: all of them)
+        groups: dict[int, list[int]] = {}
+        for j, (_, p) in enumerate(items):
+            groups.setdefault(p, []).append(j)
+        for name, net in nets.items():
+            sums = {r: None for r in readouts}
+            counts = torch.zeros(len(items), dtype=torch.float64)
+            for p, members in groups.items():
+                x = torch.cat([items[j][0] for j in members])
+                owner = torch.cat([torch.full((len(items[j][0]),), j) for j in members])
+                counts.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
+                for xb, ob in zip(x.split(batch_size), owner.split(batch_size)):
+                    h = encode_windows(net, xb.to(dev), p)
+                    for r in readouts:
+                        f = readout_features(h, r, cfg.layernorm_eps).double().cpu()
+                        if sums[r] is None:
+                            sums[r] = torch.zeros(len(items), f.shape[1], dtype=torch.float64)
+                        sums[r].index_add_(0, ob, f)
+            for r in readouts:
+                out[name][r].append((sums[r] / counts[:, None]).float().numpy())
+    result = {name: {r: np.concatenate(v) for r, v in per.items()} for name, per in out.items()}
+    if fc_window:
+        result["fc_window"] = {"fc": np.stack(fcs).astype(np.float32)}
+    return result
 
 
 class BrainJEPAEmbedder:
@@ -240,15 +464,26 @@ class BrainJEPAEmbedder:
 
     ``transform(X, tr=...)``: X is a sequence of (R, T_i) arrays (raw series; anything with
     ``len`` and ``[]``, read lazily batch by batch), ``tr`` their repetition time in seconds (one
-    number or one per subject; used to resample to the model's TR). Each series goes through
-    ``model.prepare`` (resampling, deterministic centre window, the model's normalisation), so
-    the same input always gives the same embedding. Returns (N, D) pooled embeddings, or with
-    ``tokens=True`` the token features as (N, R, P, D).
+    number or one per subject; used to resample to the model's TR). Each series is resampled and
+    cut into the windows the model sees (``windows="all"``: evenly spaced windows covering the
+    scan, :meth:`BrainJEPA.prepare_windows`; ``"center"``: the centre window), each normalised
+    as in pretraining, so the same input always gives the same embedding. Returns (N, F): the
+    ``readout`` (one of :data:`READOUTS`, see :func:`readout_features`) averaged over windows;
+    :meth:`transform_readouts` gives several readouts from one encoding pass. With
+    ``tokens=True``: the centre window's token features (N, R, P, D) (a scan shorter than a
+    window: NaN for its patches without data).
     """
 
-    def __init__(self, model, *, batch_size: int = 16, device: str | None = None,
-                 tokens: bool = False, progress: bool = False):
+    def __init__(self, model, *, readout: str = "mean", windows: str | None = None,
+                 batch_size: int = 16, device: str | None = None, tokens: bool = False,
+                 progress: bool = False):
         self.model = model
+        self.readout = _check_readouts(readout)[0]
+        if tokens and windows not in (None, "center"):
+            raise ConfigError("tokens=True returns the token features of one window per "
+                              "subject: pass windows='center' (or leave windows unset)")
+        # tokens are one window's; readouts average every window unless told otherwise
+        self.window_set = _check_windows(windows or ("center" if tokens else "all"))
         self.batch_size = batch_size
         self.device = device
         self.tokens = tokens
@@ -260,32 +495,43 @@ class BrainJEPAEmbedder:
 
     def _batches(self, X, tr):
         n = len(X)
-        trs = list(tr) if isinstance(tr, (list, tuple, np.ndarray)) else [tr] * n
-        if len(trs) != n:
-            raise DataError(f"got {len(trs)} repetition times for {n} series")
+        trs = _trs(tr, n)
         steps = range(0, n, self.batch_size)
         for start in _progress(steps, len(steps), "embedding", self.progress):
             stop = min(start + self.batch_size, n)
             yield torch.stack([self.model.prepare(X[i], tr=trs[i]) for i in range(start, stop)])
 
     def windows(self, X, tr=None) -> torch.Tensor:
-        """The model's input for each series: (N, R, T) float tensor (on the CPU)."""
+        """The model's centre-window input for each series: (N, R, T) float tensor (on the CPU)."""
         return torch.cat(list(self._batches(X, tr)))
 
     @torch.inference_mode()
     def transform(self, X, tr=None) -> np.ndarray:
-        device = resolve_device(self.device)
-        model = self.model.to(device).eval()
+        if self.tokens:
+            return self._tokens(X, tr)
+        return self.transform_readouts(X, tr, (self.readout,))[self.readout]
+
+    def transform_readouts(self, X, tr=None, readouts: Sequence[str] = READOUTS) -> dict[str, np.ndarray]:
+        """{readout: (N, F)} for several readouts from one encoding pass."""
+        return encode_readouts({"model": self.model}, X, tr, readouts=readouts,
+                               windows=self.window_set, batch_size=self.batch_size,
+                               device=self.device, progress=self.progress)["model"]
+
+    @torch.inference_mode()
+    def _tokens(self, X, tr) -> np.ndarray:
+        model = self.model.to(resolve_device(self.device)).eval()
         cfg = model.config
-        out = []
-        for x in self._batches(X, tr):
-            x = x.to(device)
-            if self.tokens:
-                h = model.encode(x)
-                out.append(h.reshape(len(x), cfg.n_rois, cfg.n_patches, -1).float().cpu())
-            else:
-                out.append(model.embed(x).float().cpu())
-        return torch.cat(out).numpy()
+        trs = _trs(tr, len(X))
+        out = np.full((len(X), cfg.n_rois, cfg.n_patches, cfg.embed_dim), np.nan, dtype=np.float32)
+        steps = range(0, len(X), self.batch_size)
+        for start in _progress(steps, len(steps), "embedding", self.progress):
+            chunk = list(range(start, min(start + self.batch_size, len(X))))
+            items = [subject_windows(model, X[i], tr=trs[i], windows="center") for i in chunk]
+            for p in {p for _, p in items}:  # scans of equal valid length share a pass
+                idx = [j for j, (_, q) in enumerate(items) if q == p]
+                h = encode_windows(model, torch.cat([items[j][0] for j in idx]), p)
+                out[[chunk[j] for j in idx], :, :p] = h.float().cpu().numpy()
+        return out
 
     def fit_transform(self, X, y=None, tr=None) -> np.ndarray:
         return self.transform(X, tr=tr)
@@ -375,6 +621,11 @@ class ClosedFormProbe(_Probe):
         t, t_val = self._fit_labels(y, n_classes), self._labels(y_val)
         U, s, Vt = np.linalg.svd(Xs, full_matrices=False)
         unit = float(np.mean(s ** 2)) or 1.0
+        # With more features than subjects the L2-penalised logistic solution lies in the row
+        # space of Xs (any other component adds penalty and no fit), so it is fitted exactly on
+        # the coordinates U * s (n x n) and mapped back by Vt: the same model, far cheaper.
+        reduce = self.task == "classification" and Xs.shape[1] > Xs.shape[0]
+        Z = U * s if reduce else Xs
         best = None
         for rel in self.grid:
             alpha = rel * unit
@@ -383,7 +634,9 @@ class ClosedFormProbe(_Probe):
                 intercept = np.zeros(1)  # features and labels are centred on train
                 loss = float(np.mean((Xv @ coef - t_val) ** 2))
             else:
-                coef, intercept = self._logistic(Xs, t, 1.0 / alpha)
+                coef, intercept = self._logistic(Z, t, 1.0 / alpha)
+                if reduce:
+                    coef = Vt.T @ coef
                 loss = _cross_entropy(_softmax(Xv @ coef + intercept), t_val)
             if best is None or loss < best[0]:
                 best = (loss, alpha, coef, intercept)
@@ -391,8 +644,18 @@ class ClosedFormProbe(_Probe):
         return self
 
     def _logistic(self, X, y, C):
-        import warnings
-
+        present = np.unique(y)
+        if len(present) == 2:
+            # two classes: Newton's method, exact to ~1e-8 in tens of iterations, where lbfgs
+            # stops far from the optimum at the weakly regularised end and costs 50x more
+            weights = None
+            if self.class_weight == "balanced":
+                counts = np.bincount(y, minlength=self.n_classes_)[present].astype(np.float64)
+                weights = np.where(y == present[1], len(y) / (2 * counts[1]), len(y) / (2 * counts[0]))
+            w, b = binary_logistic(X, (y == present[1]).astype(np.float64), C, weights)
+            coef, intercept = np.zeros((X.shape[1], self.n_classes_)), np.full(self.n_classes_, -1e9)
+            coef[:, present[1]], intercept[present[1]], intercept[present[0]] = w, b, 0.0
+            return coef, intercept
         linear_model = require("sklearn.linear_model", "eval", "the logistic-regression probe")
         from sklearn.exceptions import ConvergenceWarning
 
@@ -411,6 +674,46 @@ class ClosedFormProbe(_Probe):
     def _output(self, X) -> np.ndarray:
         z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
         return _softmax(z) if self.task == "classification" else z
+
+
+def binary_logistic(X: np.ndarray, t: np.ndarray, C: float, sample_weight: np.ndarray | None = None,
+                    max_iter: int = 100) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression of 0/1 targets ``t`` on X (n, d): (w (d,), b), the
+    minimiser of C * sum_i s_i log-loss_i + ||w||^2 / 2 (the intercept b is not penalised; the
+    objective of scikit-learn's LogisticRegression), by Newton's method with backtracking."""
+    n, d = X.shape
+    A = np.hstack([np.asarray(X, dtype=np.float64), np.ones((n, 1))])
+    s = C * (np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64))
+    penalty = np.ones(d + 1)
+    penalty[-1] = 0.0
+
+    def objective(theta):
+        z = A @ theta
+        return float(np.sum(s * (np.logaddexp(0.0, z) - t * z)) + 0.5 * np.sum(penalty * theta ** 2))
+
+    theta = np.zeros(d + 1)
+    f = objective(theta)
+    for _ in range(max_iter):
+        z = A @ theta
+        p = 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow
+        grad = A.T @ (s * (p - t)) + penalty * theta
+        # positive definite: the identity on w, and sum_i s_i p_i (1 - p_i) > 0 on b
+        hess = (A.T * (s * p * (1.0 - p))) @ A + np.diag(penalty)
+        try:
+            step = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+        a = 1.0
+        while True:  # backtracking (Armijo): a full Newton step can overshoot far from the optimum
+            new = theta - a * step
+            f_new = objective(new)
+            if f_new <= f - 1e-4 * a * float(grad @ step) or a < 1e-12:
+                break
+            a *= 0.5
+        theta, f = new, f_new
+        if np.abs(a * step).max() <= 1e-10 * max(1.0, np.abs(theta).max()):
+            break
+    return theta[:d], float(theta[d])
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -508,14 +811,17 @@ def make_probe(kind: str, task: str, seed: int = 0, class_weight: str | None = N
 
 @dataclass
 class Results:
-    """Per-seed test metrics (``records``) and their summary (``rows``, the JSON written by --out).
+    """Per-seed test metrics (``records``), their summary (``rows``) and paired comparisons.
 
+    A record: {"method", "target", "seed", "metric", "value"} (``seed``: the split seed).
     A row: {"method", "target", "metric", "mean", "std", "n_seeds"}; std is the sample std
     (ddof = 1) over seeds, 0 for a single seed; NaN metrics (e.g. AUROC with one class in a test
-    split) are left out of mean and std and of n_seeds.
+    split) are left out of mean and std and of n_seeds. ``comparisons``: dicts from
+    :func:`comparison_rows` ({"target", "metric", "method", "baseline"} + :func:`compare`).
     """
 
     records: list[dict] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
 
     @property
     def rows(self) -> list[dict]:
@@ -533,18 +839,24 @@ class Results:
 
     def extend(self, other: Results) -> Results:
         self.records.extend(other.records)
+        self.comparisons.extend(other.comparisons)
         return self
 
     def table(self) -> str:
         return format_table(self.rows)
 
+    def comparison_table(self) -> str:
+        return format_comparisons(self.comparisons)
+
     def save(self, path: str | Path) -> Path:
-        """Write the summary rows as a JSON list (NaN becomes null)."""
+        """Write {"rows": summary rows, "comparisons": paired comparisons} as JSON (NaN
+        becomes null)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-                 for r in self.rows]
-        path.write_text(json.dumps(clean, indent=2) + "\n")
+        clean = lambda items: [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                for k, v in r.items()} for r in items]
+        path.write_text(json.dumps({"rows": clean(self.rows), "comparisons": clean(self.comparisons)},
+                                   indent=2) + "\n")
         return path
 
 
@@ -618,6 +930,194 @@ def run_protocol(y: np.ndarray, methods: dict[str, Method], *, target: str, task
     return results
 
 
+# --------------------------------------------------------------------------- method names and comparisons
+
+
+def method_name(base: str, readout: str | None = None) -> str:
+    """'brainjepa:fc', 'random_init#1:roi', 'random_init(best):mean'; a baseline as it is."""
+    return base if readout is None else f"{base}:{readout}"
+
+
+def _init_seeds(random_init_seeds) -> list[int]:
+    if isinstance(random_init_seeds, (int, np.integer)):
+        if random_init_seeds < 0:
+            raise ConfigError(f"random_init_seeds must be >= 0, got {random_init_seeds}")
+        return list(range(int(random_init_seeds)))
+    seeds = [int(s) for s in random_init_seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"random_init_seeds has repeated seeds: {seeds}")
+    return seeds
+
+
+def probe_method_names(readouts: Sequence[str] = READOUTS, random_init_seeds=3) -> list[str]:
+    """Names of the methods :func:`probe_cohort` fits (summaries of the random-init seeds
+    excluded): brainjepa:<r>, random_init#<k>:<r> per readout r and seed k, then the baselines."""
+    readouts = _check_readouts(readouts)
+    names = [method_name(MODEL, r) for r in readouts]
+    names += [method_name(f"{RANDOM_INIT}#{k}", r) for k in _init_seeds(random_init_seeds)
+              for r in readouts]
+    return names + list(BASELINES)
+
+
+def headline_metric(records: list[dict], target: str) -> str:
+    """AUROC for a classification target, Pearson r for a regression target."""
+    metrics = {r["metric"] for r in records if r["target"] == target}
+    return HEADLINE_METRIC["classification" if "auroc" in metrics else "regression"]
+
+
+def _mean_finite(values) -> float:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    return float(v.mean()) if len(v) else float("nan")
+
+
+def random_init_summaries(records: list[dict], readouts: Sequence[str], init_seeds: Sequence[int]
+                          ) -> list[dict]:
+    """Records of ``random_init(mean):<r>`` (per split seed and metric, the mean over init
+    seeds, NaN values left out) and ``random_init(best):<r>`` (every record of the init seed
+    whose headline metric has the best mean over split seeds; ties: the first seed; its records
+    carry "source": the seed's method name) for each target and readout r."""
+    out = []
+    for target in dict.fromkeys(r["target"] for r in records):
+        headline = headline_metric(records, target)
+        sign = -1.0 if headline in LOWER_IS_BETTER else 1.0
+        for readout in readouts:
+            names = [method_name(f"{RANDOM_INIT}#{k}", readout) for k in init_seeds]
+            mine = [r for r in records if r["target"] == target and r["method"] in names]
+            if not mine:
+                continue
+            groups: dict[tuple, list[float]] = {}
+            for r in mine:
+                groups.setdefault((r["seed"], r["metric"]), []).append(r["value"])
+            out += [{"method": method_name(f"{RANDOM_INIT}(mean)", readout), "target": target,
+                     "seed": seed, "metric": metric, "value": _mean_finite(values)}
+                    for (seed, metric), values in groups.items()]
+            scores = [sign * _mean_finite([r["value"] for r in mine
+                                           if r["method"] == n and r["metric"] == headline])
+                      for n in names]
+            finite = [s if np.isfinite(s) else -np.inf for s in scores]
+            best = names[int(np.argmax(finite))]
+            out += [{**r, "method": method_name(f"{RANDOM_INIT}(best)", readout), "source": best}
+                    for r in mine if r["method"] == best]
+    return out
+
+
+def compare(records: list[dict], target: str, metric: str, method: str, baseline: str) -> dict:
+    """Paired comparison of two methods on one target and metric over the split seeds both
+    were evaluated on (seeds where either value is NaN are left out).
+
+    Returns {"n", "mean_diff" (method - baseline), "std" (sample std of the differences),
+    "ci95_low", "ci95_high" (t interval of the mean), "p_value" (two-sided paired t-test;
+    NaN for n < 2 or when every difference is 0), "wins" (seeds where the method is better:
+    higher, or lower for MSE / MAE)}.
+    """
+    from scipy import stats
+
+    value = {(r["method"], r["seed"]): r["value"] for r in records
+             if r["target"] == target and r["metric"] == metric and r["method"] in (method, baseline)}
+    seeds = sorted({s for m, s in value if m == method} & {s for m, s in value if m == baseline})
+    a = np.array([value[(method, s)] for s in seeds], dtype=np.float64)
+    b = np.array([value[(baseline, s)] for s in seeds], dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    d = a - b
+    n = len(d)
+    nan = float("nan")
+    better = d < 0 if metric in LOWER_IS_BETTER else d > 0
+    out = {"n": n, "mean_diff": float(d.mean()) if n else nan, "std": nan, "ci95_low": nan,
+           "ci95_high": nan, "p_value": nan, "wins": int(better.sum())}
+    if n >= 2:
+        std = float(d.std(ddof=1))
+        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+        out.update(std=std, ci95_low=out["mean_diff"] - half, ci95_high=out["mean_diff"] + half)
+        if np.any(d != 0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # equal differences: p is 0
+                out["p_value"] = float(stats.ttest_rel(a, b).pvalue)
+    return out
+
+
+def comparison_rows(records: list[dict], metric: str | None = None) -> list[dict]:
+    """For each target and each readout r of the pretrained model: brainjepa:r against
+    random_init(best):r, random_init(mean):r, fc_window, fc_full and amplitude (those present),
+    on the target's headline metric (or ``metric``). Each: {"target", "metric", "method",
+    "baseline"} + :func:`compare`, and for random_init(best) "baseline_source", the init seed's
+    method name."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    rows = []
+    for target in dict.fromkeys(r["target"] for r in records):
+        m = metric or headline_metric(records, target)
+        for method in [x for x in methods if x.startswith(MODEL + ":")]:
+            readout = method.split(":", 1)[1]
+            refs = [method_name(f"{RANDOM_INIT}(best)", readout),
+                    method_name(f"{RANDOM_INIT}(mean)", readout), "fc_window", "fc_full", "amplitude"]
+            for ref in refs:
+                if ref in methods:
+                    row = {"target": target, "metric": m, "method": method, "baseline": ref,
+                           **compare(records, target, m, method, ref)}
+                    source = next((r["source"] for r in records if r["method"] == ref
+                                   and r["target"] == target and "source" in r), None)
+                    if source:  # which init seed random_init(best) is
+                        row["baseline_source"] = source
+                    rows.append(row)
+    return rows
+
+
+def _fmt(x, spec: str = "+.3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def format_p(p) -> str:
+    """A p value for tables: 3 significant digits, '<0.001' below that."""
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def comparison_cells(c: dict) -> list[str]:
+    """The cells of one comparison in table order (see :data:`COMPARISON_COLUMNS`)."""
+    baseline = c["baseline"]
+    if c.get("baseline_source"):  # random_init(best):fc (#1)
+        baseline += f" (#{c['baseline_source'].split('#', 1)[1].split(':', 1)[0]})"
+    return [c["target"], METRIC_NAMES.get(c["metric"], c["metric"]), c["method"], baseline,
+            str(c["n"]), _fmt(c["mean_diff"]),
+            f"[{_fmt(c['ci95_low'])}, {_fmt(c['ci95_high'])}]", format_p(c["p_value"]),
+            f"{c['wins']}/{c['n']}"]
+
+
+COMPARISON_COLUMNS = ("target", "metric", "method", "baseline", "n", "mean diff", "95% CI",
+                      "p (paired t)", "wins")
+
+
+def format_comparisons(comparisons: list[dict]) -> str:
+    """Plain-text table of paired comparisons: method - baseline per split seed, mean, 95% CI,
+    two-sided paired t-test p, wins."""
+    if not comparisons:
+        return "no paired comparisons\n"
+    body = [comparison_cells(c) for c in comparisons]
+    widths = [max(len(row[i]) for row in [list(COMPARISON_COLUMNS)] + body)
+              for i in range(len(COMPARISON_COLUMNS))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+    lines = [fmt(COMPARISON_COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _method_rank(name: str) -> tuple:
+    """Table order: brainjepa, random_init(best), (mean), #k, each by readout; then baselines."""
+    base, _, readout = name.partition(":")
+    r = READOUTS.index(readout) if readout in READOUTS else len(READOUTS)
+    if base == MODEL:
+        return (0, 0, r)
+    if base == f"{RANDOM_INIT}(best)":
+        return (1, 0, r)
+    if base == f"{RANDOM_INIT}(mean)":
+        return (2, 0, r)
+    if base.startswith(RANDOM_INIT + "#"):
+        return (3, r, int(base.split("#", 1)[1]) if base.split("#", 1)[1].isdigit() else 0)
+    if base in BASELINES:
+        return (4, BASELINES.index(base), 0)
+    return (5, 0, 0)
+
+
 # --------------------------------------------------------------------------- cohorts
 
 
@@ -655,7 +1155,7 @@ def target_labels(cohort, target: str, task: str = "auto") -> tuple[np.ndarray, 
 def cohort_fc(cohort, model=None, fc_input: str = "full", progress: bool = True) -> np.ndarray:
     """FC baseline features (N, R(R-1)/2) of every subject: from the full raw series
     (``fc_input='full'``, default: the baseline at its strongest) or from exactly the window the
-    model sees (``'window'``: resampled, centre window)."""
+    model sees in fine-tuning (``'window'``: resampled, centre window)."""
     series = CohortSeries(cohort)
     if fc_input == "full":
         items = (series[i] for i in range(len(series)))
@@ -667,22 +1167,96 @@ def cohort_fc(cohort, model=None, fc_input: str = "full", progress: bool = True)
     return fc_features(list(_progress(items, len(series), "FC baseline", progress)))
 
 
-def embed_cohort(model, cohort, *, batch_size: int = 16, device: str | None = None,
-                 tokens: bool = False, progress: bool = True) -> np.ndarray:
-    """Embeddings of every subject of a cohort: (N, D), or (N, R, P, D) with ``tokens``."""
+def cohort_amplitude(cohort, model=None, progress: bool = True) -> np.ndarray:
+    """Amplitude baseline (N, R) of every subject (:func:`amplitude_features`) over the full
+    scan, resampled to the model's TR when the model has one (as the encoder's input is)."""
+    from .transforms import resample_tr, same_tr
+
     series = CohortSeries(cohort)
-    return BrainJEPAEmbedder(model, batch_size=batch_size, device=device, tokens=tokens,
+    trs = series.trs()
+    target = None if model is None else model.target_tr
+
+    def item(i):
+        x = series[i]
+        if target is not None and trs[i] is not None and not same_tr(trs[i], target):
+            x = resample_tr(np.asarray(x, dtype=np.float32), trs[i], target)
+        return x
+
+    items = (item(i) for i in range(len(series)))
+    return amplitude_features(list(_progress(items, len(series), "amplitude baseline", progress)))
+
+
+def embed_cohort(model, cohort, *, readout: str = "mean", windows: str = "all",
+                 batch_size: int = 16, device: str | None = None, tokens: bool = False,
+                 progress: bool = True) -> np.ndarray:
+    """Embeddings of every subject of a cohort: (N, F) under ``readout`` averaged over
+    ``windows``, or with ``tokens`` the centre window's token features (N, R, P, D)."""
+    series = CohortSeries(cohort)
+    return BrainJEPAEmbedder(model, readout=readout, windows=None if tokens else windows,
+                             batch_size=batch_size, device=device, tokens=tokens,
                              progress=progress).transform(series, tr=series.trs())
 
 
-def save_embeddings(model, cohort, path: str | Path, *, tokens: bool = False, batch_size: int = 16,
+def embed_cohort_readouts(model, cohort, *, readouts: Sequence[str] = READOUTS,
+                          windows: str = "all", batch_size: int = 16, device: str | None = None,
+                          progress: bool = True) -> dict[str, np.ndarray]:
+    """{readout: (N, F)} of every subject of a cohort, from one encoding pass."""
+    series = CohortSeries(cohort)
+    return encode_readouts({MODEL: model}, series, series.trs(), readouts=readouts,
+                           windows=windows, batch_size=batch_size, device=device,
+                           progress=progress)[MODEL]
+
+
+def probe_features(model, cohort, *, readouts: Sequence[str] = READOUTS, random_init_seeds=3,
+                   windows: str = "all", batch_size: int = 16, device: str | None = None,
+                   progress: bool = True, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Every feature matrix (N, F) :func:`probe_cohort` probes, keyed by method name (see
+    :func:`probe_method_names`), leaving out the names in ``skip``: the pretrained model and
+    each random-init seed under every readout (one encoding pass over the cohort for all
+    encoders), ``fc_window`` from the same windows, ``fc_full`` and ``amplitude``."""
+    readouts, windows = _check_readouts(readouts), _check_windows(windows)
+    seeds = _init_seeds(random_init_seeds)
+    wanted = [n for n in probe_method_names(readouts, seeds) if n not in set(skip)]
+    encoders = {}
+    if any(n.startswith(MODEL + ":") for n in wanted):
+        encoders[MODEL] = model
+    for k in seeds:
+        if any(n.startswith(f"{RANDOM_INIT}#{k}:") for n in wanted):
+            encoders[f"{RANDOM_INIT}#{k}"] = random_init_like(model, k)
+    features: dict[str, np.ndarray] = {}
+    if encoders or "fc_window" in wanted:
+        if not encoders:  # fc_window alone: the windows still come from the model
+            encoders = {MODEL: model}
+        log.info("encoding %d subjects (%s windows) with %s", len(cohort), windows,
+                 ", ".join(encoders))
+        series = CohortSeries(cohort)
+        out = encode_readouts(encoders, series, series.trs(), readouts=readouts, windows=windows,
+                              batch_size=batch_size, device=device,
+                              fc_window="fc_window" in wanted, progress=progress)
+        for name, per in out.items():
+            for readout, X in per.items():
+                key = "fc_window" if name == "fc_window" else method_name(name, readout)
+                if key in wanted:
+                    features[key] = X
+    if "fc_full" in wanted:
+        log.info("computing the FC baseline of the full scans")
+        features["fc_full"] = cohort_fc(cohort, model, "full", progress)
+    if "amplitude" in wanted:
+        features["amplitude"] = cohort_amplitude(cohort, model, progress)
+    return features
+
+
+def save_embeddings(model, cohort, path: str | Path, *, readout: str = "mean",
+                    windows: str = "all", tokens: bool = False, batch_size: int = 16,
                     device: str | None = None, progress: bool = True) -> Path:
-    """Write an .npz: 'subjects' (N,), 'embeddings' (N, D), 'roi_labels' (R,) when known,
-    'label_<name>' (N,) per label column, and with ``tokens`` 'tokens' (N, R, P, D).
-    Text is stored as unicode arrays, so ``np.load`` needs no pickle."""
+    """Write an .npz: 'subjects' (N,), 'embeddings' (N, F) (``readout`` averaged over
+    ``windows``), 'readout' and 'windows' (which ones), 'roi_labels' (R,) when known,
+    'label_<name>' (N,) per label column, and with ``tokens`` 'tokens' (N, R, P, D) of the
+    centre window. Text is stored as unicode arrays, so ``np.load`` needs no pickle."""
     arrays = {"subjects": np.array(cohort.subjects, dtype=str),
-              "embeddings": embed_cohort(model, cohort, batch_size=batch_size, device=device,
-                                         progress=progress)}
+              "embeddings": embed_cohort(model, cohort, readout=readout, windows=windows,
+                                         batch_size=batch_size, device=device, progress=progress),
+              "readout": np.array(readout), "windows": np.array(windows)}
     if tokens:
         arrays["tokens"] = embed_cohort(model, cohort, batch_size=batch_size, device=device,
                                         tokens=True, progress=progress)
@@ -700,33 +1274,47 @@ def save_embeddings(model, cohort, path: str | Path, *, tokens: bool = False, ba
 
 def probe_cohort(model, cohort, targets: Sequence[str], *, task: str = "auto", seeds=5,
                  probe: str = "closed-form", split_column: str | None = None,
-                 fc_input: str = "full", class_weight: str | None = None, batch_size: int = 16,
-                 device: str | None = None, random_init_seed: int = 0, progress: bool = True,
+                 readouts: Sequence[str] = READOUTS, random_init_seeds=3, windows: str = "all",
+                 class_weight: str | None = None, batch_size: int = 16,
+                 device: str | None = None, progress: bool = True,
                  features: dict[str, np.ndarray] | None = None,
                  probe_options: dict | None = None) -> Results:
-    """Linear probing of ``model`` on a cohort's label columns, next to both baselines.
+    """Linear probing of ``model`` on a cohort's label columns, next to every reference.
 
-    Embeds every subject once with the pretrained and with a randomly initialised copy of the
-    model, computes the FC baseline features, then runs :func:`run_protocol` per target. The FC
-    baseline always uses the closed-form probe. ``features`` may pass precomputed
-    {"brainjepa", "random_init", "fc_baseline"} matrices (N, F) to skip the embedding;
-    ``probe_options`` go to the model probes (e.g. {"epochs": 50} for bn-linear).
+    Methods (see the module docstring): brainjepa:<readout> and random_init#<k>:<readout> for
+    each readout and init seed k (``random_init_seeds``: a count, seeds 0..n-1, or a list),
+    fc_full, fc_window and amplitude, all on the same splits (``seeds`` split seeds); then
+    random_init(mean) / random_init(best) per readout from their records. The baselines always
+    use the closed-form probe. ``features`` may pass precomputed (N, F) matrices keyed by method
+    name (from :func:`probe_features`) to skip their computation; ``probe_options`` go to the
+    encoder probes (e.g. {"epochs": 50} for bn-linear). Returns :class:`Results` with records of
+    every method and ``comparisons`` (:func:`comparison_rows`).
     """
     if probe not in PROBES:
         raise ConfigError(f"unknown probe {probe!r}; choose one of {PROBES}")
+    readouts, windows = _check_readouts(readouts), _check_windows(windows)
+    init_seeds = _init_seeds(random_init_seeds)
+    if len(init_seeds) < 3:
+        log.warning("%d random-init seed(s): initialisations can differ from each other by more "
+                    "than pretraining gains, so random_init(mean) and (best) need at least 3",
+                    len(init_seeds))
+    names = probe_method_names(readouts, init_seeds)
+    features = dict(features or {})
+    unknown = sorted(set(features) - set(names))
+    if unknown:
+        raise ConfigError(f"features has entries {unknown} that are not methods of this probe; "
+                          f"expected names among {names}")
     labels = {t: target_labels(cohort, t, task) for t in targets}  # fail before the slow part
     splits = {t: _user_split(cohort, split_column, labels[t][0]) for t in targets}
-    features = dict(features or {})
-    if "brainjepa" not in features:
-        log.info("embedding %d subjects with the pretrained encoder", len(cohort))
-        features["brainjepa"] = embed_cohort(model, cohort, batch_size=batch_size, device=device, progress=progress)
-    if "random_init" not in features:
-        log.info("embedding %d subjects with the randomly initialised encoder", len(cohort))
-        features["random_init"] = embed_cohort(random_init_like(model, random_init_seed), cohort,
-                                               batch_size=batch_size, device=device, progress=progress)
-    if "fc_baseline" not in features:
-        log.info("computing the FC baseline features")
-        features["fc_baseline"] = cohort_fc(cohort, model, fc_input, progress)
+    if any(n not in features for n in names):
+        features.update(probe_features(model, cohort, readouts=readouts,
+                                       random_init_seeds=init_seeds, windows=windows,
+                                       batch_size=batch_size, device=device, progress=progress,
+                                       skip=list(features)))
+    for name in names:
+        if len(features[name]) != len(cohort):
+            raise DataError(f"features[{name!r}] has {len(features[name])} rows for a cohort of "
+                            f"{len(cohort)} subjects")
     results = Results()
     for target in targets:
         keep, y, t_task, classes = labels[target]
@@ -734,15 +1322,18 @@ def probe_cohort(model, cohort, targets: Sequence[str], *, task: str = "auto", s
         log.info("probing %s (%s, %d subjects%s) with the %s probe", target, t_task, len(keep),
                  f", classes {classes}" if classes else "", probe)
         methods = {
-            name: (lambda seed, fc=(name == "fc_baseline"):
-                   make_probe("closed-form", t_task, seed, class_weight) if fc
+            name: (lambda seed, baseline=(name in BASELINES):
+                   make_probe("closed-form", t_task, seed, class_weight) if baseline
                    else make_probe(probe, t_task, seed, class_weight, **(probe_options or {})),
-                   features[name][keep])
-            for name in METHODS
+                   np.asarray(features[name])[keep])
+            for name in names
         }
         results.extend(run_protocol(y, methods, target=target, task=t_task,
                                     n_classes=len(classes) if classes else None, seeds=seeds,
                                     split=split, progress=progress))
+    results.records += random_init_summaries(results.records, readouts, init_seeds)
+    results.records.sort(key=lambda r: _method_rank(r["method"]))  # stable: targets keep order
+    results.comparisons = comparison_rows(results.records)
     return results
 
 

@@ -36,6 +36,10 @@ only the unobserved ROIs, usually takes all of them (at R = 450: about 100 wante
 sample left with fewer than ``min_context`` context tokens is redrawn (at most 100 times, then
 ConfigError).
 
+**Random masking** (``strategy="random"``, the paper's ablation): the same draws, then each
+sample's tokens are relabelled by a random permutation of the grid, so every count (context,
+each block, the overlaps) is unchanged while the blocks lose all ROI and time structure.
+
 Nothing is truncated: rows are padded to the batch maximum and carry validity masks.
 
 **Randomness**: ``masker(B, rng)`` takes a numpy Generator or a seed; without one it uses the
@@ -55,6 +59,7 @@ import torch
 from .errors import ConfigError, DataError
 
 REGIONS = ("alpha", "beta", "gamma")
+STRATEGIES = ("spatiotemporal", "random")
 _MAX_REDRAWS = 100
 
 
@@ -190,6 +195,7 @@ class SpatiotemporalMasker:
         obs_roi_scale, obs_time_scale: ranges of the observation block's ROI and patch fractions.
         alpha_roi_scale, ..., gamma_time_scale: ranges of the target blocks' fractions of R and P.
         min_context: fewest context tokens a sample may have; samples below it are redrawn.
+        strategy: "spatiotemporal" (the method) or "random" (same counts, tokens shuffled).
         seed: seed of the masker's own generator, used by ``__call__`` without ``rng`` and by
             :meth:`collate`.
 
@@ -211,8 +217,12 @@ class SpatiotemporalMasker:
         gamma_roi_scale: tuple[float, float] = (0.15, 0.3),
         gamma_time_scale: tuple[float, float] = (0.0, 0.4),
         min_context: int = 1,
+        strategy: str = "spatiotemporal",
         seed: int | None = None,
     ):
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"SpatiotemporalMasker: strategy={strategy!r}; choose one of {STRATEGIES}")
+        self.strategy = strategy
         if int(n_rois) < 2 or int(n_patches) < 2:
             raise ConfigError(
                 f"SpatiotemporalMasker: n_rois={n_rois}, n_patches={n_patches}; both must be >= 2 so that "
@@ -249,7 +259,7 @@ class SpatiotemporalMasker:
             "alpha_roi_scale": self.alpha_roi_scale, "alpha_time_scale": self.alpha_time_scale,
             "beta_roi_scale": self.beta_roi_scale, "beta_time_scale": self.beta_time_scale,
             "gamma_roi_scale": self.gamma_roi_scale, "gamma_time_scale": self.gamma_time_scale,
-            "min_context": self.min_context, "seed": self.seed,
+            "min_context": self.min_context, "strategy": self.strategy, "seed": self.seed,
         }
 
     def __repr__(self) -> str:
@@ -299,8 +309,12 @@ class SpatiotemporalMasker:
         first = np.concatenate([s + ka, np.where(fits & (kb >= s), kb + w - lb + 1, kb),
                                 np.where(kg < n_left, kg, s + w + kg - n_left)], 1)
 
-        blocks = _rectangles(rois, first.reshape(-1), length.reshape(-1), P)
+        blocks = _rectangles(rois, first.reshape(-1), length.reshape(-1), P).reshape(n, 3 * K, R * P)
         sizes = np.count_nonzero(rois, axis=1) * length.reshape(-1)
+        if self.strategy == "random":  # the same counts on randomly relabelled tokens
+            perm = rng.permuted(np.broadcast_to(np.arange(R * P), (n, R * P)), axis=1)
+            observation = np.take_along_axis(observation.reshape(n, R * P), perm, 1).reshape(n, R, P)
+            blocks = np.take_along_axis(blocks, perm[:, None], 2)
         return observation, blocks.reshape(n, 3 * K, R, P), sizes.reshape(n, 3 * K)
 
     def __call__(self, batch_size: int, rng: np.random.Generator | int | None = None) -> MaskBatch:

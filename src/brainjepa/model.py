@@ -47,6 +47,9 @@ MODEL_SIZES: dict[str, dict] = {
 }
 
 
+POS_EMBEDS = ("gradient", "sincos", "learned")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a Brain-JEPA model (everything needed to rebuild it from JSON)."""
@@ -66,10 +69,19 @@ class ModelConfig:
     # The authors rescale the spatial (gradient) half of the positional embedding to [-1, 1]
     # over all tokens at every forward; kept switchable for checkpoint compatibility.
     pos_minmax: bool = True
+    # spatial half of the positions: "gradient" (Linear of the ROI's brain gradients, the
+    # method), "sincos" (fixed sine-cosine of the ROI index) or "learned" (a free table R x d/2);
+    # the last two are the paper's ablations
+    pos_embed: str = "gradient"
+    # LayerNorm on the embedded patches before the positions are added, so a token's content is
+    # on the scale of its position from the first step (see docs/method.md, "Recipe")
+    patch_norm: bool = False
     drop_path: float = 0.0
     layernorm_eps: float = 1e-6
 
     def __post_init__(self):
+        if self.pos_embed not in POS_EMBEDS:
+            raise ConfigError(f"model.pos_embed={self.pos_embed!r}: choose one of {POS_EMBEDS}")
         if self.depth < 1 or self.predictor_depth < 1:
             raise ConfigError(f"model.depth ({self.depth}) and model.predictor_depth "
                               f"({self.predictor_depth}) must be at least 1")
@@ -120,17 +132,29 @@ def sincos_1d(n_positions: int, dim: int) -> torch.Tensor:
 
 
 class GradientPositions(nn.Module):
-    """Positional embedding (R*P, dim) = [sine-cosine(t) | Linear(gradients[r])], token r*P + t."""
+    """Positional embedding (R*P, dim) = [sine-cosine(t) | spatial(r)], token r*P + t.
 
-    def __init__(self, n_gradients: int, n_patches: int, dim: int, minmax: bool):
+    spatial(r): ``Linear(gradients[r])`` ("gradient"), the sine-cosine code of the ROI index
+    ("sincos") or a learned row per ROI ("learned"). With ``minmax`` a learned spatial table is
+    rescaled to [-1, 1] over all ROIs at every forward, as in the authors' code.
+    """
+
+    def __init__(self, n_gradients: int, n_patches: int, dim: int, minmax: bool,
+                 kind: str = "gradient", n_rois: int | None = None):
         super().__init__()
-        self.n_patches, self.minmax = n_patches, minmax
-        self.proj = nn.Linear(n_gradients, dim // 2)
+        self.n_patches, self.minmax, self.kind = n_patches, minmax, kind
+        if kind == "gradient":
+            self.proj = nn.Linear(n_gradients, dim // 2)
+        elif kind == "learned":
+            self.table = nn.Parameter(torch.zeros(n_rois, dim // 2))
+            nn.init.trunc_normal_(self.table, std=0.02)
+        else:
+            self.register_buffer("table", sincos_1d(n_rois, dim // 2), persistent=False)
         self.register_buffer("temporal", sincos_1d(n_patches, dim // 2), persistent=False)
 
     def forward(self, gradients: torch.Tensor) -> torch.Tensor:
-        spatial = self.proj(gradients)  # (R, d/2)
-        if self.minmax:  # over the whole table, as in the authors' code
+        spatial = self.proj(gradients) if self.kind == "gradient" else self.table  # (R, d/2)
+        if self.minmax and self.kind != "sincos":  # over the whole table, as in the authors' code
             lo, hi = spatial.min(), spatial.max()
             spatial = 2 * (spatial - lo) / (hi - lo).clamp_min(1e-12) - 1
         n_rois = spatial.shape[0]
@@ -391,7 +415,9 @@ class BrainEncoder(nn.Module):
         D = cfg.embed_dim
         self.register_buffer("gradients", _check_gradients(gradients, cfg))
         self.patch_embed = nn.Linear(cfg.patch_size, D)
-        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, D, cfg.pos_minmax)
+        self.patch_norm = nn.LayerNorm(D, eps=cfg.layernorm_eps) if cfg.patch_norm else nn.Identity()
+        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, D, cfg.pos_minmax,
+                                           cfg.pos_embed, cfg.n_rois)
         self.blocks = _blocks(cfg, D, cfg.depth, cfg.num_heads)
         self.norm = nn.LayerNorm(D, eps=cfg.layernorm_eps)
         _init_weights(self)
@@ -404,7 +430,7 @@ class BrainEncoder(nn.Module):
             raise DataError(f"input has shape (R={R}, T={T}) per sample but the model expects "
                             f"(R={cfg.n_rois}, T={cfg.n_timepoints})")
         patches = x[:, :, : cfg.n_timepoints].reshape(B, R * cfg.n_patches, cfg.patch_size)
-        return self.patch_embed(patches) + self.pos_embed(self.gradients)
+        return self.patch_norm(self.patch_embed(patches)) + self.pos_embed(self.gradients)
 
     def forward(self, x: torch.Tensor, token_idx: torch.Tensor | None = None,
                 token_valid: torch.Tensor | None = None,
@@ -440,7 +466,8 @@ class BrainPredictor(nn.Module):
         self.register_buffer("gradients", _check_gradients(gradients, cfg))
         self.embed = nn.Linear(cfg.embed_dim, Dp)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
-        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, Dp, cfg.pos_minmax)
+        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, Dp, cfg.pos_minmax,
+                                           cfg.pos_embed, cfg.n_rois)
         self.blocks = _blocks(cfg, Dp, cfg.predictor_depth, cfg.predictor_num_heads)
         self.norm = nn.LayerNorm(Dp, eps=cfg.layernorm_eps)
         self.proj = nn.Linear(Dp, cfg.embed_dim)

@@ -72,16 +72,18 @@ from .bundle import export_run
 from .data import CohortSeries, WindowDataset, fit_scaler, open_cohort, report_scaling, resolve_target_tr
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
+from .diagnostics import diagnose_batch, ema_init_share, feature_stats, problems
 from .masking import MaskBatch, SpatiotemporalMasker
-from .model import BrainEncoder, BrainPredictor, ContextState, ModelConfig
+from .model import BrainEncoder, BrainPredictor, ModelConfig
+from .objective import (LOSSES, block_groups, block_loss_sum, context_tokens, group_tokens, n_blocks,
+                        split_targets, target_features)
 from .report import plot_loss_curve
 from .runs import (Heartbeat, MetricsLog, check_gradient_inputs, dump_config, latest_checkpoint,
                    list_checkpoints, load_config, load_latest_checkpoint, nonfinite_loss_error,
                    resolve_config, save_checkpoint, write_text_atomic)
-from .transforms import normalization_from_dict, normalization_to_dict
+from .transforms import FITTED_NORMALIZATIONS, normalization_from_dict, normalization_to_dict
 
-__all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "block_loss_sum", "Trainer",
-           "feature_stats", "latest_checkpoint"]
+__all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "Trainer", "latest_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +92,6 @@ RESUMABLE_CHANGES = {"train.log_every", "train.checkpoint_every", "train.keep_la
                      "train.precision", "train.compile", "train.collapse_std", "data.num_workers",
                      "data.on_error"}
 COLLAPSE_WARN_EVERY = 1000  # steps between repeated collapse warnings
-# Padded token lists are rounded up to a multiple of this (extra entries invalid). Sequence
-# lengths then come from a small set, and so do the matmul shapes: oneDNN (bf16 on CPU) compiles
-# and caches a kernel per shape, and with a new length every step that cache alone grew the
-# process by ~80 MB per step up to ~600 MB. The padding adds ~1% of the tokens.
-PAD_MULTIPLE = 64
 # Kernels oneDNN keeps compiled (its default, 1,024, is ~600 MB at these shapes); a step uses a
 # few dozen shapes, a miss costs ~0.3 ms. Above it, PyTorch's ideep layer keeps its own cache of
 # matmul objects (LRU_CACHE_CAPACITY, default 1,024): ~270 MB after five tiny bf16 steps, for no
@@ -213,78 +210,6 @@ class ShardSampler(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------- the model
 
 
-def _pad_width(idx: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut or pad (with invalid entries pointing at token 0) the last dim of idx / valid to
-    ``width`` rounded up to a multiple of PAD_MULTIPLE."""
-    width = -(-max(width, 1) // PAD_MULTIPLE) * PAD_MULTIPLE
-    extra = width - idx.shape[-1]
-    if extra <= 0:
-        return idx[..., :width], valid[..., :width]
-    return F.pad(idx, (0, extra)), F.pad(valid, (0, extra))
-
-
-def _block_groups(masks: MaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Target blocks grouped by region: [(idx B x K x w, valid B x K x w)], each group cut to its
-    last column holding a valid token (only all-padding columns go; every target token stays),
-    then padded to a multiple of PAD_MULTIPLE."""
-    groups = []
-    for region in dict.fromkeys(masks.regions):
-        sel = torch.tensor([i for i, r in enumerate(masks.regions) if r == region])
-        idx, valid = masks.target_idx[:, sel], masks.target_valid[:, sel]
-        used = valid.any(0).any(0).nonzero()
-        groups.append(_pad_width(idx, valid, int(used.max()) + 1 if len(used) else 1))
-    return groups
-
-
-def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Tensor,
-                   context_valid: torch.Tensor, target_idx: torch.Tensor, target_valid: torch.Tensor,
-                   targets: torch.Tensor, loss: str = "smooth_l1",
-                   shared: ContextState | None = None) -> torch.Tensor:
-    """Predict one group of K target blocks and sum their losses over samples and blocks.
-
-    z: B x Nc x D context features at context_idx (B x Nc, validity context_valid);
-    target_idx/valid: B x K x w; targets: B x K x w x D layer-normed target-encoder features of
-    the tokens target_idx.
-    Each block gets its own predictor pass (z repeated K times). A block's loss is the mean over
-    its valid tokens of the per-token distance (Smooth-L1 or squared error, mean over features);
-    a block without valid tokens adds 0. Returns the sum over the B x K blocks.
-    ``shared``: the predictor's context state for z (``predictor.context_state``), reused.
-    """
-    B, K, w = target_idx.shape
-    D = targets.shape[-1]
-    if K > 1:
-        z, context_idx, context_valid = (t.repeat_interleave(K, 0) for t in (z, context_idx, context_valid))
-        shared = None if shared is None else shared.repeat_interleave(K)
-    valid = target_valid.reshape(B * K, w)
-    pred = predictor(z, context_idx, context_valid=context_valid,
-                     target_idx=target_idx.reshape(B * K, w), target_valid=valid,
-                     shared=shared).float()
-    target = targets.reshape(B * K, w, D)
-    if loss == "smooth_l1":
-        err = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
-    else:
-        err = (pred - target).pow(2).mean(-1)
-    v = valid.to(err.dtype)
-    return ((err * v).sum(1) / v.sum(1).clamp_min(1)).sum()
-
-
-@torch.no_grad()
-def feature_stats(h: torch.Tensor, max_tokens: int = 512) -> dict[str, torch.Tensor]:
-    """Collapse monitor on target features h (... x D, e.g. the valid target tokens, n x D).
-
-    ``target_std``: std of each feature over the batch's tokens, averaged over features (0 when
-    every token maps to the same vector). ``target_cos``: mean cosine similarity between
-    distinct tokens, at most ``max_tokens`` taken evenly (1 when collapsed).
-    """
-    flat = h.reshape(-1, h.shape[-1]).float()
-    std = flat.std(0).mean() if flat.shape[0] > 1 else flat.new_zeros(())
-    sub = F.normalize(flat[:: max(1, flat.shape[0] // max_tokens)][:max_tokens], dim=-1)
-    n = sub.shape[0]
-    sim = sub @ sub.T
-    cos = (sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)
-    return {"target_std": std, "target_cos": cos}
-
-
 class Trainer:
     """Encoder, EMA target encoder, predictor, AdamW, and one optimizer step.
 
@@ -304,9 +229,10 @@ class Trainer:
         self.config = config
         self.model_config = model_config
         train, optim = config["train"], config["optim"]
-        if train["loss"] not in ("smooth_l1", "l2"):
-            raise ConfigError(f"train.loss must be smooth_l1 or l2, got {train['loss']!r}")
+        if train["loss"] not in LOSSES:
+            raise ConfigError(f"train.loss must be one of {LOSSES}, got {train['loss']!r}")
         self.loss = train["loss"]
+        self.center_targets = train["center_targets"]
         torch.manual_seed(train["seed"])  # same initial weights on every rank
         self.encoder = BrainEncoder(model_config, gradients).to(self.device)
         self.predictor = BrainPredictor(model_config, gradients).to(self.device)
@@ -374,38 +300,37 @@ class Trainer:
         for i, (x, masks) in enumerate(micro_batches):
             last = i == n - 1
             x = x.to(self.device, non_blocking=True)
-            ctx_idx, ctx_valid = _pad_width(masks.context_idx, masks.context_valid, masks.context_idx.shape[1])
-            ctx_idx = ctx_idx.to(self.device, non_blocking=True)
-            ctx_valid = ctx_valid.to(self.device, non_blocking=True)
+            ctx_idx, ctx_valid = (t.to(self.device, non_blocking=True) for t in context_tokens(masks))
             groups = [(idx.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
-                      for idx, valid in _block_groups(masks)]
-            n_blocks = max(int(masks.target_valid.any(-1).sum()), 1)
-            B = x.shape[0]
+                      for idx, valid in block_groups(masks)]
+            blocks = n_blocks(masks)
             with self._sync(self.encoder_run, last):
+                # 1. targets: the EMA target encoder's (centred) features at the target tokens
+                with torch.no_grad(), self.autocast():
+                    h = target_features(self.target_run, x, group_tokens(groups), self.center_targets)
+                # 2. context: the online encoder on the context tokens
                 with self.autocast():
-                    with torch.no_grad():  # target features at every group's tokens, B x M x D
-                        h = self.target_run(x, output_idx=torch.cat([i.reshape(B, -1) for i, _ in groups], 1))
-                        h = F.layer_norm(h.float(), h.shape[-1:])
                     z = self.encoder_run(x, ctx_idx, ctx_valid)
+                # 3. prediction and loss, one region group at a time, backpropagated into a
+                #    detached copy of z (one group's predictor activations alive at a time)
                 z_in = z.detach().requires_grad_()
                 shared = shared_in = None
-                if self._share_context():
+                if self._share_context():  # exact fast path: the first block's context part once
                     with self.autocast():
                         shared = self.predictor.context_state(z_in, ctx_idx, ctx_valid)
                     shared_in = shared.detached()  # collects the gradients of every pass
-                offset = 0
-                for g, (idx, valid) in enumerate(groups):
-                    targets = h[:, offset : offset + idx[0].numel()].reshape(*idx.shape, -1)
-                    offset += idx[0].numel()
+                for g, ((idx, valid), targets) in enumerate(zip(groups, split_targets(h, groups))):
                     with self._sync(self.predictor_run, last and g == len(groups) - 1):
                         with self.autocast():
                             block_sum = block_loss_sum(self.predictor_run, z_in, ctx_idx, ctx_valid,
                                                        idx, valid, targets, self.loss, shared_in)
-                        (block_sum / (n_blocks * n)).backward()
-                    loss_sum += block_sum.detach() / n_blocks
+                        (block_sum / (blocks * n)).backward()
+                    loss_sum += block_sum.detach() / blocks
+                # 4. backward through the encoder, once
                 if shared is not None:
                     shared.backward(shared_in)  # into z_in and the predictor's first block
                 z.backward(z_in.grad)
+        # 5. optimizer step (optional clipping), then the EMA update of the target encoder
         out = {"loss": loss_sum / n, "lr": lr, "wd": wd, "momentum": momentum}
         if self.clip_grad is not None:
             out["grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.clip_grad)
@@ -419,10 +344,18 @@ class Trainer:
             online = list(self.encoder.parameters())
             torch._foreach_lerp_(target, online, 1.0 - momentum)  # t <- m t + (1 - m) online
         if monitor:  # on the last micro-batch's valid target tokens
-            out.update(feature_stats(h[torch.cat([v.reshape(B, -1) for _, v in groups], 1)]))
+            valid = torch.cat([v.reshape(x.shape[0], -1) for _, v in groups], 1)
+            stats = feature_stats(h[valid])
+            out.update(target_std=stats["std"], target_cos=stats["cos"])
         if self.device.type == "cpu":
             _free_memory_to_os()
         return out
+
+    def diagnose(self, x: torch.Tensor, masks: MaskBatch) -> dict[str, float]:
+        """:func:`brainjepa.diagnostics.diagnose_batch` on one micro-batch, with this run's
+        modules, loss and target centring."""
+        return diagnose_batch(self.encoder, self.target_encoder, self.predictor, x, masks,
+                              loss=self.loss, center=self.center_targets, autocast=self.autocast())
 
     def state_dict(self) -> dict:
         return {"encoder": self.encoder.state_dict(), "target_encoder": self.target_encoder.state_dict(),
@@ -550,12 +483,12 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
     if not (resume and norm_file.is_file()):
         method = cfg["data"]["normalization"]
         scaler = None
-        if method == "robust":
+        if method in FITTED_NORMALIZATIONS:
             stored = cohort.normalization
-            if stored and stored.get("method") == "robust" and len(stored.get("median", [])) == cohort.n_rois:
+            if stored and stored.get("method") == method and len(stored.get("median", [])) == cohort.n_rois:
                 scaler = normalization_from_dict(stored)[1]
             else:
-                scaler = fit_scaler(cohort, train_idx, seed=cfg["train"]["seed"])
+                scaler = fit_scaler(cohort, train_idx, method=method, seed=cfg["train"]["seed"])
         write_text_atomic(norm_file, json.dumps(normalization_to_dict(method, scaler), indent=1) + "\n")
 
 
@@ -686,6 +619,14 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
 
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
     tokens_per_sample = model_config.n_tokens
+    init_share = ema_init_share(trainer.schedule.momentum_at, step)  # of the target encoder
+    if rank0 and step == 0:
+        final_share = ema_init_share(trainer.schedule.momentum_at, total)
+        if final_share > 0.5:
+            log.warning("the EMA schedule (optim.ema_start %g -> ema_end %g over %d steps) leaves "
+                        "%.0f%% of the target encoder's random initialisation in it at the end: "
+                        "lower optim.ema_start / optim.ema_end for a run this short",
+                        optim["ema_start"], optim["ema_end"], total, 100 * final_share)
     last_time, last_step, last_warn, final_loss = time.perf_counter(), step, None, None
     first_step = step
     heartbeat = Heartbeat(total) if rank0 and bar is None else None  # a log line every 30 s
@@ -703,7 +644,10 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                 for _ in range(accum):
                     x = next(batches)
                     micro.append((x, masker(x.shape[0], mask_rng)))
-                monitor = (step + 1) % train["log_every"] == 0 or step + 1 == end or step == first_step
+                diagnose = rank0 and train["diagnose_every"] > 0 and (
+                    (step + 1) % train["diagnose_every"] == 0 or step + 1 == end)
+                monitor = (diagnose or (step + 1) % train["log_every"] == 0 or step + 1 == end
+                           or step == first_step)
                 stats = trainer.step(micro, step, monitor)
                 # one process: check every step and name the batch's scans (several processes
                 # check at the logged steps below, together, so that no rank waits for another)
@@ -714,6 +658,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                     first = (step - epoch * steps_per_epoch) * accum * batch
                     names = [cohort.name(int(dataset.indices[i])) for i in order[first:first + accum * batch]]
                     raise nonfinite_loss_error(float(stats["loss"]), step + 1, names)
+                init_share *= stats["momentum"]
                 step += 1
                 if heartbeat is not None:
                     heartbeat(step, final_loss)
@@ -735,6 +680,12 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                     last_time, last_step = now, step
                     if rank0:
                         record = _record(step, steps_per_epoch, stats, final_loss, micro, rate, ctx.device)
+                        record["ema_init_share"] = init_share
+                        if diagnose:
+                            diag = trainer.diagnose(*micro[0])
+                            record.update({f"diag_{k}": round(v, 6) for k, v in diag.items()})
+                            for message in problems(diag, train["collapse_std"]):
+                                log.warning("diagnostics at step %d: %s", step, message)
                         metrics.write(record)
                         if bar is not None:
                             bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}",

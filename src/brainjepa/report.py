@@ -15,9 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, require
-from .evaluate import METHODS, METRIC_NAMES, infer_task, result_grid
+from .evaluate import (COMPARISON_COLUMNS, METRIC_NAMES, MODEL, RANDOM_INIT, READOUTS, _method_rank,
+                       compare, comparison_cells, format_p, headline_metric, infer_task, result_grid)
 
-METHOD_COLORS = {"brainjepa": "#1f77b4", "random_init": "#9e9e9e", "fc_baseline": "#ff7f0e"}
+# by the method's base name (before ':<readout>'); fine-tuning's names included
+METHOD_COLORS = {"brainjepa": "#1f77b4", "random_init": "#9e9e9e", "random_init(best)": "#6e6e6e",
+                 "random_init(mean)": "#b8b8b8", "fc_baseline": "#ff7f0e", "fc_full": "#ff7f0e",
+                 "fc_window": "#ffbb78", "amplitude": "#2ca02c"}
+# the random-init summaries and the seeds behind them: bars and the demo show the summaries
+SEED_MARK = "#"
+# pretrained vs random init is called a difference below this paired t-test p value
+ALPHA = 0.05
 # headline metrics of the results bars, with the chance level drawn as a dashed line
 HEADLINE = {"balanced_acc": 0.5, "auroc": 0.5, "pearson_r": 0.0, "r2": 0.0}
 
@@ -103,21 +111,26 @@ def plot_embedding_pca(embeddings: np.ndarray, labels: dict[str, np.ndarray], pa
 
 def plot_results(rows: list[dict], path: str | Path) -> Path:
     """Bars of mean +- std over seeds per method, one panel per (target, headline metric):
-    balanced ACC and AUROC for classification, Pearson r and R^2 for regression."""
+    balanced ACC and AUROC for classification, Pearson r and R^2 for regression. Single
+    random-init seeds (``random_init#k:...``) are left out: their mean and best are shown."""
     panels = [(t, m) for t in dict.fromkeys(r["target"] for r in rows) for m in HEADLINE
               if any(r["target"] == t and r["metric"] == m for r in rows)]
     if not panels:
         raise DataError("no headline metrics (balanced_acc, auroc, pearson_r, r2) in the results")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.4), squeeze=False)
+    n_bars = max(len({r["method"] for r in rows if SEED_MARK not in r["method"]}), 3)
+    fig, axes = plt.subplots(1, len(panels), figsize=((0.25 * n_bars + 1.2) * len(panels), 4.2),
+                             squeeze=False)
     for ax, (target, metric) in zip(axes[0], panels):
-        sel = {r["method"]: r for r in rows if r["target"] == target and r["metric"] == metric}
-        methods = [m for m in METHODS if m in sel] + [m for m in sel if m not in METHODS]
+        sel = {r["method"]: r for r in rows if r["target"] == target and r["metric"] == metric
+               and SEED_MARK not in r["method"]}
+        methods = sorted(sel, key=_method_rank)
         means = [sel[m]["mean"] if sel[m]["mean"] is not None else np.nan for m in methods]
-        ax.bar(range(len(methods)), means, yerr=[sel[m]["std"] or 0 for m in methods], capsize=3,
-               color=[METHOD_COLORS.get(m, "#2ca02c") for m in methods])
+        ax.bar(range(len(methods)), means, yerr=[sel[m]["std"] or 0 for m in methods], capsize=2,
+               color=[METHOD_COLORS.get(m.split(":")[0], "#8c564b") for m in methods])
         ax.axhline(HEADLINE[metric], color="k", ls="--", lw=0.8)
-        ax.set_xticks(range(len(methods)), [m.replace("_", "\n") for m in methods], fontsize=7)
+        ax.set_xticks(range(len(methods)), [m.replace(":", "\n") for m in methods], fontsize=6,
+                      rotation=90)
         ax.set_title(f"{target}: {METRIC_NAMES[metric]}", fontsize=9)
     fig.suptitle(f"test metrics, mean ± std over {max(r['n_seeds'] for r in rows)} seeds", fontsize=9)
     return _save(fig, path)
@@ -203,6 +216,15 @@ def results_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def comparisons_markdown(comparisons: list[dict]) -> str:
+    """Paired comparisons (:func:`brainjepa.evaluate.comparison_rows`) as a markdown table."""
+    if not comparisons:
+        return "_no paired comparisons_\n"
+    out = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|---" * len(COMPARISON_COLUMNS) + "|"]
+    out += ["| " + " | ".join(comparison_cells(c)) + " |" for c in comparisons]
+    return "\n".join(out) + "\n"
+
+
 def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
     """Write a markdown report: ``# title`` then one ``## heading`` + markdown body per section
     (images are referenced relative to the report's folder)."""
@@ -261,16 +283,21 @@ DEMO_STAGES = ("simulate", "gradients", "pretrain", "embed", "probe", "attention
 DEMO_OUTPUTS = ("data", "run", "figures", "attention", "gradients.csv", "results.json", "report.md")
 TARGETS = ("age", "patient")
 PATIENT_NETWORK = "Default"
+# random initialisations probed next to the pretrained encoder: seeds differ by more than
+# pretraining gains on small cohorts, so one seed is no reference
+DEMO_RANDOM_INIT_SEEDS = 3
 
 
 def run_demo(out_dir: str | Path = "brainjepa-demo", *, quick: bool = False, seeds: int | None = None,
              overwrite: bool = False, progress: bool = True) -> dict:
     """The whole method on the built-in simulated cohort, end to end, with a report.
 
-    Simulate -> brain gradients -> pretrain -> embed the held-out subjects -> probe 'age'
-    (regression) and 'patient' (classification) against the random-init and FC baselines ->
-    attention per network -> ``out_dir/report.md`` with figures. Returns {"report", "results"
-    (rows), "table", "timings" (seconds per stage), "wall_time_s"}.
+    Simulate -> brain gradients -> pretrain -> embed the held-out subjects (every window, every
+    readout, the pretrained and 3 randomly initialised encoders) -> probe 'age' (regression) and
+    'patient' (classification) against random init, FC (full scan and model windows) and
+    amplitude, with paired comparisons -> attention per network -> ``out_dir/report.md`` with
+    figures. Returns {"report", "results" (rows), "comparisons", "table", "comparison_table",
+    "timings" (seconds per stage), "wall_time_s"}.
     """
     import dataclasses
     import logging
@@ -281,7 +308,7 @@ def run_demo(out_dir: str | Path = "brainjepa-demo", *, quick: bool = False, see
     from .bundle import load_model
     from .data import open_cohort
     from .errors import ConfigError
-    from .evaluate import cohort_fc, embed_cohort, probe_cohort, random_init_like
+    from .evaluate import READOUTS, probe_cohort, probe_features
     from .gradients import BrainGradients, connectivity, plot_gradients, save_gradients_csv
     from .model import count_parameters
     from .pretrain import load_config, pretrain
@@ -338,18 +365,21 @@ def run_demo(out_dir: str | Path = "brainjepa-demo", *, quick: bool = False, see
                            progress=progress)
         plot_loss_curve(out / "run" / "metrics.jsonl", figures / "loss.png")
 
-    with stage("embed", f"embedding the {s.n_eval} held-out subjects (pretrained, random init, FC)"):
+    with stage("embed", f"embedding the {s.n_eval} held-out subjects (pretrained and "
+                        f"{DEMO_RANDOM_INIT_SEEDS} random-init encoders, all windows, readouts "
+                        f"{', '.join(READOUTS)}; FC and amplitude baselines)"):
         model = load_model(out / "run")
         cohort = open_cohort(manifests["eval"])
-        features = {"brainjepa": embed_cohort(model, cohort, progress=progress),
-                    "random_init": embed_cohort(random_init_like(model), cohort, progress=progress),
-                    "fc_baseline": cohort_fc(cohort, progress=progress)}
-        plot_embedding_pca(features["brainjepa"], {t: np.asarray(cohort.labels[t]) for t in TARGETS},
-                           figures / "embedding_pca.png", "pretrained embeddings")
+        features = probe_features(model, cohort, readouts=READOUTS,
+                                  random_init_seeds=DEMO_RANDOM_INIT_SEEDS, windows="all",
+                                  progress=progress)
+        plot_embedding_pca(features[f"{MODEL}:mean"], {t: np.asarray(cohort.labels[t]) for t in TARGETS},
+                           figures / "embedding_pca.png", "pretrained embeddings (mean readout)")
 
     with stage("probe", f"probing {' and '.join(TARGETS)}: {s.seeds} seeds of 60/20/20 splits"):
-        results = probe_cohort(model, cohort, TARGETS, seeds=s.seeds, features=features,
-                               progress=progress)
+        results = probe_cohort(model, cohort, TARGETS, seeds=s.seeds, readouts=READOUTS,
+                               random_init_seeds=DEMO_RANDOM_INIT_SEEDS, windows="all",
+                               features=features, progress=progress)
         results.save(out / "results.json")
         plot_results(results.rows, figures / "results.png")
 
@@ -363,8 +393,9 @@ def run_demo(out_dir: str | Path = "brainjepa-demo", *, quick: bool = False, see
         report = write_report(out / "report.md", "brainjepa demo: Brain-JEPA on a simulated cohort", body)
     wall = time.perf_counter() - start
     log.info("demo finished in %.0f s", wall)
-    return {"report": report, "results": results.rows, "table": results.table(), "timings": timings,
-            "wall_time_s": wall}
+    return {"report": report, "results": results.rows, "comparisons": results.comparisons,
+            "table": results.table(), "comparison_table": results.comparison_table(),
+            "timings": timings, "wall_time_s": wall}
 
 
 def paired_differences(records: list[dict], target: str, metric: str, method: str,
@@ -376,23 +407,47 @@ def paired_differences(records: list[dict], target: str, metric: str, method: st
     return np.array([value[(method, s)] - value[(baseline, s)] for s in seeds], dtype=np.float64)
 
 
-def reading(records: list[dict]) -> str:
-    """One factual line per target: the headline metric (AUROC or Pearson r) of the pretrained
-    model minus each baseline, paired by seed, mean +- std."""
+def _best(records: list[dict], target: str, metric: str, prefix: str) -> tuple[str, float] | None:
+    """(method, mean over split seeds) of the method named prefix... with the best mean."""
+    means = {}
+    for r in records:
+        if r["target"] == target and r["metric"] == metric and r["method"].startswith(prefix):
+            means.setdefault(r["method"], []).append(r["value"])
+    scored = [(m, float(np.mean([v for v in vals if np.isfinite(v)])))
+              for m, vals in means.items() if any(np.isfinite(v) for v in vals)]
+    return max(scored, key=lambda item: item[1]) if scored else None
+
+
+def _verdict(c: dict, alpha: float = ALPHA) -> str:
+    """How a paired comparison reads: only a two-sided p below ``alpha`` counts as a difference."""
+    p = c["p_value"]
+    if p is None or not np.isfinite(p):
+        return "cannot be told apart from" if c["n"] >= 2 else "cannot be tested (under 2 paired splits) against"
+    if p < alpha:
+        return "beats" if c["mean_diff"] > 0 else "is worse than"
+    return "does not significantly differ from"
+
+
+def reading(records: list[dict], alpha: float = ALPHA) -> str:
+    """One factual line per target: does the pretrained encoder's best readout beat the best
+    random-init seed (with any readout) on the headline metric (AUROC or Pearson r), paired over
+    split seeds? Both are picked by their mean test score, so neither side gets an advantage;
+    the verdict follows the two-sided paired t-test at ``alpha``."""
     lines = []
     for target in dict.fromkeys(r["target"] for r in records):
-        metrics = {r["metric"] for r in records if r["target"] == target}
-        metric = "auroc" if "auroc" in metrics else "pearson_r"
-        parts = []
-        for baseline in METHODS[1:]:
-            d = paired_differences(records, target, metric, METHODS[0], baseline)
-            d = d[np.isfinite(d)]
-            if len(d):
-                std = d.std(ddof=1) if len(d) > 1 else 0.0
-                parts.append(f"{d.mean():+.3f} ± {std:.3f} vs {baseline}")
-        if parts:
-            lines.append(f"- **{target}**, {METRIC_NAMES[metric]} of brainjepa minus each baseline "
-                         f"(paired over seeds): " + ", ".join(parts) + ".")
+        metric = headline_metric(records, target)
+        model = _best(records, target, metric, MODEL + ":")
+        rand = _best(records, target, metric, RANDOM_INIT + SEED_MARK)
+        if model is None or rand is None:
+            continue
+        c = compare(records, target, metric, model[0], rand[0])
+        ci = (f", 95% CI [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}]"
+              if np.isfinite(c["ci95_low"]) else "")
+        lines.append(
+            f"- **{target}** ({METRIC_NAMES[metric]}): the pretrained encoder's best readout "
+            f"`{model[0]}` ({model[1]:.3f}) {_verdict(c, alpha)} the best random-init seed "
+            f"`{rand[0]}` ({rand[1]:.3f}): paired difference {c['mean_diff']:+.3f}{ci}, "
+            f"paired t-test p {format_p(c['p_value'])}, better on {c['wins']} of {c['n']} splits.")
     return "\n".join(lines)
 
 
@@ -415,19 +470,34 @@ def _demo_sections(s: DemoSettings, sim, model, summary: dict, results, attentio
             f"narrowed to width {cfg.embed_dim}, {cfg.depth} layers ({n_params / 1e6:.2f}M encoder "
             f"parameters); windows of {cfg.n_timepoints} frames = {cfg.n_rois} x {cfg.n_patches} "
             f"tokens; {summary['steps']} steps of {s.batch_size}; final loss {final_loss:.4f}.",
-            f"- **Evaluation**: the other {s.n_eval} subjects (never seen in pretraining), "
-            f"centre window, embedding = mean over tokens + LayerNorm; closed-form probes (ridge / "
-            f"logistic regression, strength chosen on validation) on {s.seeds} random stratified "
-            "60/20/20 splits, each test split evaluated once. Baselines on the same splits: the "
-            "same architecture randomly initialised (`random_init`) and ridge / logistic "
-            "regression on the Fisher-z FC upper triangle of the full scan (`fc_baseline`).",
+            f"- **Evaluation**: the other {s.n_eval} subjects (never seen in pretraining). Each "
+            f"scan is resampled and tiled with evenly spaced {cfg.n_timepoints}-frame windows; "
+            "every window is encoded once and read out three ways: `mean` (mean over tokens + "
+            "LayerNorm, the paper's pooling), `roi` (per-ROI mean and std of each feature over "
+            "time) and `fc` (ROI x ROI correlation of the token features over time, Fisher-z); "
+            "a subject's embedding is the readout averaged over its windows. Closed-form probes "
+            "(ridge / logistic regression, strength chosen on validation) on "
+            f"{s.seeds} random stratified 60/20/20 splits, each test split evaluated once. "
+            "References on the same splits: the same architecture randomly initialised with "
+            f"{DEMO_RANDOM_INIT_SEEDS} seeds (`random_init#k`, their per-split mean "
+            "`random_init(mean)` and the seed with the best mean test score `random_init(best)`, "
+            "an optimistic reference), the Fisher-z FC of the full scan (`fc_full`) and of "
+            "exactly the windows the encoder sees (`fc_window`), and the per-ROI log amplitude "
+            "of the scan (`amplitude`).",
             f"- **Wall time**: {wall:.0f} s ({timing}).",
             "- **Scale**: this shows the mechanics at laptop scale (a 0.5M-parameter encoder, "
             f"{s.steps} steps on {s.n_pretrain} simulated subjects); it is not a benchmark of the "
             "method, which the paper pretrained (ViT-B, 300 epochs) on ~32k UK Biobank subjects.",
         ])),
-        ("Results", reading(results.records) + "\n\n" + results_markdown(results.rows) +
-         "\n![results](figures/results.png)\n\nAll rows, as JSON: `results.json`."),
+        ("Results", "Pretrained against random initialisation, on each target's headline metric "
+                    f"(paired over the {s.seeds} splits; a difference counts only at p < {ALPHA}):"
+                    "\n\n" + reading(results.records) + "\n\n" + results_markdown(results.rows) +
+         "\n**Paired comparisons**: brainjepa minus each reference per split (mean, 95% t "
+         "interval, two-sided paired t-test p, splits won). With few splits these tests have "
+         "little power; a p above 0.05 means no detectable difference, not equality.\n\n"
+         + comparisons_markdown(results.comparisons) +
+         "\n![results](figures/results.png)\n\nAll rows and comparisons, as JSON: "
+         "`results.json`."),
         ("Pretraining loss", "![loss](figures/loss.png)"),
         ("Brain gradients", "The ROIs in the space of their first connectivity gradients "
                             "(coloured by simulated network); these position the ROI tokens.\n\n"
@@ -449,3 +519,49 @@ def _demo_sections(s: DemoSettings, sim, model, summary: dict, results, attentio
             f"--networks {out / 'data/eval/rois.tsv'} --out attention",
             "```"])),
     ]
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+_DIAG_LOSSES = (("loss_own", "own context", "#1f77b4"), ("loss_other", "another sample's context", "#d62728"),
+                ("loss_zero", "all-zero input", "#9e9e9e"), ("loss_position", "position-only floor", "#2ca02c"))
+
+
+def plot_diagnostics(result: dict, path: str | Path) -> Path:
+    """Bars of :func:`brainjepa.diagnostics.diagnose_model`'s predictor losses and the variance
+    shares of the target features."""
+    m = result["mean"]
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    ax.bar(range(4), [m[k] for k, _, _ in _DIAG_LOSSES], color=[c for _, _, c in _DIAG_LOSSES])
+    ax.set_xticks(range(4), [label for _, label, _ in _DIAG_LOSSES], rotation=15, fontsize=8)
+    ax.set_ylabel("predictor loss")
+    ax.set_title(f"context reliance (gain {100 * m['context_gain']:+.1f}%)")
+    ax2.bar([0, 1], [m["position_share"], m["subject_share"]], color=["#8c564b", "#1f77b4"])
+    ax2.set_xticks([0, 1], ["position", "subject"])
+    ax2.set_ylim(0, 1)
+    ax2.set_title("target variance share")
+    return _save(fig, path)
+
+
+def plot_diagnostics_history(metrics: str | Path | Sequence[dict], path: str | Path) -> Path:
+    """The training-time diagnostics (``diag_*`` in metrics.jsonl) against optimizer step."""
+    records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
+    records = [r for r in records if "diag_loss_own" in r]
+    if not records:
+        raise DataError("no diagnostics records (train.diagnose_every was 0)")
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in records]
+    for key, label, color in _DIAG_LOSSES:
+        ax.plot(steps, [r[f"diag_{key}"] for r in records], label=label, color=color, marker="o", ms=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("predictor loss")
+    ax.legend(fontsize=7)
+    for key, label in (("target_cos", "target token cosine"), ("context_cos", "context token cosine"),
+                       ("position_share", "position share"), ("subject_share", "subject share")):
+        ax2.plot(steps, [r[f"diag_{key}"] for r in records], label=label, marker="o", ms=3)
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("optimizer step")
+    ax2.legend(fontsize=7)
+    return _save(fig, path)

@@ -34,13 +34,15 @@ import yaml
 
 from .errors import BrainJEPAError, ConfigError
 from .io import ORIENTATIONS
-from .model import MODEL_SIZES
+from .masking import STRATEGIES
+from .model import MODEL_SIZES, POS_EMBEDS
+from .objective import LOSSES
 from .report import read_metrics
 from .transforms import NORMALIZATIONS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN_CONFIGS = tuple(MODEL_SIZES)
-LOSSES = ("smooth_l1", "l2")
+
 CHECKPOINTS = "checkpoints"
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -57,6 +59,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "patch_size": (16, "int", (1, None)),
         "n_gradients": (30, "int", (1, None)),
         "pos_minmax": (True, "bool", None),
+        "pos_embed": ("gradient", "str", POS_EMBEDS),
+        "patch_norm": (False, "bool", None),
         "drop_path": (0.0, "float", (0.0, 1.0)),
         # null: the value of the size preset
         "embed_dim": (None, "int", (4, None)),
@@ -92,6 +96,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "gamma_roi_scale": ([0.15, 0.3], "pair", (0.0, 1.0)),
         "gamma_time_scale": ([0.0, 0.4], "pair", (0.0, 1.0)),
         "min_context": (1, "int", (0, None)),
+        "strategy": ("spatiotemporal", "str", STRATEGIES),
     },
     "optim": {
         "epochs": (300, "int", (1, None)),
@@ -119,6 +124,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "keep_last": (3, "int", (1, None)),
         "device": ("auto", "str", None),
         "collapse_std": (0.1, "float", (0.0, None)),   # warn below (token cosine ~0.99)
+        "center_targets": (False, "bool", None),       # subtract the batch mean per position
+        "diagnose_every": (0, "int", (0, None)),       # representation diagnostics; 0: off
     },
 }
 

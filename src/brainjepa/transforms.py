@@ -12,9 +12,17 @@ TR resampling
     small matrix product (:class:`WindowResampler`), which keeps the streaming loader fast.
 
 Normalisation
-    ``robust``: per ROI (x - median) / IQR with statistics fitted on the training set and stored
-    with the model (:class:`RobustScaler`). ``zscore``: per sample, per ROI. ``none``.
+    ``psc``: each scan's ROIs become percent signal change (x / mean - 1, per ROI, per window),
+    then each ROI is divided by its robust spread (IQR) over the training cohort. ``center``:
+    each scan's ROIs are demeaned, then scaled the same way. Both remove per-scan intensity
+    offsets (scanner, site, coil) and keep amplitude differences between subjects; ``psc`` also
+    removes the per-scan intensity *scale*, and needs raw BOLD (positive ROI means well above
+    their fluctuations). ``zscore``: per sample, per ROI (removes amplitude too). ``robust``:
+    the authors' per ROI (x - median) / IQR over the cohort, without per-scan centring (kept
+    for their checkpoint; on raw data the model then mostly sees per-scan ROI offsets).
+    ``none``. Fitted statistics live in a :class:`RobustScaler` and are stored with the model;
     :func:`normalization_to_dict` is the JSON description written as ``normalization.json``.
+    See docs/method.md for the measurements behind the default.
 """
 
 from __future__ import annotations
@@ -27,7 +35,12 @@ import torch
 
 from .errors import ConfigError, DataError
 
-NORMALIZATIONS = ("robust", "zscore", "none")
+NORMALIZATIONS = ("psc", "center", "zscore", "robust", "none")
+# methods with per-ROI statistics fitted on the training cohort (a RobustScaler)
+FITTED_NORMALIZATIONS = ("psc", "center", "robust")
+# psc needs every ROI's mean this many of its standard deviations above zero (raw BOLD is
+# ~100 std above; demeaned or z-scored data is ~0)
+PSC_MIN_MEAN_TO_STD = 3.0
 # half-width of the interpolation kernel, in output samples: wide enough for a sharp anti-alias
 # cut-off, small enough that a 160-point window needs only ~8 extra output periods each side
 KERNEL_HALF_WIDTH = 8
@@ -206,6 +219,35 @@ def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     return ((x - mean) / np.maximum(std, eps)).astype(np.float32, copy=False)
 
 
+def percent_signal_change(x: np.ndarray) -> np.ndarray:
+    """Per ROI 100 * (x / mean - 1) over the last axis of (..., R, T) raw BOLD ``x``.
+
+    Raises DataError when an ROI's mean is not clearly positive (the series is already centred
+    or scaled), since dividing by it would blow the noise up.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    bad = ~(mean > PSC_MIN_MEAN_TO_STD * x.std(axis=-1, keepdims=True))
+    if bad.any():
+        raise DataError(
+            f"normalization 'psc' needs raw BOLD (every ROI's mean well above its fluctuations), "
+            f"but {int(bad.sum())} ROI(s) have a mean near or below zero (typical |mean| "
+            f"{float(np.median(np.abs(mean))):.3g}): the series looks centred or scaled already; "
+            "use normalization 'center' or 'zscore' for it")
+    return (100.0 * (x / mean - 1.0)).astype(np.float32, copy=False)
+
+
+def scan_transform(x: np.ndarray, method: str) -> np.ndarray:
+    """The per-scan part of a normalisation, before any cohort statistics: percent signal
+    change ('psc'), demeaning ('center'), or nothing (other methods)."""
+    if method == "psc":
+        return percent_signal_change(x)
+    x = np.asarray(x, dtype=np.float32)
+    if method == "center":
+        return x - x.mean(axis=-1, keepdims=True)
+    return x
+
+
 class RobustScaler:
     """Per-ROI robust scaling (x - median) / IQR, fitted on training series.
 
@@ -269,8 +311,8 @@ class RobustScaler:
                             f"{len(self.median_)}")
         return (x - self.median_[:, None]) / self.iqr_[:, None]
 
-    def to_dict(self) -> dict:
-        return normalization_to_dict("robust", self)
+    def to_dict(self, method: str = "robust") -> dict:
+        return normalization_to_dict(method, self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RobustScaler:
@@ -288,17 +330,18 @@ class RobustScaler:
 def normalization_to_dict(method: str, scaler: RobustScaler | None = None) -> dict:
     """JSON-serialisable description of a normalisation (written as normalization.json).
 
-    {"method": "robust", "median": [...R], "iqr": [...R], "n_timepoints": N} or
-    {"method": "zscore"} / {"method": "none"}.
+    {"method": "psc" | "center" | "robust", "median": [...R], "iqr": [...R], "n_timepoints": N}
+    (statistics of the per-scan transformed training series) or {"method": "zscore"} /
+    {"method": "none"}.
     """
     if method not in NORMALIZATIONS:
         raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
-    if method != "robust":
+    if method not in FITTED_NORMALIZATIONS:
         return {"method": method}
     if scaler is None or not hasattr(scaler, "median_"):
-        raise ConfigError("robust normalization needs a fitted RobustScaler")
+        raise ConfigError(f"{method} normalization needs a fitted RobustScaler")
     return {
-        "method": "robust",
+        "method": method,
         "median": [float(v) for v in scaler.median_],
         "iqr": [float(v) for v in scaler.iqr_],
         "n_timepoints": int(getattr(scaler, "n_timepoints_seen_", 0)),
@@ -310,15 +353,15 @@ def normalization_from_dict(d: dict) -> tuple[str, RobustScaler | None]:
     method = d.get("method")
     if method not in NORMALIZATIONS:
         raise ConfigError(f"normalization.json: 'method' must be one of {NORMALIZATIONS}, got {method!r}")
-    return method, (RobustScaler.from_dict(d) if method == "robust" else None)
+    return method, (RobustScaler.from_dict(d) if method in FITTED_NORMALIZATIONS else None)
 
 
 def normalize(x: np.ndarray, method: str, scaler: RobustScaler | None = None) -> np.ndarray:
-    """Apply a normalisation ('robust' needs ``scaler``) to (..., R, T) ``x``."""
-    if method == "robust":
+    """Apply a normalisation to (..., R, T) ``x`` (the fitted methods need ``scaler``)."""
+    if method in FITTED_NORMALIZATIONS:
         if scaler is None:
-            raise ConfigError("normalization='robust' needs a fitted RobustScaler")
-        return scaler.transform(x)
+            raise ConfigError(f"normalization={method!r} needs a fitted RobustScaler")
+        return scaler.transform(scan_transform(x, method))
     if method == "zscore":
         return zscore(x)
     if method == "none":

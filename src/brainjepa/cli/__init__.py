@@ -26,6 +26,7 @@ COMMANDS = [
     "probe",
     "finetune",
     "attention",
+    "diagnose",
     "convert_official",
     "demo",
 ]

@@ -58,20 +58,31 @@ def check_finite_npz(path, subjects) -> None:
 
 
 def register(subparsers) -> None:
+    from ..evaluate import READOUTS, WINDOWS
+
     p = subparsers.add_parser(
         "embed",
         help="embed subjects with a pretrained model",
         description=(
-            "Embed every subject: each series is resampled to the model's TR, its centre window "
-            "taken and normalised as in pretraining (deterministic), then encoded; the embedding "
-            "is the mean over tokens followed by LayerNorm. Writes an .npz with 'subjects', "
-            "'embeddings' (N x D), 'roi_labels', one 'label_<name>' array per label column and, "
-            "with --tokens, 'tokens' (N x R x P x D)."
+            "Embed every subject: each series is resampled to the model's TR, cut into windows "
+            "(--windows all: evenly spaced windows covering the scan; center: the centre window) "
+            "each normalised as in pretraining (deterministic), encoded, and read out "
+            "(--readout mean: mean over tokens then LayerNorm; roi: per-ROI mean and std over "
+            "time; fc: ROI x ROI correlation of token features), averaged over windows. Writes "
+            "an .npz with 'subjects', 'embeddings' (N x F), 'readout', 'windows', 'roi_labels', "
+            "one 'label_<name>' array per label column and, with --tokens, 'tokens' "
+            "(N x R x P x D, the centre window)."
         ),
     )
     add_model_data_arguments(p)
     p.add_argument("--out", required=True, metavar="EMB_NPZ", help="output .npz file")
-    p.add_argument("--tokens", action="store_true", help="also save token features (N x R x P x D)")
+    p.add_argument("--readout", choices=READOUTS, default="mean",
+                   help=f"readout of the token features, one of {', '.join(READOUTS)} (default mean)")
+    p.add_argument("--windows", choices=WINDOWS, default="all",
+                   help="all (default): average over windows covering each scan; center: the "
+                        "centre window only")
+    p.add_argument("--tokens", action="store_true",
+                   help="also save the centre window's token features (N x R x P x D)")
     p.set_defaults(func=run)
 
 
@@ -85,14 +96,20 @@ def run(args: argparse.Namespace) -> int:
     final = Path(args.out)
     tmp = final.with_name(f".{final.name}.incomplete")  # renamed when complete and checked
     try:
-        save_embeddings(model, cohort, tmp, tokens=args.tokens, batch_size=args.batch_size,
-                        device=args.device, progress=not args.quiet)
+        save_embeddings(model, cohort, tmp, readout=args.readout, windows=args.windows,
+                        tokens=args.tokens, batch_size=args.batch_size, device=args.device,
+                        progress=not args.quiet)
         check_finite_npz(tmp, cohort.subjects)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     out = final
-    print(f"wrote {out}: {len(cohort)} subjects x {model.config.embed_dim} dimensions"
-          + (f", tokens {len(cohort)} x {model.config.n_rois} x {model.config.n_patches} x "
-             f"{model.config.embed_dim}" if args.tokens else ""))
+    import numpy as np
+
+    n_dims = np.load(out)["embeddings"].shape[1]
+    cfg = model.config
+    print(f"wrote {out}: {len(cohort)} subjects x {n_dims} dimensions ({args.readout} readout, "
+          f"{args.windows} windows)"
+          + (f", tokens {len(cohort)} x {cfg.n_rois} x {cfg.n_patches} x {cfg.embed_dim}"
+             if args.tokens else ""))
     return 0

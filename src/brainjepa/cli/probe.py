@@ -1,4 +1,5 @@
-"""``brainjepa probe``: linear probing of a frozen model next to the FC and random-init baselines."""
+"""``brainjepa probe``: linear probing of a frozen model next to random-init, FC and amplitude
+baselines, with paired comparisons."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import argparse
 from .embed import add_model_data_arguments, load
 
 
-def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
-    """Target, task, seeds, splits, baselines and output options shared by probe and finetune."""
+def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) -> None:
+    """Target, task, seeds, splits, baselines and output options shared by probe and finetune
+    (``fc_input``: offer --fc-input, the choice of fine-tuning's single FC baseline)."""
     p.add_argument("--target", required=True, action="append", metavar="COLUMN",
                    help="label column to predict (repeat for several targets)")
     p.add_argument("--task", choices=("auto", "classification", "regression"), default="auto",
@@ -17,30 +19,48 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-column", metavar="COLUMN",
                    help="use this column's train/val/test values instead of random 60/20/20 splits "
                         "('split' reads the manifest's split column)")
-    p.add_argument("--fc-input", choices=("full", "window"), default="full",
-                   help="FC baseline from each subject's full series (default) or from exactly the "
-                        "window the model sees")
+    if fc_input:
+        p.add_argument("--fc-input", choices=("full", "window"), default="full",
+                       help="FC baseline from each subject's full series (default) or from exactly "
+                            "the window the model sees")
     p.add_argument("--class-weight", choices=("balanced",), default=None,
                    help="weight classes by inverse frequency in the training loss")
-    p.add_argument("--out", metavar="RESULTS_JSON", help="write the results rows as JSON")
+    p.add_argument("--out", metavar="RESULTS_JSON",
+                   help="write the results as JSON (summary rows and, for probe, the comparisons)")
 
 
 def register(subparsers) -> None:
+    from ..evaluate import PROBES, READOUTS, WINDOWS
+
     p = subparsers.add_parser(
         "probe",
-        help="linear probing with the FC and random-init baselines",
+        help="linear probing with random-init, FC and amplitude baselines",
         description=(
-            "Evaluate a frozen model by linear probing (SPEC s7). For every seed the subjects are "
-            "split 60/20/20 (stratified for classification) or by --split-column; every method "
-            "is fitted on train, tuned on validation only and evaluated once on test. The table "
-            "shows the model ('brainjepa'), the same architecture randomly initialised "
-            "('random_init', probed identically) and ridge / logistic regression on the FC upper "
-            "triangle ('fc_baseline'), as mean +- std over seeds."
+            "Evaluate a frozen model by linear probing. For every seed the subjects are split "
+            "60/20/20 (stratified for classification) or by --split-column; every method is "
+            "fitted on train, tuned on validation only and evaluated once on test. Each scan is "
+            "encoded window by window (--windows) and read out as the token mean ('mean'), "
+            "per-ROI mean and std over time ('roi') or the ROI x ROI correlation of token "
+            "features ('fc'). Methods: 'brainjepa:<readout>'; the same architecture randomly "
+            "initialised with several seeds ('random_init#<k>:<readout>', their mean per split "
+            "'random_init(mean)' and the seed with the best mean test score 'random_init(best)'); "
+            "FC of the full scan ('fc_full') and of the model's windows ('fc_window'); per-ROI "
+            "log amplitude ('amplitude'). Prints mean +- std over seeds and paired comparisons "
+            "of brainjepa against each reference (mean difference, 95% CI, paired t-test p)."
         ),
     )
     add_model_data_arguments(p)
-    add_protocol_arguments(p)
-    p.add_argument("--probe", choices=("closed-form", "bn-linear"), default="closed-form",
+    add_protocol_arguments(p, fc_input=False)
+    p.add_argument("--readout", action="append", choices=READOUTS,
+                   help=f"readout of the token features, one of {', '.join(READOUTS)}; repeat "
+                        f"for several (default: all of {', '.join(READOUTS)})")
+    p.add_argument("--random-init-seeds", type=int, default=3, metavar="N",
+                   help="randomly initialised copies of the architecture, seeds 0..N-1 "
+                        "(default 3; 0 leaves them out)")
+    p.add_argument("--windows", choices=WINDOWS, default="all",
+                   help="all (default): average over evenly spaced windows covering each scan; "
+                        "center: the centre window only")
+    p.add_argument("--probe", choices=PROBES, default="closed-form",
                    help="closed-form (default): ridge / logistic regression on standardised "
                         "embeddings; bn-linear: the paper's BatchNorm + linear head (AdamW)")
     p.add_argument("--epochs", type=int, default=50, help="bn-linear probe epochs (default 50)")
@@ -48,15 +68,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import probe_cohort
+    from ..evaluate import READOUTS, probe_cohort
 
     model, cohort = load(args)
     results = probe_cohort(
         model, cohort, args.target, task=args.task, seeds=args.seeds, probe=args.probe,
-        split_column=args.split_column, fc_input=args.fc_input, class_weight=args.class_weight,
-        batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+        split_column=args.split_column, readouts=args.readout or READOUTS,
+        random_init_seeds=args.random_init_seeds, windows=args.windows,
+        class_weight=args.class_weight, batch_size=args.batch_size, device=args.device,
+        progress=not args.quiet,
         probe_options={"epochs": args.epochs} if args.probe == "bn-linear" else None)
     print(results.table())
+    print("paired over split seeds: brainjepa minus each reference\n")
+    print(results.comparison_table())
     if args.out:
         print(f"wrote {results.save(args.out)}")
     return 0

@@ -1,0 +1,136 @@
+"""Representation diagnostics, the JEPA objective's target centring, and `brainjepa diagnose`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brainjepa.diagnostics import (diagnose_batch, effective_rank, ema_init_share, problems,
+                                   variance_shares)
+from brainjepa.masking import SpatiotemporalMasker
+from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
+from brainjepa.objective import block_groups, group_tokens, target_features
+
+CFG = ModelConfig.from_size("tiny", n_rois=16, n_timepoints=48, n_gradients=4, embed_dim=32, depth=2,
+                            num_heads=2, predictor_embed_dim=16, predictor_depth=1, predictor_num_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_variance_shares_separate_position_from_subject():
+    g = torch.Generator().manual_seed(0)
+    position = torch.randn(1, 50, 8, generator=g).expand(6, 50, 8)
+    subject = torch.randn(6, 1, 8, generator=g).expand(6, 50, 8)
+    noise = 0.01 * torch.randn(6, 50, 8, generator=g)
+    by_pos = variance_shares(position + noise)
+    by_subj = variance_shares(subject + noise)
+    assert by_pos["position_share"] > 0.99 and by_pos["subject_share"] < 0.01
+    assert by_subj["subject_share"] > 0.99 and by_subj["position_share"] < 0.01
+
+
+def test_effective_rank_of_rank_one_and_isotropic_rows():
+    g = torch.Generator().manual_seed(0)
+    rank_one = torch.randn(20, 1, generator=g) * torch.randn(1, 16, generator=g)
+    assert effective_rank(rank_one) == pytest.approx(1.0, abs=1e-4)
+    iso = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:8]  # 8 orthonormal rows
+    iso = torch.cat([iso, -iso])  # centred: 8 equal singular values
+    assert effective_rank(iso) == pytest.approx(8.0, rel=1e-4)
+
+
+def test_ema_init_share_is_the_product_of_momenta():
+    assert ema_init_share(lambda s: 0.99, 10) == pytest.approx(0.99 ** 10)
+    assert ema_init_share(lambda s: 0.99 + 0.001 * s, 3) == pytest.approx(0.99 * 0.991 * 0.992)
+    assert ema_init_share(lambda s: 1.0, 0) == 1.0
+
+
+def test_centred_targets_have_zero_batch_mean_at_every_position():
+    torch.manual_seed(0)
+    enc = BrainEncoder(CFG, torch.randn(16, 4)).eval()
+    x = torch.randn(4, 16, 48)
+    idx = torch.arange(CFG.n_tokens).expand(4, -1)
+    with torch.no_grad():
+        centred = target_features(enc, x, idx, center=True)
+        plain = target_features(enc, x, idx, center=False)
+    torch.testing.assert_close(centred.mean(0), torch.zeros_like(centred[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(centred, plain - plain.mean(0, keepdim=True), atol=1e-5, rtol=1e-5)
+    ln = F.layer_norm(enc(x), (32,))
+    torch.testing.assert_close(plain, ln, atol=1e-5, rtol=1e-5)
+
+
+class PositionOnly(nn.Module):
+    """A predictor that ignores its context: a fixed vector per target token position."""
+
+    def __init__(self, n_tokens, dim):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(n_tokens, dim))
+
+    def forward(self, context, context_idx, target_idx, context_valid=None, target_valid=None, shared=None):
+        return self.table[target_idx]
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    grads = torch.randn(16, 4)
+    enc, pred = BrainEncoder(CFG, grads), BrainPredictor(CFG, grads)
+    x = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(1))
+    masks = SpatiotemporalMasker(16, 3)(4, np.random.default_rng(2))
+    return enc, pred, x, masks
+
+
+def test_context_reliance_of_a_position_only_and_a_real_predictor():
+    enc, pred, x, masks = _setup()
+    blind = diagnose_batch(enc, enc, PositionOnly(CFG.n_tokens, 32), x, masks, loss="l2", center=False)
+    assert blind["loss_own"] == blind["loss_other"] == blind["loss_zero"]
+    assert blind["context_gain"] == 0.0
+    assert any("barely uses its context" in p for p in problems(blind))
+    real = diagnose_batch(enc, enc, pred, x, masks, loss="l2", center=False)
+    assert real["loss_own"] != real["loss_other"]  # a transformer predictor reads its context
+    for key in ("target_std", "target_cos", "context_std", "context_cos", "position_share",
+                "subject_share", "effective_rank", "loss_position"):
+        assert math.isfinite(real[key]), key
+    assert enc.training and pred.training  # modes restored
+
+
+def test_position_floor_is_the_other_samples_mean_at_each_target():
+    enc, _, x, masks = _setup()
+    x = x[:2]
+    masks = SpatiotemporalMasker(16, 3)(2, np.random.default_rng(5))
+    out = diagnose_batch(enc, enc, PositionOnly(CFG.n_tokens, 32), x, masks, loss="l2", center=False)
+    with torch.no_grad():
+        full = F.layer_norm(enc.eval()(x), (32,))
+    per_block = []  # with two samples, the floor predicts each one's target by the other's
+    for b in range(2):
+        for k in range(masks.n_blocks):
+            tok = masks.target_idx[b, k][masks.target_valid[b, k]]
+            per_block.append(((full[1 - b, tok] - full[b, tok]) ** 2).mean())
+    assert out["loss_position"] == pytest.approx(float(torch.stack(per_block).mean()), rel=1e-4)
+
+
+def test_problems_flag_collapse_and_position_dominated_tokens():
+    healthy = {"context_gain": 0.3, "loss_own": 1.0, "loss_other": 1.3, "loss_position": 1.5,
+               "target_cos": 0.3, "target_std": 0.8, "context_cos": 0.2, "context_std": 0.9,
+               "position_share": 0.4, "subject_share": 0.3}
+    assert problems(healthy) == []
+    sick = dict(healthy, context_cos=0.99, position_share=0.97)
+    found = problems(sick)
+    assert len(found) == 2
+    assert "context encoder" in found[0] and "97.0%" in found[1]
+
+
+def test_group_tokens_concatenates_the_region_groups():
+    masks = SpatiotemporalMasker(16, 3, n_blocks=2)(3, np.random.default_rng(0))
+    groups = block_groups(masks)
+    tokens = group_tokens(groups)
+    assert tokens.shape == (3, sum(idx[0].numel() for idx, _ in groups))
+    torch.testing.assert_close(tokens[:, : groups[0][0][0].numel()], groups[0][0].reshape(3, -1))
