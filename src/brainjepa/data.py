@@ -1069,8 +1069,8 @@ class WindowDataset(torch.utils.data.Dataset):
         for k, i in enumerate(self.indices):
             self._max_start[k] = self._check_scan(int(i))
         severity, message = scaling_report(self.cohort, normalization, self.indices, what="dataset")
-        if severity in ("error", "warning"):  # a dataset built by hand: say it, do not refuse
-            log.warning(message)
+        if severity in ("error", "warning") and _first_report(self.cohort, normalization, self.indices):
+            log.warning(message)  # a dataset built by hand: say it, do not refuse
         self.scaler = None
         if normalization in FITTED_NORMALIZATIONS:
             self.scaler = scaler if scaler is not None else self._default_scaler()
@@ -1308,9 +1308,23 @@ def scaling_report(cohort, method: str, indices=None, *, what: str = "pretrain")
     return "info", f"{found}; data.normalization={method} rescales them with the cohort's statistics"
 
 
+def _first_report(cohort, method: str, indices) -> bool:
+    """True the first time a (method, scans) pair of this cohort is reported (one message per
+    cohort, not one per object built on it)."""
+    idx = np.arange(len(cohort)) if indices is None else np.asarray(indices, dtype=np.int64)
+    key = (method, len(idx), int(idx.sum()))
+    done = cohort.__dict__.setdefault("_scaling_reported", set())
+    if key in done:
+        return False
+    done.add(key)
+    return True
+
+
 def report_scaling(cohort, method: str, indices=None, *, what: str = "pretrain") -> None:
     """Log :func:`scaling_report`'s message at its severity; raise ConfigError for an error."""
     severity, message = scaling_report(cohort, method, indices, what=what)
+    if severity != "error" and not _first_report(cohort, method, indices):
+        return
     if severity == "error":
         raise ConfigError(message)
     if severity == "warning":
