@@ -660,8 +660,6 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                     raise nonfinite_loss_error(float(stats["loss"]), step + 1, names)
                 init_share *= stats["momentum"]
                 step += 1
-                if heartbeat is not None:
-                    heartbeat(step, final_loss)
                 if bar is not None:
                     bar.update(1)
                 if monitor:
@@ -708,6 +706,8 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                              "loss_name": train["loss"], "total_steps": total,
                              "brainjepa_version": __version__}
                     save_checkpoint(state, run_dir, train["keep_last"])
+                if heartbeat is not None:  # after the step's loss is known
+                    heartbeat(step, final_loss)
     finally:
         if bar is not None:
             bar.close()
