@@ -37,7 +37,8 @@ def register(subparsers) -> None:
                    help="which TR wins when a manifest's tr column and a file disagree "
                         "(data.tr_source; default check: an error)")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar; a log line at least every 30 s instead")
+                   help="no progress bar; instead a log line (step, loss, rate) every 30 s, "
+                        "written between steps")
     p.set_defaults(func=run)
 
 
