@@ -1238,9 +1238,18 @@ def resolve_target_tr(setting, cohort, indices=None) -> float | None:
 PER_SCAN_METHODS = ("zscore", "center", "psc")  # normalisations that remove each scan's offsets
 
 
-def per_scan_method() -> str:
-    """The per-scan-centring normalisation to recommend ('center' where available)."""
+def per_scan_method(raw: bool = False) -> str:
+    """The per-scan normalisation to recommend: percent signal change ('psc') for unscaled BOLD
+    where available, else per-scan centring ('center', or 'zscore' where that is missing)."""
+    if raw and "psc" in NORMALIZATIONS:
+        return "psc"
     return "center" if "center" in NORMALIZATIONS else "zscore"
+
+
+def _default_normalization() -> str:
+    from .runs import SCHEMA
+
+    return SCHEMA["data"]["normalization"][0]
 
 
 def cohort_levels(cohort, indices=None) -> np.ndarray:
@@ -1271,7 +1280,7 @@ def scaling_report(cohort, method: str, indices=None, *, what: str = "pretrain")
     raw = (level > RAW_OFFSET_RATIO * np.maximum(fluct, 1e-30)) & (level > 1.0)
     names = [cohort.name(int(i)) for i in idx]
     offsets = cohort_offset_problem(level, fluct, names)
-    centring = per_scan_method()
+    centring = per_scan_method(bool(raw.any()))
     if not raw.any() and offsets is None:
         return "ok", None
     k = int(np.flatnonzero(raw)[0]) if raw.any() else int(np.argmax(level))
@@ -1281,9 +1290,16 @@ def scaling_report(cohort, method: str, indices=None, *, what: str = "pretrain")
     if raw.any() and offsets:
         found += "; " + offsets
     if what == "prepare":
+        if _default_normalization() == "auto":
+            return "warning", (f"{found}; the store keeps the values as they are: pretrain's default "
+                               "data.normalization: auto removes each scan's offset (robust and none "
+                               "would keep it)")
         return "warning", (f"{found}; the store keeps the values as they are: pretrain with "
-                           f"--set data.normalization={centring} (per-scan centring) so that each "
+                           f"--set data.normalization={centring} (per-scan) so that each "
                            "scan's offset is removed")
+    if method == "auto":
+        return "info", (f"{found}; data.normalization=auto picks a per-scan method, which removes "
+                        "each scan's offset")
     if method in PER_SCAN_METHODS:
         return "info", f"{found}; the {method} normalisation removes each scan's offset"
     if what == "model":  # embed, probe, ...: the model's normalisation is fixed
