@@ -131,8 +131,10 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
     from brainjepa.pretrain import Trainer
     from brainjepa.runs import resolve_config
 
+    # target centring needs two samples per micro-batch: the batch-1 rows measure un-centred
+    # targets (the target encoder's last block then computes only the target tokens)
     cfg = resolve_config({"model": {"size": size}, "optim": {"batch_size": batch, "accum_steps": accum},
-                          "train": {"precision": precision, "seed": 0}})
+                          "train": {"precision": precision, "seed": 0, "center_targets": batch > 1}})
     model_cfg = ModelConfig.from_size(size, n_rois=R, n_timepoints=T)
     gradients = torch.randn(R, model_cfg.n_gradients, generator=torch.Generator().manual_seed(0))
     trainer = Trainer(model_cfg, gradients, cfg, total_steps=1000)

@@ -50,6 +50,7 @@ from .io import (
 from .transforms import (
     FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
+    PSC_MIN_MEAN_TO_STD,
     RobustScaler,
     WindowResampler,
     normalization_from_dict,
@@ -791,6 +792,20 @@ def fit_scaler(cohort: Cohort, indices=None, *, method: str = "robust",
         return _subsample(x, per_scan, rng)
 
     return RobustScaler(max_timepoints=max_timepoints, seed=seed).fit(frames(int(i)) for i in idx)
+
+
+def choose_normalization(cohort: Cohort, indices=None, max_scans: int = 20) -> str:
+    """The ``auto`` normalisation of a training cohort: 'psc' when its scans look like raw BOLD
+    (every ROI's mean well above its fluctuations, checked on up to ``max_scans`` scans spread
+    over ``indices``), else 'center' (already centred or scaled data, e.g. denoised XCP-D
+    outputs). See docs/method.md, "Recipe"."""
+    idx = cohort.split_indices("train") if indices is None else np.asarray(indices, dtype=np.int64)
+    pick = idx[np.linspace(0, len(idx) - 1, min(max_scans, len(idx))).round().astype(int)] if len(idx) else idx
+    for i in pick:
+        x = cohort.series(int(i))
+        if not np.all(x.mean(axis=1) > PSC_MIN_MEAN_TO_STD * x.std(axis=1)):
+            return "center"
+    return "psc"
 
 
 def _subsample(x: np.ndarray, k: int, rng) -> np.ndarray:

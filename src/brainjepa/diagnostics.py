@@ -163,9 +163,9 @@ def problems(diag: dict[str, float], collapse_std: float = 0.1) -> list[str]:
     if diag["context_gain"] < MIN_CONTEXT_GAIN:
         out.append(f"the predictor barely uses its context: its loss with another sample's context "
                    f"is only {100 * diag['context_gain']:+.1f}% from its own ({diag['loss_other']:.4f} "
-                   f"vs {diag['loss_own']:.4f}; position-only floor {diag['loss_position']:.4f}), so "
-                   "it predicts targets from their positions and the encoder learns little about "
-                   "the subject (see docs/method.md, Diagnostics)")
+                   f"vs {diag['loss_own']:.4f}; position-only floor {diag['loss_position']:.4f}): its "
+                   "predictions hardly depend on whose brain it sees, so the encoder gets little "
+                   "signal about the subject (see docs/method.md, Diagnostics)")
     for name in ("target", "context"):
         if diag[f"{name}_cos"] > MAX_TOKEN_COSINE or diag[f"{name}_std"] < collapse_std:
             out.append(f"the {name} encoder's tokens are collapsing (mean cosine "

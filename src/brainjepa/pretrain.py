@@ -1,27 +1,29 @@
-"""Brain-JEPA pretraining (SPEC sections 4-6): one CPU, one GPU, or many GPUs via torchrun/DDP.
+"""Brain-JEPA pretraining: one CPU, one GPU, or many GPUs via torchrun/DDP (docs/method.md).
 
-One optimizer step, for each of ``accum_steps`` micro-batches (x: B x R x T, spatiotemporal masks):
+One optimizer step (:meth:`Trainer.step`), for each of ``accum_steps`` micro-batches (x: B x R x
+T with its spatiotemporal masks), in the marked steps of the code:
 
-1. target encoder (EMA copy of the encoder, no grad) on all N = R*P tokens, then layer norm over
-   the features -> h (B x M x D) at the M target tokens (the encoder's last block computes only
-   those queries: the same features as the full pass, a fraction of the last block's work);
-2. context encoder on the context tokens -> z (B x Nc x D);
-3. predictor, one pass per target block as in I-JEPA: z is repeated per block and the predictor
-   fills in that block's tokens -> p (B*blocks x Nt x D). When the CPU attention kernel runs
-   (bf16 on CPU, one process, not compiled), the part of the predictor's first block that only
-   involves the context (its embedding, projections and context-to-context attention, the
-   largest share of a pass) is computed once and shared by every block's pass (the same
-   numbers: :meth:`brainjepa.model.BrainPredictor.context_state`);
-4. loss = mean over the (sample, block) pairs of the mean, over the block's *valid* tokens, of
-   the distance between p and h at those tokens (Smooth-L1 per feature as in the authors'
-   checkpoint, or squared error "l2" as in the paper; averaged over features). Padding entries
-   are excluded; a block without tokens (never drawn by our masker) would be left out of the
-   mean. Blocks are grouped by region (alpha, beta, gamma), each group padded only to its own
-   longest block;
-5. backward of loss / accum_steps, one region group at a time into a detached copy of z, then
-   the encoder once (same gradients as one joint backward, a third of the predictor's activation
-   memory). Then gradient clipping (optional), AdamW (no weight decay on biases and norms), and
-   the EMA update of the target encoder.
+1. targets: the EMA target encoder's features at the target tokens, layer-normed; with
+   ``train.center_targets`` (default) each position's batch mean is subtracted, so position
+   alone predicts nothing (:func:`brainjepa.objective.target_features`). Without centring the
+   encoder's last block computes only the target tokens;
+2. context: the online encoder on the context tokens -> z (B x Nc x D);
+3. prediction and loss: one predictor pass per target block as in I-JEPA, blocks grouped by
+   region (alpha, beta, gamma); loss = mean over blocks of the mean over the block's valid
+   tokens of Smooth-L1 or squared error (:func:`brainjepa.objective.block_loss_sum`). Each group
+   is backpropagated as soon as its loss is known into a detached copy of z (one group's
+   predictor activations alive at a time). When the CPU attention kernel runs (bf16 on CPU, one
+   process, not compiled) the predictor's first-block context part is computed once and shared
+   by every pass (the same numbers: :meth:`brainjepa.model.BrainPredictor.context_state`);
+4. backward through the encoder once, from z's accumulated gradient;
+5. gradient clipping (optional), AdamW (no weight decay on biases and norms), and the EMA update
+   of the target encoder.
+
+Every ``train.diagnose_every`` steps the representation diagnostics
+(:mod:`brainjepa.diagnostics`: context reliance, collapse of both encoders, position vs subject
+variance, effective rank) go into metrics.jsonl as ``diag_*`` and a problem is logged as a
+warning in words; every record also carries ``ema_init_share``, the weight the target encoder
+still gives its random initialisation.
 
 Schedules are functions of the optimizer step s = 0 .. H-1 (:class:`Schedule`). The horizon H is
 ``train.max_steps`` when set (``--max-steps``: a short run still sees the whole schedule), else
@@ -42,7 +44,7 @@ on GPU, gloo on CPU); the encoder and the predictor are DDP modules, each rank r
 shard of every epoch, the EMA is applied identically on every rank, rank 0 alone writes files.
 
 Run folder: config.yaml, metrics.jsonl, gradients.csv, normalization.json, checkpoints/,
-loss.png, bundle/ (see the project's interfaces notes); tensorboard/ when TensorBoard is installed.
+loss.png, diagnostics.png, bundle/; tensorboard/ when TensorBoard is installed.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ from torch import nn
 from . import __version__
 from .attention import uses_chunked_attention
 from .bundle import export_run
-from .data import CohortSeries, WindowDataset, fit_scaler, open_cohort, report_scaling, resolve_target_tr
+from .data import (CohortSeries, WindowDataset, choose_normalization, fit_scaler, open_cohort,
+                   report_scaling, resolve_target_tr)
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from .diagnostics import diagnose_batch, ema_init_share, feature_stats, problems
@@ -77,7 +80,7 @@ from .masking import MaskBatch, SpatiotemporalMasker
 from .model import BrainEncoder, BrainPredictor, ModelConfig
 from .objective import (LOSSES, block_groups, block_loss_sum, context_tokens, group_tokens, n_blocks,
                         split_targets, target_features)
-from .report import plot_loss_curve
+from .report import plot_diagnostics_history, plot_loss_curve
 from .runs import (Heartbeat, MetricsLog, check_gradient_inputs, dump_config, latest_checkpoint,
                    list_checkpoints, load_config, load_latest_checkpoint, nonfinite_loss_error,
                    resolve_config, save_checkpoint, write_text_atomic)
@@ -233,6 +236,10 @@ class Trainer:
             raise ConfigError(f"train.loss must be one of {LOSSES}, got {train['loss']!r}")
         self.loss = train["loss"]
         self.center_targets = train["center_targets"]
+        if self.center_targets and optim["batch_size"] < 2:
+            raise ConfigError("train.center_targets subtracts each position's mean over the "
+                              "micro-batch, which needs optim.batch_size >= 2; raise the batch "
+                              "size or set train.center_targets=false")
         torch.manual_seed(train["seed"])  # same initial weights on every rank
         self.encoder = BrainEncoder(model_config, gradients).to(self.device)
         self.predictor = BrainPredictor(model_config, gradients).to(self.device)
@@ -482,6 +489,10 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
         save_gradients_csv(g, grad_file, labels)
     if not (resume and norm_file.is_file()):
         method = cfg["data"]["normalization"]
+        if method == "auto":
+            method = choose_normalization(cohort, train_idx)
+            log.info("data.normalization auto: %s (%s)", method,
+                     "the scans look like raw BOLD" if method == "psc" else "the scans are centred or scaled")
         scaler = None
         if method in FITTED_NORMALIZATIONS:
             stored = cohort.normalization
@@ -718,8 +729,10 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
         if (run_dir / "metrics.jsonl").stat().st_size:
             try:
                 plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+                if train["diagnose_every"]:
+                    plot_diagnostics_history(run_dir / "metrics.jsonl", run_dir / "diagnostics.png")
             except BrainJEPAError as exc:  # matplotlib missing must not fail a finished run
-                log.warning("no loss.png: %s", exc)
+                log.warning("no loss.png / diagnostics.png: %s", exc)
         if step >= total and latest_checkpoint(run_dir) is not None:
             bundle = str(export_run(run_dir))
     ctx.barrier()

@@ -41,7 +41,7 @@ from .report import read_metrics
 from .transforms import NORMALIZATIONS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-BUILTIN_CONFIGS = tuple(MODEL_SIZES)
+BUILTIN_CONFIGS = (*MODEL_SIZES, "authors")  # the sizes with the default recipe; the authors' ViT-B recipe
 
 CHECKPOINTS = "checkpoints"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -53,14 +53,14 @@ log = logging.getLogger(__name__)
 # default is None may be null.
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
-        "size": ("tiny", "str", BUILTIN_CONFIGS),
+        "size": ("tiny", "str", tuple(MODEL_SIZES)),
         "n_rois": (None, "int", (2, None)),          # null: from the data
         "n_timepoints": (160, "int", (1, None)),
         "patch_size": (16, "int", (1, None)),
         "n_gradients": (30, "int", (1, None)),
         "pos_minmax": (True, "bool", None),
         "pos_embed": ("gradient", "str", POS_EMBEDS),
-        "patch_norm": (False, "bool", None),
+        "patch_norm": (True, "bool", None),
         "drop_path": (0.0, "float", (0.0, 1.0)),
         # null: the value of the size preset
         "embed_dim": (None, "int", (4, None)),
@@ -79,7 +79,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "target_tr": ("auto", "tr", (0.0, None)),
         "tr": (None, "float", (0.0, None)),          # TR of files that do not say
         "orientation": (None, "str", ORIENTATIONS),
-        "normalization": ("robust", "str", NORMALIZATIONS),
+        "normalization": ("auto", "str", ("auto", *NORMALIZATIONS)),  # auto: psc or center
         "on_error": ("fail", "str", ("fail", "skip")),
         "num_workers": (0, "int", (0, None)),
         "gradients": (None, "str", None),            # CSV path; null: computed from the data
@@ -109,7 +109,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "weight_decay": (0.04, "float", (0.0, None)),
         "final_weight_decay": (0.4, "float", (0.0, None)),
         "ema_start": (0.996, "float", (0.0, 1.0)),
-        "ema_end": (1.0, "float", (0.0, 1.0)),
+        "ema_end": (0.999, "float", (0.0, 1.0)),
         "clip_grad": (None, "float", (0.0, None)),
         "betas": ([0.9, 0.999], "pair", (0.0, 1.0)),
     },
@@ -124,8 +124,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "keep_last": (3, "int", (1, None)),
         "device": ("auto", "str", None),
         "collapse_std": (0.1, "float", (0.0, None)),   # warn below (token cosine ~0.99)
-        "center_targets": (False, "bool", None),       # subtract the batch mean per position
-        "diagnose_every": (0, "int", (0, None)),       # representation diagnostics; 0: off
+        "center_targets": (True, "bool", None),        # subtract the batch mean per position
+        "diagnose_every": (100, "int", (0, None)),     # representation diagnostics; 0: off
     },
 }
 
