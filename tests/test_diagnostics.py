@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -134,3 +135,32 @@ def test_group_tokens_concatenates_the_region_groups():
     tokens = group_tokens(groups)
     assert tokens.shape == (3, sum(idx[0].numel() for idx, _ in groups))
     torch.testing.assert_close(tokens[:, : groups[0][0][0].numel()], groups[0][0].reshape(3, -1))
+
+
+def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
+    from brainjepa.cli import main
+    from brainjepa.pretrain import pretrain
+    from brainjepa.synthetic import simulate_cohort
+
+    sim = simulate_cohort(8, 16, tr=2.0, minutes=2.0, seed=0)
+    for i, x in enumerate(sim.timeseries):
+        np.save(tmp_path / f"sub-{i:02d}.npy", x)
+    cfg = {"model": {"size": "tiny", "n_timepoints": 48, "n_gradients": 4, "embed_dim": 32, "depth": 1,
+                     "num_heads": 2, "predictor_embed_dim": 16, "predictor_depth": 1,
+                     "predictor_num_heads": 2},
+           "optim": {"batch_size": 4, "epochs": 2, "warmup_epochs": 1},
+           "train": {"log_every": 1, "diagnose_every": 2, "precision": "fp32"}}
+    pretrain(cfg, tmp_path, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "diagnostics.png").is_file()
+    code = main(["-q", "diagnose", "--model", str(tmp_path / "run"), "--data", str(tmp_path),
+                 "--tr", "2.0", "--batch-size", "4", "--batches", "2", "--out", str(tmp_path / "diag")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "predictor loss, another sample's context" in out and "position-only floor" in out
+    result = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
+    assert len(result["batches"]) == 2 and result["settings"]["center_targets"] is True
+    for batch in result["batches"]:
+        assert batch["context_gain"] == pytest.approx(batch["loss_other"] / batch["loss_own"] - 1, rel=1e-6)
+    assert result["mean"]["context_gain"] == pytest.approx(
+        np.mean([b["context_gain"] for b in result["batches"]]), rel=1e-6)
+    assert (tmp_path / "diag" / "diagnostics.png").stat().st_size > 1000

@@ -133,3 +133,34 @@ def test_to_cohort_and_cli_simulate(tmp_path, capsys):
     cohort = open_cohort(tmp_path / "sim")  # the folder's manifest.csv
     assert len(cohort) == 4 and set(cohort.labels) == {"age", "patient", "site"}
     np.testing.assert_allclose(cohort.series(1), small.timeseries[1])
+
+
+def test_labels_are_not_readable_from_raw_intensity_offsets():
+    """The simulator's scanner baselines are drawn independently of every label, so a probe on
+    the per-scan ROI means (what robust scaling without per-scan centring leaves in) is at
+    chance, while the fluctuations themselves (per-ROI amplitude of percent signal change) carry
+    the labels."""
+    from brainjepa.evaluate import ClosedFormProbe, classification_metrics, regression_metrics, split_indices
+
+    sim = simulate_cohort(150, 16, tr=2.0, minutes=4.0, seed=3)
+    offsets = np.stack([x.mean(axis=1) for x in sim.timeseries])
+    amplitude = np.stack([np.log((x / x.mean(axis=1, keepdims=True)).std(axis=1)) for x in sim.timeseries])
+    age, patient = sim.labels["age"], sim.labels["patient"]
+
+    def scores(features):
+        r, auc = [], []
+        for seed in range(3):
+            sp = split_indices(age, "regression", seed)
+            p = ClosedFormProbe("regression").fit(features[sp.train], age[sp.train], features[sp.val], age[sp.val])
+            r.append(regression_metrics(age[sp.test], p.predict(features[sp.test]))["pearson_r"])
+            sp = split_indices(patient, "classification", seed)
+            p = ClosedFormProbe("classification").fit(features[sp.train], patient[sp.train],
+                                                      features[sp.val], patient[sp.val], n_classes=2)
+            proba = p.predict_proba(features[sp.test])
+            auc.append(classification_metrics(patient[sp.test], proba.argmax(1), proba)["auroc"])
+        return np.mean(r), np.mean(auc)
+
+    r_off, auc_off = scores(offsets)
+    r_amp, auc_amp = scores(amplitude)
+    assert abs(r_off) < 0.25 and abs(auc_off - 0.5) < 0.15
+    assert auc_amp > 0.65 and auc_amp > auc_off + 0.15  # measured 0.71 vs 0.46
