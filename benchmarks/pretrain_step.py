@@ -1,8 +1,9 @@
 """Full pretraining step on CPU at the authors' shape: time, tokens/s, peak RSS, FLOP/s, MFU.
 
 One step = what :class:`brainjepa.pretrain.Trainer` does in a run: draw spatiotemporal masks,
-target encoder over all R*P tokens (no grad; its last block for the target tokens only) + layer
-norm, context encoder, predictor (one pass per target block; its last block for the mask tokens
+target encoder over all R*P tokens (no grad) + layer norm, centred per position over the batch
+(the default recipe; without centring, i.e. batch 1, its last block computes the target tokens
+only), context encoder, predictor (one pass per target block; its last block for the mask tokens
 only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW,
 EMA. Shape: batch 2 of 450 ROIs x 160 time points (4,500 tokens per sample), as in the authors'
 measurements quoted in the issue.
@@ -96,13 +97,14 @@ def predictor_flops(cfg, nc: int, block_sizes: list[int], shared: bool) -> float
     return total
 
 
-def step_flops(cfg, masks, shared: bool) -> float:
-    """Model FLOPs of one training step for these masks (valid tokens only)."""
+def step_flops(cfg, masks, shared: bool, centered: bool) -> float:
+    """Model FLOPs of one training step for these masks (valid tokens only). ``centered``:
+    centred targets need the target encoder's output at every token."""
     D = cfg.embed_dim
     total = 0.0
     for b in range(masks.context_idx.shape[0]):
         nc = int(masks.context_valid[b].sum())
-        n_targets = int(masks.target_valid[b].sum())
+        n_targets = cfg.n_tokens if centered else int(masks.target_valid[b].sum())
         total += encoder_flops(cfg.n_tokens, n_targets, D, cfg.depth, cfg.mlp_ratio)  # forward only
         total += 3 * encoder_flops(nc, nc, D, cfg.depth, cfg.mlp_ratio)  # context, fwd + bwd
         sizes = [int(masks.target_valid[b, j].sum()) for j in range(masks.n_blocks)]
@@ -152,7 +154,7 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
         losses.append(loss)
         if i >= warmup:
             times.append(dt)
-            flops.append(sum(step_flops(model_cfg, m, trainer._share_context()) for _, m in micro))
+            flops.append(sum(step_flops(model_cfg, m, trainer._share_context(), trainer.center_targets) for _, m in micro))
             counts.extend(m.counts() for _, m in micro)
     with torch.no_grad(), trainer.autocast():
         t0 = time.perf_counter()
