@@ -67,6 +67,10 @@ OFFICIAL_NORMALIZATION_NOTE = (
 )
 
 
+SPATIAL_POSITIONS = {"gradient": "Linear(gradients) of the ROI",
+                     "sincos": "sine-cosine of the ROI index", "learned": "a learned row per ROI"}
+
+
 class InputWarning(UserWarning):
     """The data given to a model looks unlike the data it was trained on."""
 
@@ -521,9 +525,9 @@ def bundle_config(model: BrainJEPA, version: str) -> dict:
         "architecture": cfg.to_dict(),
         "target_tr": model.target_tr,
         "normalization": model.normalization["method"],
-        "pos_embed": ("sine-cosine of the time patch | Linear(gradients) of the ROI"
+        "pos_embed": ("sine-cosine of the time patch | " + SPATIAL_POSITIONS[cfg.pos_embed]
                       + (", spatial half min-max rescaled to [-1, 1] over all tokens (authors' "
-                         "convention)" if cfg.pos_minmax else "")),
+                         "convention)" if cfg.pos_minmax and cfg.pos_embed != "sincos" else "")),
         "loss": model.info.get("loss"),
         "encoder_weights": model.info.get("encoder_weights"),
         "predictor": model.predictor is not None,
