@@ -65,7 +65,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
@@ -73,9 +72,9 @@ from .attention import uses_chunked_attention
 from .bundle import export_run
 from .data import (CohortSeries, WindowDataset, choose_normalization, fit_scaler, open_cohort,
                    report_scaling, resolve_target_tr)
+from .diagnostics import diagnose_batch, ema_init_share, feature_stats, problems
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
-from .diagnostics import diagnose_batch, ema_init_share, feature_stats, problems
 from .masking import MaskBatch, SpatiotemporalMasker
 from .model import BrainEncoder, BrainPredictor, ModelConfig
 from .objective import (LOSSES, block_groups, block_loss_sum, context_tokens, group_tokens, n_blocks,

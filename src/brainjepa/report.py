@@ -314,7 +314,7 @@ def run_demo(out_dir: str | Path = "brainjepa-demo", *, quick: bool = False, see
     from .data import open_cohort
     from .diagnostics import diagnose_model
     from .errors import ConfigError
-    from .evaluate import READOUTS, probe_cohort, probe_features
+    from .evaluate import probe_cohort, probe_features
     from .gradients import BrainGradients, connectivity, plot_gradients, save_gradients_csv
     from .model import count_parameters
     from .pretrain import load_config, pretrain
