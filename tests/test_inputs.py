@@ -456,3 +456,17 @@ def test_a_text_series_cut_short_is_refused(tmp_path):
     path.write_bytes(raw[:-4])  # the last value loses its last digits: 0.3553727 -> 0.355
     with pytest.raises(DataError, match=r"s_timeseries\.tsv: the last line has no line break"):
         read_timeseries(path)
+
+
+def test_per_scan_model_refuses_series_in_other_units_by_name():
+    from brainjepa.data import fit_scaler
+    from brainjepa.transforms import normalization_to_dict
+
+    train = open_cohort([scan(k, 80) for k in range(4)], tr=2.0)
+    model = tiny_model(normalization=normalization_to_dict("center", fit_scaler(train, method="center")))
+    model.prepare(scan(9, 80), tr=2.0)  # the training units: fine
+    # the offset is removed by centring, but unscaled BOLD keeps the scanner's units (x20 here)
+    with pytest.raises(DataError, match=r"raw-07\.npy: after the model's center scaling .*IQR\) is .*10 times off"):
+        model.prepare(scan(7, 80, offset=1e4, scale=20), tr=2.0, name="raw-07.npy")
+    with pytest.warns(InputWarning, match=r"s\.npy: after the model's center scaling the typical ROI spread"):
+        model.prepare(scan(7, 80, scale=7), tr=2.0, name="s.npy")

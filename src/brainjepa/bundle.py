@@ -78,6 +78,10 @@ class InputWarning(UserWarning):
 # Prepared input lies within a few units of 0 (robust: IQRs from the training median; z-scores);
 # beyond this the series is on another scale than the model's training data.
 MAX_SCALED_VALUE = 1e3
+# typical per-ROI IQR that prepared input of a per-scan method (center, psc) may have: the
+# method divides by the training cohort's IQR, so the training data sit near 1
+PER_SCAN_IQR = (0.2, 5.0)       # outside: a warning
+PER_SCAN_IQR_LIMIT = (0.1, 10.0)  # outside: an error
 
 
 class PreparedInput(torch.Tensor):
@@ -771,6 +775,10 @@ def _scale_fix(method: str) -> str:
                 "--set data.normalization=zscore), or fit statistics on your cohort "
                 "(model.set_normalization(RobustScaler().fit(series))) knowing the model never saw "
                 "that scale")
+    if method == "center":
+        return ("this method removes each scan's offset but keeps its units: bring the series to "
+                "the units of the model's training data, or use a model trained with psc (percent "
+                "signal change) for unscaled BOLD")
     return "check the series' units and export"
 
 
@@ -798,6 +806,10 @@ def _statistics_problem(x: torch.Tensor, normalization: dict, prepared: bool = F
         return (f"input looks like raw BOLD signal (typical ROI median {level:.3g}) but the model "
                 f"was trained on {method}-scaled data; features will be meaningless (chance-level "
                 f"results): {fix}")
+    if prepared and method in ("center", "psc") and not PER_SCAN_IQR[0] < iqr < PER_SCAN_IQR[1]:
+        return (f"after the model's {method} scaling the typical ROI spread (IQR) is {iqr:.3g}, "
+                "while its training data had about 1: the series is in other units than the "
+                f"training data (e.g. unscaled BOLD for a model trained on scaled data): {fix}")
     if method == "zscore":
         std = float(x.std(dim=-1).median())
         mean = float(x.mean(dim=-1).abs().median())
@@ -862,4 +874,12 @@ def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, who: str
             "data lay within a few units of 0): this series is on another scale (unscaled BOLD for "
             "a model whose statistics came from scaled data, other units, another scanner); "
             f"{_scale_fix(method)}")
+    if method in ("center", "psc"):
+        q25, q75 = np.percentile(out, [25, 75], axis=-1)
+        iqr = float(np.median(q75 - q25))
+        if not PER_SCAN_IQR_LIMIT[0] < iqr < PER_SCAN_IQR_LIMIT[1]:
+            raise DataError(
+                f"{who}: after the model's {method} scaling the typical ROI spread (IQR) is "
+                f"{iqr:.3g}, more than 10 times off the training data's (about 1): the series is in "
+                f"other units than the model was trained on; {_scale_fix(method)}")
     return out, _statistics_problem(torch.from_numpy(out)[None], norm, prepared=True)
