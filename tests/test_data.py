@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import write_manifest
 import torch
 
 from brainjepa.cli import main
@@ -32,15 +33,6 @@ R, T = 6, 120
 def scan(seed, r=R, t=T):
     rng = np.random.default_rng(seed)
     return (rng.normal(size=(r, t)) * 5 + rng.uniform(50, 150, (r, 1))).astype(np.float32)
-
-
-def write_manifest(folder, rows, columns=("path", "subject", "tr", "age", "group")):
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture

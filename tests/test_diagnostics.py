@@ -21,12 +21,7 @@ CFG = ModelConfig.from_size("tiny", n_rois=16, n_timepoints=48, n_gradients=4, e
                             num_heads=2, predictor_embed_dim=16, predictor_depth=1, predictor_num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_variance_shares_separate_position_from_subject():

@@ -4,7 +4,6 @@ interrupted outputs, and help that names real flags."""
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import re
@@ -15,6 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import write_manifest
 import torch
 import yaml
 
@@ -46,12 +46,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**sections) -> dict:
@@ -68,12 +63,7 @@ def scan(seed, t=120, r=R, offset=0.0, scale=1.0):
 
 
 def manifest(folder, rows, columns=("path", "subject", "tr")):
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        w.writerows(rows)
-    return path
+    return write_manifest(folder, rows, columns)
 
 
 def cohort_files(folder, specs):
