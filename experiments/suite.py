@@ -213,12 +213,16 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     text = table(summaries)
     command = "python experiments/suite.py" + (" --quick" if args.quick else "")
+    timing = "\n".join(["| condition | pretraining (s) | evaluation (s) |", "|---|---|---|"] +
+                       [f"| {s['condition']} | {s['pretrain_s']} | {s['evaluate_s']} |" for s in summaries])
+    compute = sum(s["pretrain_s"] + s["evaluate_s"] for s in summaries) / 60
     (out / "results.md").write_text(
-        f"# Experiment suite results\n\nCommand: `{command}`; wall time of this invocation "
-        f"{wall / 60:.1f} min (stages already done are reused; per condition: pretraining and "
-        f"evaluation seconds are in each JSON). Recipe: `brainjepa demo`'s (DemoSettings), "
-        f"{plan.steps} steps; evaluation on {plan.n_eval} held-out subjects, {plan.seeds} split "
-        f"seeds, random init over {plan.init_seeds} seeds.\n\n{text}")
+        f"# Experiment suite results\n\nCommand: `{command}`. Recipe: `brainjepa demo`'s "
+        f"(DemoSettings), {plan.steps} steps; evaluation on {plan.n_eval} held-out subjects, "
+        f"{plan.seeds} split seeds, random init over {plan.init_seeds} seeds. Compute: "
+        f"{compute:.0f} min over the conditions (table below; stages already done are reused, "
+        f"this invocation took {wall / 60:.1f} min).\n\n{text}\n### Time per condition\n\n"
+        f"{timing}\n\n![results](results.png)\n")
     figure(summaries, out / "results.png")
     print(text)
     return 0
