@@ -6,7 +6,7 @@ target encoder over all R*P tokens (no grad) + layer norm, centred per position 
 only), context encoder, predictor (one pass per target block; its last block for the mask tokens
 only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW,
 EMA. Shape: batch 2 of 450 ROIs x 160 time points (4,500 tokens per sample), as in the authors'
-measurements quoted in the issue.
+measurements (docs/method.md has the method).
 
 Two layouts of the same optimizer step over 2 samples: batch 2 (as the authors ran it) and
 batch 1 x 2 gradient-accumulation steps (optim.batch_size=1, optim.accum_steps=2: the same loss
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 R, T = 450, 160
-# the authors' code on this machine, with their own masks (from the issue)
+# the authors' code on this machine, with their own masks
 AUTHORS = {
     "tiny": {"batch": 2, "step_s": 5.3, "tokens_per_s": 1690, "peak_rss_mb": 2300},
     "small": {"batch": 2, "step_s": 36.7, "tokens_per_s": 245, "peak_rss_mb": 5000},

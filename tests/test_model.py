@@ -40,7 +40,7 @@ def test_encoder_parameter_counts_match_vit_sizes(size, spec):
     # ViT blocks (qkv, proj, fc1, fc2, two LayerNorms) + final norm + patch and gradient maps
     expected = cfg.depth * (12 * d * d + 13 * d) + 2 * d + (16 * d + d) + (m * d // 2 + d // 2)
     assert n == expected
-    # SPEC s4 quotes about 21M / 85M / 302M: small is 21.3M, i.e. 21M at the SPEC's precision
+    # the paper quotes about 21M / 85M / 302M: small is 21.3M, i.e. 21M at its precision
     assert round(n / 1e6) == round(spec / 1e6) and abs(n - spec) / spec < 0.015, n
 
 

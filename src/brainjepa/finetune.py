@@ -1,4 +1,4 @@
-"""Fine-tuning (SPEC s7): the whole encoder plus a head, AdamW, cosine schedule, layer-wise LR
+"""Fine-tuning (docs/method.md, "Evaluation"): the whole encoder plus a head, AdamW, cosine schedule, layer-wise LR
 decay 0.75 and drop path 0.1, epoch chosen on validation.
 
 Both regularisers are known to have silently done nothing in the authors' code, so here they are

@@ -1,6 +1,6 @@
 """Brain gradient positioning: diffusion-map gradients of functional connectivity.
 
-Brain-JEPA places every ROI in a space of connectivity gradients (SPEC section 3): the group
+Brain-JEPA places every ROI in a space of connectivity gradients (docs/method.md): the group
 functional connectivity matrix (R x R) is sparsified row by row, turned into an affinity between
 ROIs, and embedded with diffusion maps. The resulting gradient matrix G (R x m, m = 30 in the
 paper) is what the model's positional embedding projects. This module computes G for any

@@ -1,4 +1,4 @@
-"""Spatiotemporal masking (Brain-JEPA, SPEC section 5) on the R x P token grid.
+"""Spatiotemporal masking (Brain-JEPA; docs/method.md) on the R x P token grid.
 
 A sample's tokens are (ROI r, patch t), token index ``r * P + t`` (ROI-major). For every sample:
 
