@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         help="fine-tune the whole model, with the FC and random-init baselines",
         description=(
             "Fine-tune encoder + head (mean-pooled tokens -> LayerNorm -> Linear) with AdamW, "
-            "warmup + cosine schedule, layer-wise learning-rate decay and drop path (docs/method.md, "Evaluation"), "
+            "warmup + cosine schedule, layer-wise learning-rate decay and drop path (docs/method.md, Evaluation), "
             "keeping the epoch with the lowest validation loss. The same recipe trains the "
             "randomly initialised architecture ('random_init'); the FC baseline shares every "
             "split. Splits, seeds and the table are as in 'brainjepa probe'."
