@@ -13,10 +13,10 @@ def register(subparsers) -> None:
             "Run Brain-JEPA end to end on the built-in simulated cohort: simulate subjects, "
             "compute brain gradients, pretrain the tiny model, embed held-out subjects, probe "
             "'age' and 'patient' against the random-init and FC baselines, and write a report "
-            "folder (report.md, results.json, figures/). Measured on a 2-core CPU: --quick about 2 "
-            "minutes (125 s); the full demo 20 minutes or more (its 400 pretraining steps took "
-            "2.4 s or more each). report.md gives the wall time of each stage. Needs the 'eval' "
-            "and 'viz' extras."
+            "folder (report.md, results.json, figures/). Measured on a 2-core CPU: about 6 minutes "
+            "(338 s; 710 s while other jobs shared the machine), --quick 13 s alone (125 s under "
+            "load). report.md gives the wall time of each stage. Needs the 'eval' and 'viz' "
+            "extras."
         ),
     )
     p.add_argument("--out", default="brainjepa-demo", metavar="DIR",
