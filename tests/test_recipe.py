@@ -125,3 +125,23 @@ def test_random_masking_keeps_every_count_and_loses_the_structure():
             assert not ctx & tgt
     with pytest.raises(ConfigError, match="strategy"):
         SpatiotemporalMasker(40, 10, strategy="blocks")
+
+
+def test_per_scan_statistics_read_at_most_max_scaler_scans(monkeypatch):
+    import brainjepa.data as data
+
+    raw, _ = _raw(n_scans=6)
+    cohort = open_cohort(raw)
+    read = []
+    series = cohort.series
+    monkeypatch.setattr(cohort, "series", lambda i: read.append(i) or series(i))
+    monkeypatch.setattr(data, "MAX_SCALER_SCANS", 3)
+    fit_scaler(cohort, np.arange(6), method="psc", seed=1)
+    first = list(read)
+    assert len(first) == 3 and len(set(first)) == 3
+    read.clear()
+    fit_scaler(cohort, np.arange(6), method="psc", seed=1)
+    assert read == first  # a seeded sample: the same scans again
+    read.clear()
+    fit_scaler(cohort, np.arange(6), method="robust")
+    assert len(read) == 6  # the authors' method samples frames from every scan

@@ -765,6 +765,11 @@ def open_store(path) -> Store:
     return Store(path)
 
 
+# scans read whole to fit a per-scan method's statistics (psc, center): enough for quartiles,
+# and a UK Biobank-size store is not read end to end before training starts
+MAX_SCALER_SCANS = 1000
+
+
 def fit_scaler(cohort: Cohort, indices=None, *, method: str = "robust",
                max_timepoints: int = 50_000, seed: int = 0) -> RobustScaler:
     """Fit a :class:`RobustScaler` for normalisation ``method`` on scans ``indices`` (default:
@@ -773,14 +778,17 @@ def fit_scaler(cohort: Cohort, indices=None, *, method: str = "robust",
     for 'center').
 
     Each scan contributes an equal share of a ~``max_timepoints`` sample of its frames (for
-    'robust' a store reads only those frames; the per-scan methods read the whole scan), and the
-    scaler's reservoir keeps the total bounded either way.
+    'robust' a store reads only those frames; the per-scan methods read the whole scan, so they
+    use a seeded sample of at most ``MAX_SCALER_SCANS`` scans, whose quartiles are as precise),
+    and the scaler's reservoir keeps the total bounded either way.
     """
     idx = cohort.split_indices("train") if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
         raise DataError("no training scans to fit the scaling statistics on")
-    per_scan = max(1, -(-max_timepoints // len(idx)))
     rng = np.random.default_rng(seed)
+    if method != "robust" and len(idx) > MAX_SCALER_SCANS:
+        idx = np.sort(rng.choice(idx, size=MAX_SCALER_SCANS, replace=False))
+    per_scan = max(1, -(-max_timepoints // len(idx)))
 
     def frames(i: int) -> np.ndarray:
         if method == "robust" and isinstance(cohort, Store):
