@@ -127,9 +127,10 @@ def test_problems_flag_collapse_and_position_dominated_tokens():
 def test_group_tokens_concatenates_the_region_groups():
     masks = SpatiotemporalMasker(16, 3, n_blocks=2)(3, np.random.default_rng(0))
     groups = block_groups(masks)
-    tokens = group_tokens(groups)
-    assert tokens.shape == (3, sum(idx[0].numel() for idx, _ in groups))
+    tokens, valid = group_tokens(groups)
+    assert tokens.shape == valid.shape == (3, sum(idx[0].numel() for idx, _ in groups))
     torch.testing.assert_close(tokens[:, : groups[0][0][0].numel()], groups[0][0].reshape(3, -1))
+    torch.testing.assert_close(valid[:, -groups[-1][1][0].numel():], groups[-1][1].reshape(3, -1))
 
 
 def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):

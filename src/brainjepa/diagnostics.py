@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masking import MaskBatch
-from .objective import (block_groups, block_loss_sum, context_tokens, group_tokens,
+from .objective import (block_groups, block_loss_sum, context_tokens, gather_tokens, group_tokens,
                         masked_block_mean, n_blocks, split_targets, token_loss)
 
 # thresholds behind the warnings (docs/method.md, "Diagnostics")
@@ -100,8 +100,7 @@ def _position_floor(full: torch.Tensor, groups, loss: str, blocks: int) -> float
     total = 0.0
     for idx, valid in groups:
         flat = idx.reshape(B, -1)
-        take = lambda t: torch.gather(t, 1, flat.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-        err = token_loss(take(loo), take(full), loss).reshape(idx.shape)
+        err = token_loss(gather_tokens(loo, flat), gather_tokens(full, flat), loss).reshape(idx.shape)
         total += float(masked_block_mean(err, valid).sum())
     return total / blocks
 
@@ -125,14 +124,12 @@ def diagnose_batch(encoder: nn.Module, target_encoder: nn.Module, predictor: nn.
         ctx_idx, ctx_valid = (t.to(device) for t in context_tokens(masks))
         groups = [(i.to(device), v.to(device)) for i, v in block_groups(masks)]
         blocks = n_blocks(masks)
-        B = x.shape[0]
         with autocast:
             raw = target_encoder(x)  # the whole grid: B x N x D
         raw = F.layer_norm(raw.float(), raw.shape[-1:])
         full = raw - raw.mean(0, keepdim=True) if center else raw  # the training targets
-        tokens = group_tokens(groups)
-        h = torch.gather(full, 1, tokens.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
-        targets = split_targets(h, groups)
+        tokens, valid = group_tokens(groups)
+        targets = split_targets(gather_tokens(full, tokens), groups)
         out: dict[str, float] = {}
         for name, inp in (("own", x), ("other", x.roll(1, 0)), ("zero", torch.zeros_like(x))):
             with autocast:
@@ -144,8 +141,7 @@ def diagnose_batch(encoder: nn.Module, target_encoder: nn.Module, predictor: nn.
         out["loss_position"] = _position_floor(full, groups, loss, blocks)
         out["context_gain"] = out["loss_other"] / max(out["loss_own"], 1e-12) - 1.0
         # collapse statistics on the un-centred features at the valid target tokens
-        valid = torch.cat([v.reshape(B, -1) for _, v in groups], 1)
-        valid_h = torch.gather(raw, 1, tokens.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))[valid]
+        valid_h = gather_tokens(raw, tokens)[valid]
         for prefix, feats in (("target", valid_h), ("context", valid_z)):
             stats = feature_stats(feats)
             out[f"{prefix}_std"], out[f"{prefix}_cos"] = float(stats["std"]), float(stats["cos"])

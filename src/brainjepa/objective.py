@@ -67,7 +67,12 @@ def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch
     full = target_encoder(x)
     full = F.layer_norm(full.float(), full.shape[-1:])
     full = full - full.mean(0, keepdim=True)
-    return torch.gather(full, 1, token_idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    return gather_tokens(full, token_idx)
+
+
+def gather_tokens(h: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
+    """Features h (B x N x D) at tokens token_idx (B x M) -> B x M x D."""
+    return torch.gather(h, 1, token_idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
 def token_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -116,9 +121,9 @@ def split_targets(h: torch.Tensor, groups) -> list[torch.Tensor]:
     return out
 
 
-def group_tokens(groups) -> torch.Tensor:
-    """All groups' target tokens, concatenated: B x M."""
-    return torch.cat([idx.reshape(idx.shape[0], -1) for idx, _ in groups], 1)
+def group_tokens(groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """All groups' target tokens and their validity, concatenated: (B x M, B x M)."""
+    return tuple(torch.cat([t.reshape(t.shape[0], -1) for t in part], 1) for part in zip(*groups))
 
 
 def n_blocks(masks: MaskBatch) -> int:

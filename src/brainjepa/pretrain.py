@@ -313,7 +313,7 @@ class Trainer:
             with self._sync(self.encoder_run, last):
                 # 1. targets: the EMA target encoder's (centred) features at the target tokens
                 with torch.no_grad(), self.autocast():
-                    h = target_features(self.target_run, x, group_tokens(groups), self.center_targets)
+                    h = target_features(self.target_run, x, group_tokens(groups)[0], self.center_targets)
                 # 2. context: the online encoder on the context tokens
                 with self.autocast():
                     z = self.encoder_run(x, ctx_idx, ctx_valid)
@@ -350,8 +350,7 @@ class Trainer:
             online = list(self.encoder.parameters())
             torch._foreach_lerp_(target, online, 1.0 - momentum)  # t <- m t + (1 - m) online
         if monitor:  # on the last micro-batch's valid target tokens
-            valid = torch.cat([v.reshape(x.shape[0], -1) for _, v in groups], 1)
-            stats = feature_stats(h[valid])
+            stats = feature_stats(h[group_tokens(groups)[1]])
             out.update(target_std=stats["std"], target_cos=stats["cos"])
         if self.device.type == "cpu":
             _free_memory_to_os()
