@@ -50,9 +50,9 @@ from .io import (
 from .transforms import (
     FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
-    PSC_MIN_MEAN_TO_STD,
     RobustScaler,
     WindowResampler,
+    has_raw_baseline,
     normalization_from_dict,
     normalization_to_dict,
     normalize,
@@ -811,7 +811,7 @@ def choose_normalization(cohort: Cohort, indices=None, max_scans: int = 20) -> s
     pick = idx[np.linspace(0, len(idx) - 1, min(max_scans, len(idx))).round().astype(int)] if len(idx) else idx
     for i in pick:
         x = cohort.series(int(i))
-        if not np.all(x.mean(axis=1) > PSC_MIN_MEAN_TO_STD * x.std(axis=1)):
+        if not has_raw_baseline(x).all():
             return "center"
     return "psc"
 

@@ -219,6 +219,12 @@ def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     return ((x - mean) / np.maximum(std, eps)).astype(np.float32, copy=False)
 
 
+def has_raw_baseline(x: np.ndarray) -> np.ndarray:
+    """Per ROI of (..., R, T) ``x``: is its mean clearly positive next to its fluctuations (raw
+    BOLD), as percent signal change needs? (..., R) bool."""
+    return x.mean(axis=-1) > PSC_MIN_MEAN_TO_STD * x.std(axis=-1)
+
+
 def percent_signal_change(x: np.ndarray) -> np.ndarray:
     """Per ROI 100 * (x / mean - 1) over the last axis of (..., R, T) raw BOLD ``x``.
 
@@ -227,7 +233,7 @@ def percent_signal_change(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     mean = x.mean(axis=-1, keepdims=True)
-    bad = ~(mean > PSC_MIN_MEAN_TO_STD * x.std(axis=-1, keepdims=True))
+    bad = ~has_raw_baseline(x)
     if bad.any():
         raise DataError(
             f"normalization 'psc' needs raw BOLD (every ROI's mean well above its fluctuations), "
