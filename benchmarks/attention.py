@@ -65,16 +65,31 @@ def main() -> None:
                 row[f"{backend}_s"] = round(seconds, 4)
                 row[f"{backend}_out_err"] = float((out.double() - ref).abs().max())
                 if backward:
-                    row[f"{backend}_grad_err"] = [float((a.double() - e.grad).abs().max() / e.grad.abs().max())
-                                                  for a, e in zip(grads, exact)]
+                    row[f"{backend}_grad_err"] = [
+                        float((a.double() - e.grad).abs().max() / e.grad.abs().max()) for a, e in zip(grads, exact)
+                    ]
             row["speedup"] = round(row["sdpa_s"] / row["chunked_s"], 2)
             rows.append(row)
-            print(f"{name:22s} {row['pass']:18s} sdpa {row['sdpa_s']:.3f} s  chunked {row['chunked_s']:.3f} s"
-                  f"  x{row['speedup']}", flush=True)
+            print(
+                f"{name:22s} {row['pass']:18s} sdpa {row['sdpa_s']:.3f} s  chunked {row['chunked_s']:.3f} s"
+                f"  x{row['speedup']}",
+                flush=True,
+            )
     set_attention_backend("auto")
     out = Path(__file__).parent / "results" / "attention.json"
-    out.write_text(json.dumps({"benchmark": "attention", "dtype": "bfloat16", "threads": torch.get_num_threads(),
-                               "torch": torch.__version__, "results": rows}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "attention",
+                "dtype": "bfloat16",
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "results": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

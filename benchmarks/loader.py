@@ -107,13 +107,17 @@ def small_benchmark(work: Path, n_subjects: int) -> dict:
         wps1, ms1 = rate(lambda k: ds[int(order[k])], 2000)
         wps2 = loader_rate(ds, 8000, workers=2)
         out[f"store_{dtype}"] = {
-            "single_process_windows_per_s": round(wps1, 1), "ms_per_window": round(ms1, 3),
+            "single_process_windows_per_s": round(wps1, 1),
+            "ms_per_window": round(ms1, 3),
             "dataloader_2_workers_windows_per_s": round(wps2, 1),
         }
-    best = max(out["store_float32"]["dataloader_2_workers_windows_per_s"],
-               out["store_float16"]["dataloader_2_workers_windows_per_s"])
-    out["speedup_single_process"] = round(out["store_float32"]["single_process_windows_per_s"]
-                                          / out["csv_gz_authors_style"]["windows_per_s"], 1)
+    best = max(
+        out["store_float32"]["dataloader_2_workers_windows_per_s"],
+        out["store_float16"]["dataloader_2_workers_windows_per_s"],
+    )
+    out["speedup_single_process"] = round(
+        out["store_float32"]["single_process_windows_per_s"] / out["csv_gz_authors_style"]["windows_per_s"], 1
+    )
     out["speedup_best"] = round(best / out["csv_gz_authors_style"]["windows_per_s"], 1)
     return out
 
@@ -131,8 +135,10 @@ def big_benchmark(work: Path, gigabytes: float, dtype: str, seconds: float) -> d
     free = shutil.disk_usage(work).free
     need = n_subjects * R * T * np.dtype(dtype).itemsize
     if need > free - 10 * 2**30:
-        raise SystemExit(f"--big-gb {gigabytes}: needs {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
-                         "(keeping 10 GiB spare); choose a smaller size")
+        raise SystemExit(
+            f"--big-gb {gigabytes}: needs {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free "
+            "(keeping 10 GiB spare); choose a smaller size"
+        )
     rng = np.random.default_rng(0)
     pool = [fake_scan(rng) for _ in range(8)]
 
@@ -166,10 +172,14 @@ def big_benchmark(work: Path, gigabytes: float, dtype: str, seconds: float) -> d
     read_gib = (vmstat("pgpgin") - pgin) / 2**20  # pgpgin counts KiB read from block devices
     del loader
     return {
-        "store_gib": round(size / 2**30, 2), "dtype": dtype, "n_subjects": n_subjects,
-        "ram_gib": round(mem_total / 2**30, 1), "write_s": round(write_s, 1),
+        "store_gib": round(size / 2**30, 2),
+        "dtype": dtype,
+        "n_subjects": n_subjects,
+        "ram_gib": round(mem_total / 2**30, 1),
+        "write_s": round(write_s, 1),
         "write_gib_per_s": round(size / 2**30 / write_s, 2),
-        "stream_seconds": round(elapsed, 1), "windows": seen,
+        "stream_seconds": round(elapsed, 1),
+        "windows": seen,
         "dataloader_2_workers_windows_per_s": round(seen / elapsed, 1),
         "disk_read_gib_during_stream": round(read_gib, 2),
         "major_page_faults_during_stream": vmstat("pgmajfault") - majflt,
@@ -187,10 +197,20 @@ def main() -> None:
     args = p.parse_args()
 
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    results["machine"] = {"cpu": cpu, "cores": os.cpu_count(),
-                          "torch": torch.__version__, "python": platform.python_version()}
+    cpu = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor() or platform.machine(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.machine()
+    )
+    results["machine"] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     work = Path(tempfile.mkdtemp(prefix="brainjepa-bench-", dir=args.workdir))
     try:
         load_before = os.getloadavg()[0]

@@ -31,8 +31,11 @@ def time_per_call(fn, calls: int, warmup: int = 50) -> dict[str, float]:
         fn()
         times.append(time.perf_counter() - start)
     ms = np.array(times) * 1e3
-    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90))}
+    return {
+        "median_ms": float(np.median(ms)),
+        "p10_ms": float(np.percentile(ms, 10)),
+        "p90_ms": float(np.percentile(ms, 90)),
+    }
 
 
 def statistics(masker: SpatiotemporalMasker, batches: int, rng: np.random.Generator) -> dict[str, float]:
@@ -71,14 +74,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     samples = [torch.randn(R, 16 * P) for _ in range(BATCH)]
     result = {
-        "grid": [R, P], "batch_size": BATCH, "n_blocks": masker.n_blocks, "settings": masker.describe(),
+        "grid": [R, P],
+        "batch_size": BATCH,
+        "n_blocks": masker.n_blocks,
+        "settings": masker.describe(),
         "masks_per_batch": time_per_call(lambda: masker(BATCH, rng), args.calls),
         "collate_per_batch": time_per_call(lambda: masker.collate(samples), args.calls),
         "statistics": statistics(masker, args.stat_batches, rng),
         "stat_batches": args.stat_batches,
-        "environment": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
+        "environment": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
     }
     for name in ("masks_per_batch", "collate_per_batch"):
         t = result[name]

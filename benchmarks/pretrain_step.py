@@ -122,12 +122,17 @@ def cut_to_shortest(masks):
     width = int(n_tgt.max())
     keep = torch.arange(width) < n_tgt[:, None]  # blocks x width
     valid = keep.expand(masks.target_idx.shape[0], -1, -1).clone()
-    return MaskBatch(masks.context_idx[:, :n_ctx], masks.context_valid[:, :n_ctx],
-                     masks.target_idx[..., :width] * valid, valid, masks.regions, masks.observation)
+    return MaskBatch(
+        masks.context_idx[:, :n_ctx],
+        masks.context_valid[:, :n_ctx],
+        masks.target_idx[..., :width] * valid,
+        valid,
+        masks.regions,
+        masks.observation,
+    )
 
 
-def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, steps: int,
-           warmup: int) -> dict:
+def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, steps: int, warmup: int) -> dict:
     from brainjepa.masking import SpatiotemporalMasker
     from brainjepa.model import ModelConfig
     from brainjepa.pretrain import Trainer
@@ -135,8 +140,13 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
 
     # target centring needs two samples per micro-batch: the batch-1 rows measure un-centred
     # targets (the target encoder's last block then computes only the target tokens)
-    cfg = resolve_config({"model": {"size": size}, "optim": {"batch_size": batch, "accum_steps": accum},
-                          "train": {"precision": precision, "seed": 0, "center_targets": batch > 1}})
+    cfg = resolve_config(
+        {
+            "model": {"size": size},
+            "optim": {"batch_size": batch, "accum_steps": accum},
+            "train": {"precision": precision, "seed": 0, "center_targets": batch > 1},
+        }
+    )
     model_cfg = ModelConfig.from_size(size, n_rois=R, n_timepoints=T)
     gradients = torch.randn(R, model_cfg.n_gradients, generator=torch.Generator().manual_seed(0))
     trainer = Trainer(model_cfg, gradients, cfg, total_steps=1000)
@@ -154,7 +164,9 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
         losses.append(loss)
         if i >= warmup:
             times.append(dt)
-            flops.append(sum(step_flops(model_cfg, m, trainer._share_context(), trainer.center_targets) for _, m in micro))
+            flops.append(
+                sum(step_flops(model_cfg, m, trainer._share_context(), trainer.center_targets) for _, m in micro)
+            )
             counts.extend(m.counts() for _, m in micro)
     with torch.no_grad(), trainer.autocast():
         t0 = time.perf_counter()
@@ -163,9 +175,14 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
     step_s = statistics.median(times)
     gflop = float(np.mean(flops)) / 1e9
     return {
-        "size": size, "precision": precision, "batch": batch, "accum_steps": accum, "masks": mask_mode,
+        "size": size,
+        "precision": precision,
+        "batch": batch,
+        "accum_steps": accum,
+        "masks": mask_mode,
         "threads": torch.get_num_threads(),
-        "step_s": round(step_s, 3), "step_s_mean": round(statistics.mean(times), 3),
+        "step_s": round(step_s, 3),
+        "step_s_mean": round(statistics.mean(times), 3),
         "step_s_best": round(min(times), 3),
         "step_s_all": [round(t, 3) for t in times],
         "tokens_per_s": round(batch * accum * R * (T // 16) / step_s, 1),
@@ -175,8 +192,9 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
         "target_forward_s": round(target_s, 3),
         "first_loss": losses[0],
         "losses": losses,
-        "tokens": {k: round(float(np.mean([c[k] for c in counts])), 1)
-                   for k in ("context", "alpha", "beta", "gamma", "target")},
+        "tokens": {
+            k: round(float(np.mean([c[k] for c in counts])), 1) for k in ("context", "alpha", "beta", "gamma", "target")
+        },
         "parameters": sum(p.numel() for p in trainer.params),
     }
 
@@ -185,10 +203,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--layouts", nargs="+", default=["2x1:ours", "1x2:ours", "2x1:cut"],
-                    help="BATCHxACCUM:MASKS runs (masks: ours or cut; default 2x1:ours 1x2:ours 2x1:cut)")
-    ap.add_argument("--steps", type=int, help="timed steps, the median is reported (default: 8 for "
-                    "tiny, 3 for larger sizes)")
+    ap.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["2x1:ours", "1x2:ours", "2x1:cut"],
+        help="BATCHxACCUM:MASKS runs (masks: ours or cut; default 2x1:ours 1x2:ours 2x1:cut)",
+    )
+    ap.add_argument(
+        "--steps", type=int, help="timed steps, the median is reported (default: 8 for tiny, 3 for larger sizes)"
+    )
     ap.add_argument("--warmup", type=int, help="untimed first steps (default: 2 for tiny, 1 else)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pretrain_step.json"))
     ap.add_argument("--worker", nargs=3, metavar=("SIZE", "PRECISION", "LAYOUT"), help=argparse.SUPPRESS)
@@ -197,8 +220,7 @@ def main() -> None:
         size, precision, layout = args.worker
         shape, _, mask_mode = layout.partition(":")
         batch, accum = (int(v) for v in shape.split("x"))
-        print(json.dumps(worker(size, precision, batch, accum, mask_mode or "ours", args.steps or 3,
-                                args.warmup or 1)))
+        print(json.dumps(worker(size, precision, batch, accum, mask_mode or "ours", args.steps or 3, args.warmup or 1)))
         return
 
     load_before = os.getloadavg()
@@ -211,8 +233,18 @@ def main() -> None:
             for precision in args.precisions:
                 steps = args.steps or (8 if size == "tiny" else 3)
                 warmup = args.warmup if args.warmup is not None else (2 if size == "tiny" else 1)
-                cmd = [sys.executable, __file__, "--worker", size, precision, layout,
-                       "--steps", str(steps), "--warmup", str(warmup)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    size,
+                    precision,
+                    layout,
+                    "--steps",
+                    str(steps),
+                    "--warmup",
+                    str(warmup),
+                ]
                 r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 base = AUTHORS.get(size)
                 if base and base["batch"] == r["batch"] * r["accum_steps"]:
@@ -220,8 +252,11 @@ def main() -> None:
                     r["speedup_vs_authors_best"] = round(base["step_s"] / r["step_s_best"], 2)
                     r["memory_vs_authors"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)
                 results.append(r)
-                print(f"{size} {layout} {precision}: {r['step_s']} s/step, context "
-                      f"{r['tokens']['context']}, target {r['tokens']['target']}", file=sys.stderr)
+                print(
+                    f"{size} {layout} {precision}: {r['step_s']} s/step, context "
+                    f"{r['tokens']['context']}, target {r['tokens']['target']}",
+                    file=sys.stderr,
+                )
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         peaks[name] = max(peaks[name], matmul_peak(dtype))
     for r in results:
@@ -229,10 +264,14 @@ def main() -> None:
     report = {
         "benchmark": "pretrain_step",
         "shape": {"n_rois": R, "n_timepoints": T, "tokens_per_sample": R * T // 16},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_before": [round(v, 2) for v in load_before],
-                    "load_average_after": [round(v, 2) for v in os.getloadavg()]},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        },
         "matmul_peak_tflops": {k: round(v, 3) for k, v in peaks.items()},
         "authors": AUTHORS,
         "results": results,
@@ -240,17 +279,23 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    print("| size | batch x accum | masks | precision | s/step median (best) | tokens/s | peak RSS MB "
-          "| GFLOP/step | TFLOP/s | MFU | x authors speed, median (best) | x authors memory |")
+    print(
+        "| size | batch x accum | masks | precision | s/step median (best) | tokens/s | peak RSS MB "
+        "| GFLOP/step | TFLOP/s | MFU | x authors speed, median (best) | x authors memory |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['size']} | {r['batch']} x {r['accum_steps']} | {r['masks']} | {r['precision']} "
-              f"| {r['step_s']} ({r['step_s_best']}) | {r['tokens_per_s']:,} | {r['peak_rss_mb']:,} "
-              f"| {r['model_gflop_per_step']} | {r['tflops']} | {r['mfu']} "
-              f"| {r.get('speedup_vs_authors', '-')} ({r.get('speedup_vs_authors_best', '-')}) "
-              f"| {r.get('memory_vs_authors', '-')} |")
-    print(f"matmul peak TFLOP/s: {report['matmul_peak_tflops']}; load {load_before} -> "
-          f"{report['machine']['load_average_after']}; wrote {out}")
+        print(
+            f"| {r['size']} | {r['batch']} x {r['accum_steps']} | {r['masks']} | {r['precision']} "
+            f"| {r['step_s']} ({r['step_s_best']}) | {r['tokens_per_s']:,} | {r['peak_rss_mb']:,} "
+            f"| {r['model_gflop_per_step']} | {r['tflops']} | {r['mfu']} "
+            f"| {r.get('speedup_vs_authors', '-')} ({r.get('speedup_vs_authors_best', '-')}) "
+            f"| {r.get('memory_vs_authors', '-')} |"
+        )
+    print(
+        f"matmul peak TFLOP/s: {report['matmul_peak_tflops']}; load {load_before} -> "
+        f"{report['machine']['load_average_after']}; wrote {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ def _run(q, k, v, key_mask=None):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("Nq,Nk,masked", [(150, 150, None), (150, 150, "end"), (37, 150, "end"),
-                                          (150, 150, "anywhere")])
+@pytest.mark.parametrize(
+    "Nq,Nk,masked", [(150, 150, None), (150, 150, "end"), (37, 150, "end"), (150, 150, "anywhere")]
+)
 def test_chunked_matches_sdpa_in_float64(backend, Nq, Nk, masked):
     q, k, v = _inputs(torch.float64, Nq=Nq, Nk=Nk)
     key_mask = None
@@ -97,8 +98,17 @@ def test_model_in_bf16_gives_the_same_features_with_either_backend(backend):
     from brainjepa.model import BrainEncoder, ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(n_rois=40, n_timepoints=64, n_gradients=5, embed_dim=64, depth=2, num_heads=2,
-                      predictor_embed_dim=32, predictor_depth=1, predictor_num_heads=2)
+    cfg = ModelConfig(
+        n_rois=40,
+        n_timepoints=64,
+        n_gradients=5,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        predictor_embed_dim=32,
+        predictor_depth=1,
+        predictor_num_heads=2,
+    )
     enc = BrainEncoder(cfg, torch.randn(40, 5)).eval()
     x = torch.randn(2, 40, 64)
     idx = torch.stack([torch.randperm(160)[:150], torch.randperm(160)[:150]])

@@ -38,8 +38,16 @@ R = 6
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(n_rois=R, n_timepoints=32, embed_dim=32, depth=1, num_heads=2,
-                predictor_embed_dim=16, predictor_depth=1, predictor_num_heads=2)
+    base = dict(
+        n_rois=R,
+        n_timepoints=32,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        predictor_embed_dim=16,
+        predictor_depth=1,
+        predictor_num_heads=2,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -54,9 +62,15 @@ def robust_norm(seed=0):
 
 def tiny_model(predictor=True, normalization=None, **kw) -> BrainJEPA:
     torch.manual_seed(0)
-    return BrainJEPA(tiny_cfg(**kw), torch.randn(R, 30), normalization=normalization or robust_norm(),
-                     roi_labels=labels(), target_tr=2.0, predictor=predictor,
-                     info={"loss": "smooth_l1", "encoder_weights": "target_encoder"}).eval()
+    return BrainJEPA(
+        tiny_cfg(**kw),
+        torch.randn(R, 30),
+        normalization=normalization or robust_norm(),
+        roi_labels=labels(),
+        target_tr=2.0,
+        predictor=predictor,
+        info={"loss": "smooth_l1", "encoder_weights": "target_encoder"},
+    ).eval()
 
 
 def scaled_batch(b=2, t=32, seed=1):
@@ -71,11 +85,13 @@ def assert_no_warnings(fn, *args, **kw):
 
 # --- bundles ---------------------------------------------------------------------------------
 
+
 def test_save_pretrained_round_trip(tmp_path):
     model = tiny_model()
     out = model.save_pretrained(tmp_path / "b", provenance={"training_data": "simulated"})
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "gradients.csv", "normalization.json", "provenance.json"])
+        ["config.json", "model.safetensors", "gradients.csv", "normalization.json", "provenance.json"]
+    )
     config = json.loads((out / "config.json").read_text())
     arch = config["architecture"]
     assert (arch["n_rois"], arch["patch_size"], arch["n_timepoints"], arch["pos_minmax"]) == (R, 16, 32, True)
@@ -124,10 +140,12 @@ def test_prepare_resamples_windows_and_normalises():
     expected = normalize(center_window(resample_tr(series, 0.8, 2.0), 32), "robust", scaler)
     assert isinstance(x, torch.Tensor) and x.shape == (R, 32)
     assert np.allclose(x.numpy(), expected, atol=1e-6)
-    assert np.allclose(model.prepare(series, tr=2.0, window="start").numpy(),
-                       scaler.transform(series[:, :32]), atol=1e-6)
-    assert np.allclose(model.prepare(series, tr=2.0, normalization="zscore").numpy(),
-                       zscore(center_window(series, 32)), atol=1e-6)
+    assert np.allclose(
+        model.prepare(series, tr=2.0, window="start").numpy(), scaler.transform(series[:, :32]), atol=1e-6
+    )
+    assert np.allclose(
+        model.prepare(series, tr=2.0, normalization="zscore").numpy(), zscore(center_window(series, 32)), atol=1e-6
+    )
     with pytest.warns(InputWarning, match="tr="):
         model.prepare(series)
     with pytest.raises(DataError, match="ROIs"):
@@ -158,6 +176,7 @@ def test_unknown_normalization_refuses_to_guess_until_set(tmp_path):
 
 
 # --- input checks ----------------------------------------------------------------------------
+
 
 def test_check_input_errors():
     model = tiny_model()
@@ -202,28 +221,38 @@ def test_check_input_warnings():
 
 # --- run folders -----------------------------------------------------------------------------
 
+
 def make_run(root: Path, steps=(10, 20), payload=None) -> Path:
     """A pretraining run folder in the documented format, with random weights."""
     cfg = tiny_cfg()
     g = torch.randn(R, 30)
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
-    config = {"model": {"size": "tiny", "n_rois": R, "n_timepoints": 32},
-              "data": {"target_tr": 2.0, "normalization": "robust", "num_workers": 0, "gradients": None},
-              "mask": {"n_blocks": 1}, "optim": {"epochs": 1, "batch_size": 2, "lr": 1e-3},
-              "train": {"loss": "l2", "seed": 0}}
+    config = {
+        "model": {"size": "tiny", "n_rois": R, "n_timepoints": 32},
+        "data": {"target_tr": 2.0, "normalization": "robust", "num_workers": 0, "gradients": None},
+        "mask": {"n_blocks": 1},
+        "optim": {"epochs": 1, "batch_size": 2, "lr": 1e-3},
+        "train": {"loss": "l2", "seed": 0},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     save_gradients_csv(g.numpy(), run / "gradients.csv", labels())
     (run / "normalization.json").write_text(json.dumps(robust_norm()))
     for step in steps:
         torch.manual_seed(step)
-        ckpt = {"step": step, "epoch": step // 10, "model_config": cfg.to_dict(), "config": config,
-                "encoder": BrainEncoder(cfg, g).state_dict(),
-                "target_encoder": BrainEncoder(cfg, g).state_dict(),
-                "predictor": BrainPredictor(cfg, g).state_dict(),
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
-                "rng": {"torch": torch.get_rng_state()}, "data_state": {"epoch": step // 10},
-                "loss_name": "l2"}
+        ckpt = {
+            "step": step,
+            "epoch": step // 10,
+            "model_config": cfg.to_dict(),
+            "config": config,
+            "encoder": BrainEncoder(cfg, g).state_dict(),
+            "target_encoder": BrainEncoder(cfg, g).state_dict(),
+            "predictor": BrainPredictor(cfg, g).state_dict(),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
+            "rng": {"torch": torch.get_rng_state()},
+            "data_state": {"epoch": step // 10},
+            "loss_name": "l2",
+        }
         if payload is not None:
             ckpt["payload"] = payload
         torch.save(ckpt, run / "checkpoints" / f"step_{step:08d}.pt")
@@ -247,8 +276,22 @@ def test_export_run_latest_and_by_step(tmp_path):
     assert prov["config_sha256"] == _sha256_json(ckpt["config"])
     assert prov["training_data"]["target_tr"] == 2.0
 
-    assert main(["export", str(run), "--step", "10", "--out", str(tmp_path / "b10"),
-                 "--encoder", "context", "--no-predictor"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--step",
+                "10",
+                "--out",
+                str(tmp_path / "b10"),
+                "--encoder",
+                "context",
+                "--no-predictor",
+            ]
+        )
+        == 0
+    )
     m10 = BrainJEPA.from_pretrained(tmp_path / "b10")
     c10 = torch.load(run / "checkpoints" / "step_00000010.pt", weights_only=True)
     assert torch.equal(m10.encoder.state_dict()["patch_embed.weight"], c10["encoder"]["patch_embed.weight"])
@@ -312,6 +355,7 @@ def test_hub_ids(tmp_path, monkeypatch):
 
 # --- the authors' checkpoint -----------------------------------------------------------------
 
+
 def fixture(name):
     folder = FIXTURES / name
     if not folder.exists():
@@ -320,9 +364,19 @@ def fixture(name):
 
 
 def convert_args(folder, out, *extra):
-    return ["convert-official", str(folder / "checkpoint.pth.tar"), "--gradients",
-            str(folder / "gradients.csv"), "--out", str(out), "--num-heads", "4",
-            "--predictor-num-heads", "4", *extra]
+    return [
+        "convert-official",
+        str(folder / "checkpoint.pth.tar"),
+        "--gradients",
+        str(folder / "gradients.csv"),
+        "--out",
+        str(out),
+        "--num-heads",
+        "4",
+        "--predictor-num-heads",
+        "4",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("name", ["r20_tiny", "r450_tiny"])
@@ -333,13 +387,17 @@ def test_convert_official_reproduces_authors_outputs(tmp_path, name, encoder):
     model = BrainJEPA.from_pretrained(tmp_path / "b")
     x = t["x"][:, 0]
     with torch.no_grad():
-        errs = {"encode": (model.encode(x) - t[f"{encoder}_encoder_full" if encoder == "target"
-                                                else "encoder_full"]).abs().max()}
+        errs = {
+            "encode": (model.encode(x) - t[f"{encoder}_encoder_full" if encoder == "target" else "encoder_full"])
+            .abs()
+            .max()
+        }
         if encoder == "context":
             ctx = model.encoder(x, t["masks_enc"])
             errs["encoder_context"] = (ctx - t["encoder_context"]).abs().max()
-            errs["predictor_out"] = (model.predictor(ctx, t["masks_enc"], t["masks_pred"])
-                                     - t["predictor_out"]).abs().max()
+            errs["predictor_out"] = (
+                (model.predictor(ctx, t["masks_enc"], t["masks_pred"]) - t["predictor_out"]).abs().max()
+            )
         assert model.embed(x).shape == (x.shape[0], 96)
     bad = {k: float(v) for k, v in errs.items() if v > 1e-5}
     assert not bad, bad
@@ -359,8 +417,14 @@ def test_convert_official_options_and_errors(tmp_path):
     folder, t = fixture("r20_tiny")
     roi_file = tmp_path / "rois.txt"
     roi_file.write_text("\n".join(labels(20)) + "\n")
-    out = convert_official(folder / "checkpoint.pth.tar", folder / "gradients.csv", tmp_path / "b",
-                           predictor=False, target_tr=2.2, roi_labels=labels(20))
+    out = convert_official(
+        folder / "checkpoint.pth.tar",
+        folder / "gradients.csv",
+        tmp_path / "b",
+        predictor=False,
+        target_tr=2.2,
+        roi_labels=labels(20),
+    )
     model = BrainJEPA.from_pretrained(out)
     assert model.predictor is None and model.target_tr == 2.2 and model.roi_labels == labels(20)
     assert model.config.num_heads == 1 and model.config.predictor_num_heads == 1  # 64-dim heads
@@ -378,6 +442,7 @@ def test_convert_official_options_and_errors(tmp_path):
 
 
 # --- safety ----------------------------------------------------------------------------------
+
 
 class Payload:
     """Unpickling this runs a shell command that creates ``marker`` (a harmless stand-in)."""
@@ -475,8 +540,11 @@ def edit_json(path: Path, **changes):
 def test_config_and_tensors_disagreeing_is_refused_naming_the_tensor(tmp_path):
     b = tiny_model().save_pretrained(tmp_path / "b")
     edit_json(b / "config.json", architecture__mlp_ratio=2.0)
-    with pytest.raises(BrainJEPAError, match="tensor 'encoder.blocks.0.mlp.fc1.weight' has shape "
-                                             r"\(128, 32\) but .* needs \(64, 32\)"):
+    with pytest.raises(
+        BrainJEPAError,
+        match="tensor 'encoder.blocks.0.mlp.fc1.weight' has shape "
+        r"\(128, 32\) but .* needs \(64, 32\)",
+    ):
         BrainJEPA.from_pretrained(b)
 
     b = tiny_model().save_pretrained(tmp_path / "c")

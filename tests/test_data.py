@@ -8,8 +8,8 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import write_manifest
 import torch
+from conftest import write_manifest
 
 from brainjepa.cli import main
 from brainjepa.data import (
@@ -45,8 +45,15 @@ def mixed(tmp_path):
         x = scan(k)
         write_timeseries(tmp_path / name, x, roi_labels=labels, tr=tr, sidecar=tr is not None)
         data.append(x)
-        rows.append([name, f"sub-{k}", "" if tr is not None else "0.8", str(20 + k) if k != 3 else "",
-                     "ctl" if k % 2 else "pat"])
+        rows.append(
+            [
+                name,
+                f"sub-{k}",
+                "" if tr is not None else "0.8",
+                str(20 + k) if k != 3 else "",
+                "ctl" if k % 2 else "pat",
+            ]
+        )
     return write_manifest(tmp_path, rows), data
 
 
@@ -127,12 +134,15 @@ def ts_of(x, name="bad.npy", labels=None, tr=1.0):
     return TimeSeries(np.asarray(x, dtype=np.float32), labels, tr, name)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("nan", r"bad\.npy: 1 NaN/Inf value\(s\) in 1 ROI\(s\) \(ROI 2\)"),
-    ("inf", r"bad\.npy: 1 NaN/Inf"),
-    ("zero", r"bad\.npy: 1 all-zero ROI\(s\) \(ROI 1\)"),
-    ("constant", r"bad\.npy: 1 constant ROI\(s\) \(ROI 4\)"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("nan", r"bad\.npy: 1 NaN/Inf value\(s\) in 1 ROI\(s\) \(ROI 2\)"),
+        ("inf", r"bad\.npy: 1 NaN/Inf"),
+        ("zero", r"bad\.npy: 1 all-zero ROI\(s\) \(ROI 1\)"),
+        ("constant", r"bad\.npy: 1 constant ROI\(s\) \(ROI 4\)"),
+    ],
+)
 def test_validate_values(case, message):
     x = scan(0)
     if case == "nan":
@@ -436,8 +446,9 @@ def test_tr_precedence_manifest_then_file_then_default(tmp_path):
     write_timeseries(tmp_path / "own.npy", scan(0), tr=0.8)  # sidecar RepetitionTime 0.8
     write_timeseries(tmp_path / "none.npy", scan(1))  # no TR anywhere
     write_timeseries(tmp_path / "col.npy", scan(2), tr=0.8)  # manifest column says 0.72
-    m = write_manifest(tmp_path, [["own.npy", "a", ""], ["none.npy", "b", ""], ["col.npy", "c", "0.72"]],
-                       ("path", "subject", "tr"))
+    m = write_manifest(
+        tmp_path, [["own.npy", "a", ""], ["none.npy", "b", ""], ["col.npy", "c", "0.72"]], ("path", "subject", "tr")
+    )
     # the manifest (0.72) and col.json (0.8) disagree: an error naming both, unless a source is chosen
     with pytest.raises(DataError, match=r"col\.npy: TR 0\.8 s in .*col\.json but 0\.72 s in .*manifest\.csv, line 4"):
         open_cohort(m)

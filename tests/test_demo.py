@@ -32,10 +32,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _rows():
     rows = []
     for target, metrics in (("age", ("mse", "pearson_r", "r2")), ("patient", ("balanced_acc", "auroc"))):
-        for i, method in enumerate(("brainjepa:fc", "random_init(best):fc", "random_init#0:fc",
-                                    "fc_window")):
-            rows += [{"method": method, "target": target, "metric": m, "mean": 0.5 + 0.1 * i,
-                      "std": 0.05, "n_seeds": 3} for m in metrics]
+        for i, method in enumerate(("brainjepa:fc", "random_init(best):fc", "random_init#0:fc", "fc_window")):
+            rows += [
+                {"method": method, "target": target, "metric": m, "mean": 0.5 + 0.1 * i, "std": 0.05, "n_seeds": 3}
+                for m in metrics
+            ]
     return rows
 
 
@@ -53,9 +54,11 @@ def test_figures_and_markdown(tmp_path):
     records = [{"step": s, "loss": 1 / (s + 1), "lr": 1e-3} for s in range(0, 50, 5)]
     files = [
         plot_loss_curve(records, tmp_path / "loss.png"),
-        plot_embedding_pca(np.random.default_rng(0).normal(size=(30, 8)),
-                           {"age": np.linspace(20, 80, 30), "patient": np.arange(30) % 2},
-                           tmp_path / "pca.png"),
+        plot_embedding_pca(
+            np.random.default_rng(0).normal(size=(30, 8)),
+            {"age": np.linspace(20, 80, 30), "patient": np.arange(30) % 2},
+            tmp_path / "pca.png",
+        ),
         plot_results(_rows(), tmp_path / "results.png"),
     ]
     metrics = tmp_path / "metrics.jsonl"
@@ -66,8 +69,7 @@ def test_figures_and_markdown(tmp_path):
 
     values = np.array([1.1, 0.9, 1.0, 1.0])
     paths = save_attention(tmp_path / "att", values, ["a", "b", "c", "d"], ["X", "Y", "X", "Y"])
-    assert paths["network_csv"].read_text().splitlines() == [
-        "network,attention,n_rois", "X,1.050000,2", "Y,0.950000,2"]
+    assert paths["network_csv"].read_text().splitlines() == ["network,attention,n_rois", "X,1.050000,2", "Y,0.950000,2"]
     assert paths["png"].name == "network_attention.png" and paths["png"].read_bytes()[:8] == PNG
     assert save_attention(tmp_path / "att2", values, None, None)["png"].name == "roi_attention.png"
 
@@ -79,15 +81,24 @@ def test_figures_and_markdown(tmp_path):
 
 
 def _auroc_records(values: dict) -> list[dict]:
-    return [{"method": m, "target": "dx", "seed": seed, "metric": "auroc", "value": v}
-            for m, vals in values.items() for seed, v in enumerate(vals)]
+    return [
+        {"method": m, "target": "dx", "seed": seed, "metric": "auroc", "value": v}
+        for m, vals in values.items()
+        for seed, v in enumerate(vals)
+    ]
 
 
 def test_paired_reading_tells_the_truth_either_way():
-    records = _auroc_records({
-        "brainjepa:mean": [0.5, 0.5, 0.5, 0.5], "brainjepa:fc": [0.7, 0.8, 0.9, 0.8],
-        "random_init#0:fc": [0.5, 0.6, 0.6, 0.6], "random_init#1:fc": [0.6, 0.6, 0.7, 0.5],
-        "random_init#1:mean": [0.4, 0.4, 0.4, 0.4], "fc_full": [0.9, 0.9, 0.9, 0.9]})
+    records = _auroc_records(
+        {
+            "brainjepa:mean": [0.5, 0.5, 0.5, 0.5],
+            "brainjepa:fc": [0.7, 0.8, 0.9, 0.8],
+            "random_init#0:fc": [0.5, 0.6, 0.6, 0.6],
+            "random_init#1:fc": [0.6, 0.6, 0.7, 0.5],
+            "random_init#1:mean": [0.4, 0.4, 0.4, 0.4],
+            "fc_full": [0.9, 0.9, 0.9, 0.9],
+        }
+    )
     d = paired_differences(records, "dx", "auroc", "brainjepa:fc", "random_init#1:fc")
     np.testing.assert_allclose(d, [0.1, 0.2, 0.2, 0.3])
     text = reading(records)
@@ -96,8 +107,7 @@ def test_paired_reading_tells_the_truth_either_way():
     assert "`random_init#1:fc` (0.600)" in text and "+0.200" in text and "p 0.0" in text
     assert "better on 4 of 4 splits" in text
     # the other way round: worse, and no difference
-    worse = _auroc_records({"brainjepa:fc": [0.5, 0.55, 0.6, 0.5],
-                            "random_init#2:roi": [0.7, 0.8, 0.9, 0.8]})
+    worse = _auroc_records({"brainjepa:fc": [0.5, 0.55, 0.6, 0.5], "random_init#2:roi": [0.7, 0.8, 0.9, 0.8]})
     assert "`brainjepa:fc` (0.537) is worse than the best random-init seed" in reading(worse)
     tie = _auroc_records({"brainjepa:fc": [0.7, 0.6, 0.8, 0.6], "random_init#0:fc": [0.6, 0.7, 0.7, 0.7]})
     assert "does not significantly differ from" in reading(tie)
@@ -111,16 +121,25 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed and "fc_window" in printed
-    for name in ("report.md", "results.json", "gradients.csv", "figures/loss.png", "figures/gradients.png",
-                 "figures/embedding_pca.png", "figures/results.png", "attention/network_attention.png",
-                 "attention/network_attention.csv", "run/bundle/model.safetensors",
-                 "data/eval/manifest.csv", "data/pretrain/manifest.csv"):
+    for name in (
+        "report.md",
+        "results.json",
+        "gradients.csv",
+        "figures/loss.png",
+        "figures/gradients.png",
+        "figures/embedding_pca.png",
+        "figures/results.png",
+        "attention/network_attention.png",
+        "attention/network_attention.csv",
+        "run/bundle/model.safetensors",
+        "data/eval/manifest.csv",
+        "data/pretrain/manifest.csv",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     rows = saved["rows"]
     readouts = ("mean", "roi", "fc")
-    bases = ("brainjepa", "random_init#0", "random_init#1", "random_init#2", "random_init(best)",
-             "random_init(mean)")
+    bases = ("brainjepa", "random_init#0", "random_init#1", "random_init#2", "random_init(best)", "random_init(mean)")
     methods = {f"{b}:{r}" for b in bases for r in readouts} | {"fc_full", "fc_window", "amplitude"}
     assert {(r["method"], r["target"]) for r in rows} == {(m, t) for m in methods for t in ("age", "patient")}
     assert set(rows[0]) == {"method", "target", "metric", "mean", "std", "n_seeds"}

@@ -11,14 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainjepa.diagnostics import (diagnose_batch, effective_rank, ema_init_share, problems,
-                                   variance_shares)
+from brainjepa.diagnostics import diagnose_batch, effective_rank, ema_init_share, problems, variance_shares
 from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
 from brainjepa.objective import block_groups, group_tokens, target_features
 
-CFG = ModelConfig.from_size("tiny", n_rois=16, n_timepoints=48, n_gradients=4, embed_dim=32, depth=2,
-                            num_heads=2, predictor_embed_dim=16, predictor_depth=1, predictor_num_heads=2)
+CFG = ModelConfig.from_size(
+    "tiny",
+    n_rois=16,
+    n_timepoints=48,
+    n_gradients=4,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    predictor_embed_dim=16,
+    predictor_depth=1,
+    predictor_num_heads=2,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +54,7 @@ def test_effective_rank_of_rank_one_and_isotropic_rows():
 
 
 def test_ema_init_share_is_the_product_of_momenta():
-    assert ema_init_share(lambda s: 0.99, 10) == pytest.approx(0.99 ** 10)
+    assert ema_init_share(lambda s: 0.99, 10) == pytest.approx(0.99**10)
     assert ema_init_share(lambda s: 0.99 + 0.001 * s, 3) == pytest.approx(0.99 * 0.991 * 0.992)
     assert ema_init_share(lambda s: 1.0, 0) == 1.0
 
@@ -92,8 +101,16 @@ def test_context_reliance_of_a_position_only_and_a_real_predictor():
     assert any("barely uses its context" in p for p in problems(blind))
     real = diagnose_batch(enc, enc, pred, x, masks, loss="l2", center=False)
     assert real["loss_own"] != real["loss_other"]  # a transformer predictor reads its context
-    for key in ("target_std", "target_cos", "context_std", "context_cos", "position_share",
-                "subject_share", "effective_rank", "loss_position"):
+    for key in (
+        "target_std",
+        "target_cos",
+        "context_std",
+        "context_cos",
+        "position_share",
+        "subject_share",
+        "effective_rank",
+        "loss_position",
+    ):
         assert math.isfinite(real[key]), key
     assert enc.training and pred.training  # modes restored
 
@@ -114,9 +131,18 @@ def test_position_floor_is_the_other_samples_mean_at_each_target():
 
 
 def test_problems_flag_collapse_and_position_dominated_tokens():
-    healthy = {"context_gain": 0.3, "loss_own": 1.0, "loss_other": 1.3, "loss_position": 1.5,
-               "target_cos": 0.3, "target_std": 0.8, "context_cos": 0.2, "context_std": 0.9,
-               "position_share": 0.4, "subject_share": 0.3}
+    healthy = {
+        "context_gain": 0.3,
+        "loss_own": 1.0,
+        "loss_other": 1.3,
+        "loss_position": 1.5,
+        "target_cos": 0.3,
+        "target_std": 0.8,
+        "context_cos": 0.2,
+        "context_std": 0.9,
+        "position_share": 0.4,
+        "subject_share": 0.3,
+    }
     assert problems(healthy) == []
     sick = dict(healthy, context_cos=0.99, position_share=0.97)
     found = problems(sick)
@@ -130,7 +156,7 @@ def test_group_tokens_concatenates_the_region_groups():
     tokens, valid = group_tokens(groups)
     assert tokens.shape == valid.shape == (3, sum(idx[0].numel() for idx, _ in groups))
     torch.testing.assert_close(tokens[:, : groups[0][0][0].numel()], groups[0][0].reshape(3, -1))
-    torch.testing.assert_close(valid[:, -groups[-1][1][0].numel():], groups[-1][1].reshape(3, -1))
+    torch.testing.assert_close(valid[:, -groups[-1][1][0].numel() :], groups[-1][1].reshape(3, -1))
 
 
 def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
@@ -141,15 +167,41 @@ def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
     sim = simulate_cohort(8, 16, tr=2.0, minutes=2.0, seed=0)
     for i, x in enumerate(sim.timeseries):
         np.save(tmp_path / f"sub-{i:02d}.npy", x)
-    cfg = {"model": {"size": "tiny", "n_timepoints": 48, "n_gradients": 4, "embed_dim": 32, "depth": 1,
-                     "num_heads": 2, "predictor_embed_dim": 16, "predictor_depth": 1,
-                     "predictor_num_heads": 2},
-           "optim": {"batch_size": 4, "epochs": 2, "warmup_epochs": 1},
-           "train": {"log_every": 1, "diagnose_every": 2, "precision": "fp32"}}
+    cfg = {
+        "model": {
+            "size": "tiny",
+            "n_timepoints": 48,
+            "n_gradients": 4,
+            "embed_dim": 32,
+            "depth": 1,
+            "num_heads": 2,
+            "predictor_embed_dim": 16,
+            "predictor_depth": 1,
+            "predictor_num_heads": 2,
+        },
+        "optim": {"batch_size": 4, "epochs": 2, "warmup_epochs": 1},
+        "train": {"log_every": 1, "diagnose_every": 2, "precision": "fp32"},
+    }
     pretrain(cfg, tmp_path, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "diagnostics.png").is_file()
-    code = main(["-q", "diagnose", "--model", str(tmp_path / "run"), "--data", str(tmp_path),
-                 "--tr", "2.0", "--batch-size", "4", "--batches", "2", "--out", str(tmp_path / "diag")])
+    code = main(
+        [
+            "-q",
+            "diagnose",
+            "--model",
+            str(tmp_path / "run"),
+            "--data",
+            str(tmp_path),
+            "--tr",
+            "2.0",
+            "--batch-size",
+            "4",
+            "--batches",
+            "2",
+            "--out",
+            str(tmp_path / "diag"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "predictor loss, another sample's context" in out and "position-only floor" in out
@@ -158,5 +210,6 @@ def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
     for batch in result["batches"]:
         assert batch["context_gain"] == pytest.approx(batch["loss_other"] / batch["loss_own"] - 1, rel=1e-6)
     assert result["mean"]["context_gain"] == pytest.approx(
-        np.mean([b["context_gain"] for b in result["batches"]]), rel=1e-6)
+        np.mean([b["context_gain"] for b in result["batches"]]), rel=1e-6
+    )
     assert (tmp_path / "diag" / "diagnostics.png").stat().st_size > 1000

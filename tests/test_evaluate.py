@@ -34,25 +34,25 @@ from brainjepa.evaluate import (  # noqa: E402
     fc_features,
     format_comparisons,
     format_table,
-    probe_features,
-    probe_method_names,
-    random_init_summaries,
-    readout_features,
-    token_index,
-    window_fc,
     infer_task,
     network_attention,
     network_labels_from_roi_names,
     present_mask,
     probe_cohort,
+    probe_features,
+    probe_method_names,
     random_init_like,
+    random_init_summaries,
     read_networks,
+    readout_features,
     regression_metrics,
     roc_auc,
     roi_attention,
     run_protocol,
     split_from_column,
     split_indices,
+    token_index,
+    window_fc,
 )
 from brainjepa.finetune import (  # noqa: E402
     FineTuner,
@@ -71,13 +71,27 @@ R, T_MODEL = 16, 32
 
 
 def small_model(seed: int = 0, roi_labels=None, **kw) -> BrainJEPA:
-    cfg = ModelConfig(n_rois=R, n_timepoints=T_MODEL, embed_dim=24, depth=3, num_heads=2,
-                      predictor_embed_dim=12, predictor_depth=1, predictor_num_heads=2,
-                      n_gradients=4, **kw)
+    cfg = ModelConfig(
+        n_rois=R,
+        n_timepoints=T_MODEL,
+        embed_dim=24,
+        depth=3,
+        num_heads=2,
+        predictor_embed_dim=12,
+        predictor_depth=1,
+        predictor_num_heads=2,
+        n_gradients=4,
+        **kw,
+    )
     torch.manual_seed(seed)
     g = np.random.default_rng(seed).normal(size=(R, 4))
-    return BrainJEPA(cfg, g, normalization={"method": "zscore"}, target_tr=1.44,
-                     roi_labels=roi_labels or [f"roi{i}" for i in range(R)]).eval()
+    return BrainJEPA(
+        cfg,
+        g,
+        normalization={"method": "zscore"},
+        target_tr=1.44,
+        roi_labels=roi_labels or [f"roi{i}" for i in range(R)],
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +209,7 @@ def test_closed_form_ridge_matches_sklearn_at_chosen_alpha():
     Xs = (X - X[tr].mean(0)) / X[tr].std(0)
     t = (y[tr] - y[tr].mean()) / y[tr].std()
     ref = Ridge(alpha=probe.alpha_).fit(Xs[tr], t)
-    np.testing.assert_allclose(probe.predict(X[va]), ref.predict(Xs[va]) * y[tr].std() + y[tr].mean(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(probe.predict(X[va]), ref.predict(Xs[va]) * y[tr].std() + y[tr].mean(), rtol=1e-6)
     # the chosen strength really is the best on validation
     losses = []
     for rel in probe.grid:
@@ -294,7 +307,10 @@ def test_protocol_same_splits_test_once_and_summary():
     tests = [e for e in _Spy.log if e[0] == "test"]
     assert len(tests) == 6  # once per method and seed
     for seed in range(3):
-        a, b = [e for e in _Spy.log if e[2] == seed and e[1] == "a"], [e for e in _Spy.log if e[2] == seed and e[1] == "b"]
+        a, b = (
+            [e for e in _Spy.log if e[2] == seed and e[1] == "a"],
+            [e for e in _Spy.log if e[2] == seed and e[1] == "b"],
+        )
         assert [e[3:] for e in a] == [e[3:] for e in b]  # identical train/val/test for both methods
         fit, test = a
         assert not set(fit[3]) & set(test[3]) and not set(fit[4]) & set(test[3])
@@ -309,14 +325,26 @@ def test_protocol_same_splits_test_once_and_summary():
 
 
 def test_results_json_and_table(tmp_path):
-    res = Results([{"method": "brainjepa", "target": "age", "seed": s, "metric": "pearson_r", "value": v}
-                   for s, v in enumerate([0.5, 0.7, float("nan")])])
+    res = Results(
+        [
+            {"method": "brainjepa", "target": "age", "seed": s, "metric": "pearson_r", "value": v}
+            for s, v in enumerate([0.5, 0.7, float("nan")])
+        ]
+    )
     path = res.save(tmp_path / "r.json")
     saved = json.loads(path.read_text())
     assert saved["comparisons"] == []
     rows = saved["rows"]
-    assert rows == [{"method": "brainjepa", "target": "age", "metric": "pearson_r", "mean": 0.6,
-                     "std": pytest.approx(np.std([0.5, 0.7], ddof=1)), "n_seeds": 2}]
+    assert rows == [
+        {
+            "method": "brainjepa",
+            "target": "age",
+            "metric": "pearson_r",
+            "mean": 0.6,
+            "std": pytest.approx(np.std([0.5, 0.7], ddof=1)),
+            "n_seeds": 2,
+        }
+    ]
     table = format_table(res.rows)
     assert "age (n_seeds=2)" in table and "brainjepa" in table and "0.600 ± 0.141" in table
 
@@ -329,8 +357,9 @@ def test_embedder_shapes_determinism_and_tokens(sim):
     X = sim.timeseries[:5]
     emb = BrainJEPAEmbedder(model, windows="center", batch_size=2).fit().transform(X, tr=0.72)
     assert emb.shape == (5, 24) and emb.dtype == np.float32
-    np.testing.assert_allclose(emb, BrainJEPAEmbedder(model, windows="center", batch_size=5)
-                               .transform(X, tr=[0.72] * 5), atol=1e-5)
+    np.testing.assert_allclose(
+        emb, BrainJEPAEmbedder(model, windows="center", batch_size=5).transform(X, tr=[0.72] * 5), atol=1e-5
+    )
     with torch.no_grad():
         windows = torch.stack([model.prepare(x, tr=0.72) for x in X])
         np.testing.assert_allclose(emb, model.embed(windows).numpy(), atol=1e-5)
@@ -359,10 +388,11 @@ def test_prepare_windows_tiles_the_scan():
     # ceil(75 / 32) = 3 windows starting at 0, round(21.5) = 22 and 75 - 32 = 43
     assert w.shape == (3, R, T_MODEL) and w.dtype == torch.float32 and p == 2
     for k, start in enumerate((0, 22, 43)):
-        np.testing.assert_allclose(w[k].numpy(), zscore(x[:, start:start + T_MODEL]), atol=1e-5)
+        np.testing.assert_allclose(w[k].numpy(), zscore(x[:, start : start + T_MODEL]), atol=1e-5)
     assert model.prepare_windows(x[:, :64], tr=1.44)[0].shape[0] == 2  # exact multiple: no overlap
-    np.testing.assert_allclose(model.prepare_windows(x[:, :32], tr=1.44)[0][0].numpy(),
-                               model.prepare(x[:, :32], tr=1.44).numpy())
+    np.testing.assert_allclose(
+        model.prepare_windows(x[:, :32], tr=1.44)[0][0].numpy(), model.prepare(x[:, :32], tr=1.44).numpy()
+    )
     # resampled first (0.72 s -> 1.44 s), exactly as prepare does
     w2, _ = model.prepare_windows(x, tr=0.72)
     assert len(w2) == 2  # 75 frames at 0.72 s span 38 frames at 1.44 s
@@ -400,8 +430,9 @@ def test_short_scan_is_encoded_on_its_valid_patches_only():
         tok = BrainJEPAEmbedder(model, tokens=True).transform([x, full], tr=1.44)
         assert np.isnan(tok[0, :, 1]).all() and not np.isnan(tok[1]).any()
         np.testing.assert_allclose(tok[0, :, 0], h[0, :, 0].numpy(), atol=1e-6)
-        np.testing.assert_allclose(tok[1], encode_windows(model, model.prepare(full, tr=1.44)[None])[0].numpy(),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            tok[1], encode_windows(model, model.prepare(full, tr=1.44)[None])[0].numpy(), atol=1e-5
+        )
 
 
 def test_readouts_on_known_token_features():
@@ -433,11 +464,13 @@ def test_readouts_on_known_token_features():
     xb = torch.randn(2, R, T_MODEL)
     with torch.no_grad():
         hb = encode_windows(model, xb)
-        np.testing.assert_allclose(readout_features(hb, "mean", model.config.layernorm_eps).numpy(),
-                                   model.embed(xb).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            readout_features(hb, "mean", model.config.layernorm_eps).numpy(), model.embed(xb).numpy(), atol=1e-5
+        )
         assert readout_features(hb, "fc").shape == (2, R * (R - 1) // 2)
-        np.testing.assert_allclose(readout_features(hb, "fc")[1].numpy(),
-                                   readout_features(hb[1], "fc").numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            readout_features(hb, "fc")[1].numpy(), readout_features(hb[1], "fc").numpy(), atol=1e-6
+        )
     with pytest.raises(ConfigError, match="unknown readout"):
         readout_features(h, "max")
 
@@ -459,9 +492,9 @@ def test_amplitude_and_window_fc_baselines():
     expect = np.mean([np.arctanh(np.corrcoef(w)[np.triu_indices(4, 1)]) for w in windows], axis=0)
     np.testing.assert_allclose(window_fc(windows, 2, 16), expect, rtol=1e-4)
     # a padded window: only the frames of its valid patches count
-    np.testing.assert_allclose(window_fc(windows[:1], 1, 16),
-                               np.arctanh(np.corrcoef(windows[0, :, :16])[np.triu_indices(4, 1)]),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        window_fc(windows[:1], 1, 16), np.arctanh(np.corrcoef(windows[0, :, :16])[np.triu_indices(4, 1)]), rtol=1e-4
+    )
 
 
 def test_random_init_like_keeps_everything_but_weights():
@@ -472,14 +505,18 @@ def test_random_init_like_keeps_everything_but_weights():
     torch.testing.assert_close(a.encoder.gradients, model.encoder.gradients)
     torch.testing.assert_close(a.encoder.blocks[0].attn.qkv.weight, b.encoder.blocks[0].attn.qkv.weight)
     assert not torch.equal(a.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
-    assert not torch.equal(a.encoder.blocks[0].attn.qkv.weight,
-                           random_init_like(model, seed=1).encoder.blocks[0].attn.qkv.weight)
+    assert not torch.equal(
+        a.encoder.blocks[0].attn.qkv.weight, random_init_like(model, seed=1).encoder.blocks[0].attn.qkv.weight
+    )
 
 
 def _records(values: dict, target="dx", metric="auroc"):
     """Records {method: [value per split seed]}."""
-    return [{"method": m, "target": target, "seed": seed, "metric": metric, "value": v}
-            for m, vals in values.items() for seed, v in enumerate(vals)]
+    return [
+        {"method": m, "target": target, "seed": seed, "metric": metric, "value": v}
+        for m, vals in values.items()
+        for seed, v in enumerate(vals)
+    ]
 
 
 def test_compare_matches_hand_computation_and_scipy():
@@ -512,11 +549,24 @@ def test_compare_matches_hand_computation_and_scipy():
 
 
 def test_random_init_summaries_and_comparisons_from_records():
-    recs = _records({"random_init#0:fc": [0.6, 0.7], "random_init#1:fc": [0.9, 0.5],
-                     "random_init#2:fc": [0.5, np.nan], "brainjepa:fc": [0.8, 0.8],
-                     "fc_window": [0.7, 0.7]})
-    recs += _records({"random_init#0:fc": [0.2, 0.4], "random_init#1:fc": [0.0, 0.6],
-                      "random_init#2:fc": [0.6, 0.6], "brainjepa:fc": [0.1, 0.1]}, metric="acc")
+    recs = _records(
+        {
+            "random_init#0:fc": [0.6, 0.7],
+            "random_init#1:fc": [0.9, 0.5],
+            "random_init#2:fc": [0.5, np.nan],
+            "brainjepa:fc": [0.8, 0.8],
+            "fc_window": [0.7, 0.7],
+        }
+    )
+    recs += _records(
+        {
+            "random_init#0:fc": [0.2, 0.4],
+            "random_init#1:fc": [0.0, 0.6],
+            "random_init#2:fc": [0.6, 0.6],
+            "brainjepa:fc": [0.1, 0.1],
+        },
+        metric="acc",
+    )
     extra = random_init_summaries(recs, ["fc"], [0, 1, 2])
     mean = {(r["seed"], r["metric"]): r["value"] for r in extra if r["method"] == "random_init(mean):fc"}
     assert mean[(0, "auroc")] == pytest.approx(np.mean([0.6, 0.9, 0.5]))
@@ -526,11 +576,17 @@ def test_random_init_summaries_and_comparisons_from_records():
     best = [r for r in extra if r["method"] == "random_init(best):fc"]
     assert {r["source"] for r in best} == {"random_init#1:fc"}
     assert sorted((r["metric"], r["value"]) for r in best) == [
-        ("acc", 0.0), ("acc", 0.6), ("auroc", 0.5), ("auroc", 0.9)]
+        ("acc", 0.0),
+        ("acc", 0.6),
+        ("auroc", 0.5),
+        ("auroc", 0.9),
+    ]
     rows = comparison_rows(recs + extra)
     assert [(c["method"], c["baseline"]) for c in rows] == [
-        ("brainjepa:fc", "random_init(best):fc"), ("brainjepa:fc", "random_init(mean):fc"),
-        ("brainjepa:fc", "fc_window")]
+        ("brainjepa:fc", "random_init(best):fc"),
+        ("brainjepa:fc", "random_init(mean):fc"),
+        ("brainjepa:fc", "fc_window"),
+    ]
     assert all(c["metric"] == "auroc" for c in rows)
     assert rows[0]["mean_diff"] == pytest.approx(np.mean([0.8 - 0.9, 0.8 - 0.5]))
     assert rows[0]["baseline_source"] == "random_init#1:fc" and "baseline_source" not in rows[1]
@@ -547,8 +603,9 @@ def test_probe_cohort_end_to_end(sim):
     assert feats["brainjepa:fc"].shape == (30, R * (R - 1) // 2) and feats["amplitude"].shape == (30, R)
     np.testing.assert_allclose(feats["fc_full"], fc_features(sim.timeseries), atol=1e-6)
     # the one pass gives what the embedder gives, and init seeds really differ
-    np.testing.assert_allclose(feats["random_init#1:mean"],
-                               embed_cohort(random_init_like(model, 1), cohort, progress=False), atol=1e-5)
+    np.testing.assert_allclose(
+        feats["random_init#1:mean"], embed_cohort(random_init_like(model, 1), cohort, progress=False), atol=1e-5
+    )
     assert not np.allclose(feats["random_init#0:mean"], feats["random_init#1:mean"], atol=1e-3)
     assert not np.allclose(feats["random_init#0:fc"], feats["brainjepa:fc"], atol=1e-3)
     own = embed_cohort_readouts(model, cohort, readouts=("fc", "roi"), progress=False)
@@ -557,8 +614,16 @@ def test_probe_cohort_end_to_end(sim):
     w, p = model.prepare_windows(sim.timeseries[3], tr=0.72)
     np.testing.assert_allclose(feats["fc_window"][3], window_fc(w.numpy(), p, 16), atol=1e-5)
 
-    res = probe_cohort(model, cohort, ["age", "patient"], seeds=2, readouts=("mean", "fc"),
-                       random_init_seeds=2, progress=False, features=feats)
+    res = probe_cohort(
+        model,
+        cohort,
+        ["age", "patient"],
+        seeds=2,
+        readouts=("mean", "fc"),
+        random_init_seeds=2,
+        progress=False,
+        features=feats,
+    )
     rows = res.rows
     methods = names + [f"random_init({s}):{r}" for s in ("best", "mean") for r in ("mean", "fc")]
     assert {(r["method"], r["target"]) for r in rows} == {(m, t) for m in methods for t in ("age", "patient")}
@@ -569,27 +634,57 @@ def test_probe_cohort_end_to_end(sim):
     assert table.index("brainjepa:fc") < table.index("random_init(best):mean") < table.index("fc_full")
     assert len(res.comparisons) == 2 * 2 * 5
     assert {c["baseline"] for c in res.comparisons} == {
-        "random_init(best):mean", "random_init(mean):mean", "random_init(best):fc",
-        "random_init(mean):fc", *BASELINES}
+        "random_init(best):mean",
+        "random_init(mean):mean",
+        "random_init(best):fc",
+        "random_init(mean):fc",
+        *BASELINES,
+    }
     assert all(c["n"] == 2 and np.isfinite(c["mean_diff"]) for c in res.comparisons)
     # a user-given split column: the split is fixed, so the closed-form probes repeat exactly
     cohort.labels["fold"] = np.array((["train"] * 3 + ["val", "test"]) * 6, dtype=object)
-    fixed = probe_cohort(model, cohort, ["age"], seeds=2, split_column="fold", readouts=("mean", "fc"),
-                         random_init_seeds=2, progress=False, features=feats)
+    fixed = probe_cohort(
+        model,
+        cohort,
+        ["age"],
+        seeds=2,
+        split_column="fold",
+        readouts=("mean", "fc"),
+        random_init_seeds=2,
+        progress=False,
+        features=feats,
+    )
     assert all(r["std"] == 0.0 and r["n_seeds"] == 2 for r in fixed.rows)
     with pytest.raises(DataError, match="no subject to 'val'"):  # the manifest's split: all train here
-        probe_cohort(model, cohort, ["age"], split_column="split", readouts=("mean", "fc"),
-                     random_init_seeds=2, progress=False, features=feats)
-    bn = probe_cohort(model, cohort, ["age"], seeds=1, probe="bn-linear", readouts=("mean",),
-                      random_init_seeds=0, progress=False,
-                      features={k: v for k, v in feats.items() if k in ("brainjepa:mean", *BASELINES)},
-                      probe_options={"epochs": 2})
+        probe_cohort(
+            model,
+            cohort,
+            ["age"],
+            split_column="split",
+            readouts=("mean", "fc"),
+            random_init_seeds=2,
+            progress=False,
+            features=feats,
+        )
+    bn = probe_cohort(
+        model,
+        cohort,
+        ["age"],
+        seeds=1,
+        probe="bn-linear",
+        readouts=("mean",),
+        random_init_seeds=0,
+        progress=False,
+        features={k: v for k, v in feats.items() if k in ("brainjepa:mean", *BASELINES)},
+        probe_options={"epochs": 2},
+    )
     assert {r["method"] for r in bn.rows} == {"brainjepa:mean", *BASELINES}
     with pytest.raises(ConfigError, match="not methods of this probe"):
         probe_cohort(model, cohort, ["age"], seeds=1, progress=False, features={"fc_baseline": feats["fc_full"]})
     with pytest.raises(DataError, match="not a column"):
-        probe_cohort(model, cohort, ["iq"], seeds=1, progress=False, readouts=("mean", "fc"),
-                     random_init_seeds=2, features=feats)
+        probe_cohort(
+            model, cohort, ["iq"], seeds=1, progress=False, readouts=("mean", "fc"), random_init_seeds=2, features=feats
+        )
     with pytest.raises(ConfigError, match="unknown probe"):
         probe_cohort(model, cohort, ["age"], probe="mlp", progress=False, features=feats)
     with pytest.raises(ConfigError, match="windows must be one of"):
@@ -659,7 +754,7 @@ def test_layer_decay_gives_each_depth_its_learning_rate():
     step = {n: float((p.detach() - before[n]).abs().max()) for n, p in net.named_parameters()}
     assert step["head.weight"] == pytest.approx(1e-3, rel=0.05)
     assert step["encoder.patch_embed.weight"] == pytest.approx(1e-3 * 0.75 ** (depth + 1), rel=0.05)
-    assert step["encoder.blocks.0.mlp.fc1.weight"] == pytest.approx(1e-3 * 0.75 ** depth, rel=0.05)
+    assert step["encoder.blocks.0.mlp.fc1.weight"] == pytest.approx(1e-3 * 0.75**depth, rel=0.05)
 
 
 def test_drop_path_changes_training_outputs_only():
@@ -693,18 +788,19 @@ def test_finetuner_trains_and_finetune_cohort_runs(sim):
     cohort = sim.to_cohort()
     windows = BrainJEPAEmbedder(model).windows(sim.timeseries, tr=0.72)
     y = np.asarray(sim.labels["patient"])
-    ft = FineTuner(model, "classification", epochs=3, warmup_epochs=1, batch_size=8,
-                   class_weight="balanced").fit(windows[:18], y[:18], windows[18:24], y[18:24])
+    ft = FineTuner(model, "classification", epochs=3, warmup_epochs=1, batch_size=8, class_weight="balanced").fit(
+        windows[:18], y[:18], windows[18:24], y[18:24]
+    )
     assert len(ft.train_losses_) == 3 and ft.best_epoch_ == int(np.argmin(ft.val_losses_))
     proba = ft.predict_proba(windows[24:])
     assert proba.shape == (6, 2) and np.allclose(proba.sum(1), 1)
     reg = FineTuner(model, "regression", epochs=2, batch_size=8).fit(
-        windows[:18], sim.labels["age"][:18], windows[18:24], sim.labels["age"][18:24])
+        windows[:18], sim.labels["age"][:18], windows[18:24], sim.labels["age"][18:24]
+    )
     assert 20 < reg.predict(windows[24:]).mean() < 80  # back in years
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k])
-    res = finetune_cohort(model, cohort, ["patient"], seeds=1, epochs=1, warmup_epochs=0,
-                          batch_size=8, progress=False)
+    res = finetune_cohort(model, cohort, ["patient"], seeds=1, epochs=1, warmup_epochs=0, batch_size=8, progress=False)
     assert {r["method"] for r in res.rows} == {"brainjepa", "random_init", "fc_baseline"}
 
 
@@ -724,8 +820,7 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     assert z["embeddings"].shape == (30, 24) and z["tokens"].shape == (30, R, 2, 24)
     assert z["subjects"][0] == sim.subjects[0] and z["label_age"].shape == (30,)
     assert str(z["readout"]) == "mean" and str(z["windows"]) == "all"
-    assert main(["embed", *data, "--out", str(tmp_path / "fc.npz"), "--readout", "fc",
-                 "--windows", "center"]) == 0
+    assert main(["embed", *data, "--out", str(tmp_path / "fc.npz"), "--readout", "fc", "--windows", "center"]) == 0
     assert np.load(tmp_path / "fc.npz")["embeddings"].shape == (30, R * (R - 1) // 2)
     assert "fc readout, center windows" in capsys.readouterr().out
 
@@ -734,9 +829,18 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     assert main(["probe", *data, "--target", "age", "--seeds", "2", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     methods = {r["method"] for r in saved["rows"]}
-    expected = {f"{base}:{r}" for r in READOUTS for base in (
-        "brainjepa", "random_init#0", "random_init#1", "random_init#2", "random_init(best)",
-        "random_init(mean)")} | set(BASELINES)
+    expected = {
+        f"{base}:{r}"
+        for r in READOUTS
+        for base in (
+            "brainjepa",
+            "random_init#0",
+            "random_init#1",
+            "random_init#2",
+            "random_init(best)",
+            "random_init(mean)",
+        )
+    } | set(BASELINES)
     assert methods == expected
     assert all(r["n_seeds"] == 2 and np.isfinite(r["mean"]) and np.isfinite(r["std"]) for r in saved["rows"])
     assert len(saved["comparisons"]) == len(READOUTS) * 5
@@ -745,23 +849,90 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     assert "age (n_seeds=2)" in printed and "p (paired t)" in printed
     assert "random_init(best):roi" in printed
 
-    assert main(["probe", *data, "--target", "patient", "--seeds", "2", "--readout", "fc",
-                 "--random-init-seeds", "1", "--windows", "center"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                *data,
+                "--target",
+                "patient",
+                "--seeds",
+                "2",
+                "--readout",
+                "fc",
+                "--random-init-seeds",
+                "1",
+                "--windows",
+                "center",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "patient (n_seeds=2)" in printed and "AUROC" in printed
     assert "brainjepa:mean" not in printed and "random_init#1" not in printed and "amplitude" in printed
 
-    assert main(["probe", *data, "--target", "site", "--task", "regression", "--seeds", "1",
-                 "--probe", "bn-linear", "--epochs", "3", "--readout", "mean",
-                 "--random-init-seeds", "0"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                *data,
+                "--target",
+                "site",
+                "--task",
+                "regression",
+                "--seeds",
+                "1",
+                "--probe",
+                "bn-linear",
+                "--epochs",
+                "3",
+                "--readout",
+                "mean",
+                "--random-init-seeds",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "MSE" in capsys.readouterr().out
 
-    assert main(["finetune", *data, "--target", "patient", "--seeds", "1", "--epochs", "1",
-                 "--warmup-epochs", "0", "--class-weight", "balanced"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                *data,
+                "--target",
+                "patient",
+                "--seeds",
+                "1",
+                "--epochs",
+                "1",
+                "--warmup-epochs",
+                "0",
+                "--class-weight",
+                "balanced",
+            ]
+        )
+        == 0
+    )
     assert "random_init" in capsys.readouterr().out
 
-    assert main(["attention", *data, "--out", str(tmp_path / "att"),
-                 "--networks", str(tmp_path / "data" / "rois.tsv"), "--max-subjects", "5"]) == 0
+    assert (
+        main(
+            [
+                "attention",
+                *data,
+                "--out",
+                str(tmp_path / "att"),
+                "--networks",
+                str(tmp_path / "data" / "rois.tsv"),
+                "--max-subjects",
+                "5",
+            ]
+        )
+        == 0
+    )
     nets = (tmp_path / "att" / "network_attention.csv").read_text().splitlines()
     assert nets[0] == "network,attention,n_rois" and len(nets) == 1 + len(set(sim.networks))
 

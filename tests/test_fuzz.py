@@ -31,10 +31,15 @@ from brainjepa.data import open_cohort, read_manifest, validate_timeseries  # no
 from brainjepa.errors import BrainJEPAError  # noqa: E402
 from brainjepa.io import SUFFIXES, read_timeseries, write_timeseries  # noqa: E402
 
-settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, database=None,
-                          suppress_health_check=list(HealthCheck))
-settings.register_profile("long", max_examples=int(os.environ.get("BRAINJEPA_FUZZ_EXAMPLES", 2000)),
-                          deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "ci", max_examples=25, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+settings.register_profile(
+    "long",
+    max_examples=int(os.environ.get("BRAINJEPA_FUZZ_EXAMPLES", 2000)),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 FUZZ = settings.get_profile(os.environ.get("BRAINJEPA_FUZZ", "ci"))
 
 WRITABLE = (".npy", ".npz", ".tsv", ".csv", ".tsv.gz", ".csv.gz", ".mat", ".h5")
@@ -114,10 +119,17 @@ def test_truncated_files_are_a_named_error_or_a_correct_prefix(seed, suffix, cut
 
 
 @FUZZ
-@given(values=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=6),
-                         elements=st.floats(allow_nan=True, allow_infinity=True)),
-       encoding=st.sampled_from(TEXT_ENCODINGS), delimiter=st.sampled_from(["\t", ","]),
-       header=st.booleans(), gz=st.booleans())
+@given(
+    values=hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=6),
+        elements=st.floats(allow_nan=True, allow_infinity=True),
+    ),
+    encoding=st.sampled_from(TEXT_ENCODINGS),
+    delimiter=st.sampled_from(["\t", ","]),
+    header=st.booleans(),
+    gz=st.booleans(),
+)
 def test_text_tables_with_odd_values_and_encodings(values, encoding, delimiter, header, gz):
     suffix = (".tsv" if delimiter == "\t" else ".csv") + (".gz" if gz else "")
     with _tmpdir() as d:
@@ -135,15 +147,45 @@ def test_text_tables_with_odd_values_and_encodings(values, encoding, delimiter, 
 
 
 manifest_text = st.lists(
-    st.lists(st.one_of(st.sampled_from(["path", "subject", "tr", "split", "age", "a.npy", "b.npy",
-                                        "sub-01", "2.0", "-1", "train", "x", "", "\"", "ü", "\t"]),
-                       st.text(max_size=6)), min_size=0, max_size=5),
-    min_size=0, max_size=6)
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "path",
+                    "subject",
+                    "tr",
+                    "split",
+                    "age",
+                    "a.npy",
+                    "b.npy",
+                    "sub-01",
+                    "2.0",
+                    "-1",
+                    "train",
+                    "x",
+                    "",
+                    '"',
+                    "ü",
+                    "\t",
+                ]
+            ),
+            st.text(max_size=6),
+        ),
+        min_size=0,
+        max_size=5,
+    ),
+    min_size=0,
+    max_size=6,
+)
 
 
 @FUZZ
-@given(rows=manifest_text, encoding=st.sampled_from(TEXT_ENCODINGS), delimiter=st.sampled_from([",", "\t"]),
-       junk=st.binary(max_size=8))
+@given(
+    rows=manifest_text,
+    encoding=st.sampled_from(TEXT_ENCODINGS),
+    delimiter=st.sampled_from([",", "\t"]),
+    junk=st.binary(max_size=8),
+)
 def test_manifest_parser_gives_records_or_a_named_error(rows, encoding, delimiter, junk):
     with _tmpdir() as d:
         folder = Path(d)

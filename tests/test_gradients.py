@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +27,29 @@ FIXTURES = Path(__file__).parent / "fixtures" / "official_parity"
 SCHAEFER = (100, 200, 300, 400)
 
 
-@lru_cache(maxsize=None)
+@cache
 def schaefer_fc(n: int) -> np.ndarray:
     """BrainSpace's shipped group FC (read with numpy: its datasets module needs VTK)."""
     brainspace = pytest.importorskip("brainspace")
-    path = (Path(brainspace.__file__).parent / "datasets" / "matrices" / "main_group"
-            / f"schaefer_{n}_mean_connectivity_matrix.csv")
+    path = (
+        Path(brainspace.__file__).parent
+        / "datasets"
+        / "matrices"
+        / "main_group"
+        / f"schaefer_{n}_mean_connectivity_matrix.csv"
+    )
     return np.loadtxt(path, delimiter=",")
 
 
 def brainspace_gradients(fc, random_state=0, **kw):
     """BrainSpace's GradientMaps; kw: kernel, n_components, sparsity, alpha, diffusion_time."""
     gradient = pytest.importorskip("brainspace.gradient")
-    gm = gradient.GradientMaps(n_components=kw.pop("n_components", 30), approach="dm",
-                               kernel=kw.pop("kernel", "normalized_angle"),
-                               random_state=random_state)
+    gm = gradient.GradientMaps(
+        n_components=kw.pop("n_components", 30),
+        approach="dm",
+        kernel=kw.pop("kernel", "normalized_angle"),
+        random_state=random_state,
+    )
     gm.fit(fc, **kw)  # sparsity goes to the affinity, alpha/diffusion_time to diffusion maps
     return gm.gradients_, gm.lambdas_
 
@@ -65,9 +73,10 @@ def synthetic_series(n_subjects=3, n_rois=40, n_time=120, seed=0) -> list[np.nda
     """Subjects sharing a low-rank ROI structure (so FC has real gradients), each R x T."""
     rng = np.random.default_rng(seed)
     loadings = rng.standard_normal((n_rois, 4))
-    return [(loadings @ rng.standard_normal((4, n_time))
-             + rng.standard_normal((n_rois, n_time))).astype(np.float32)
-            for _ in range(n_subjects)]
+    return [
+        (loadings @ rng.standard_normal((4, n_time)) + rng.standard_normal((n_rois, n_time))).astype(np.float32)
+        for _ in range(n_subjects)
+    ]
 
 
 # --------------------------------------------------------------------------- BrainSpace parity
@@ -99,8 +108,13 @@ def test_gradients_match_brainspace_with_exact_eigensolver(n, monkeypatch):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(kernel="cosine"), dict(alpha=0.0), dict(alpha=1.0), dict(diffusion_time=2),
-     dict(sparsity=0.75, n_components=10)],
+    [
+        dict(kernel="cosine"),
+        dict(alpha=0.0),
+        dict(alpha=1.0),
+        dict(diffusion_time=2),
+        dict(sparsity=0.75, n_components=10),
+    ],
 )
 def test_options_match_brainspace_with_exact_eigensolver(options, monkeypatch):
     embedding = pytest.importorskip("brainspace.gradient.embedding")
@@ -355,8 +369,7 @@ def test_cli_from_timeseries_and_fc(tmp_path, capsys):
     assert main(["gradients", *files, "--out", str(out), "--n-components", "5"]) == 0
     assert "40 ROIs x 5 gradients" in capsys.readouterr().out
     g, labels = load_gradients_csv(out)
-    np.testing.assert_allclose(g, compute_gradients(connectivity(subjects), n_components=5)[0],
-                               atol=1e-12)
+    np.testing.assert_allclose(g, compute_gradients(connectivity(subjects), n_components=5)[0], atol=1e-12)
     assert labels is None
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -366,16 +379,45 @@ def test_cli_from_timeseries_and_fc(tmp_path, capsys):
     q = scipy.linalg.qr(np.random.default_rng(2).standard_normal((5, 5)))[0]
     save_gradients_csv(g @ q, tmp_path / "ref.csv")
     out2 = tmp_path / "fc_grad.csv"
-    assert main(["gradients", "--fc", str(fc_file), "--out", str(out2), "--n-components", "5",
-                 "--align-to", str(tmp_path / "ref.csv"), "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "gradients",
+                "--fc",
+                str(fc_file),
+                "--out",
+                str(out2),
+                "--n-components",
+                "5",
+                "--align-to",
+                str(tmp_path / "ref.csv"),
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(load_gradients_csv(out2)[0], g @ q, atol=1e-9)
     assert not out2.with_suffix(".png").exists()
 
     # time-by-roi files
     np.save(tmp_path / "t.npy", subjects[0].T)
     out3 = tmp_path / "t.csv"
-    assert main(["gradients", str(tmp_path / "t.npy"), "--orientation", "time-by-roi",
-                 "--out", str(out3), "--n-components", "4", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "gradients",
+                str(tmp_path / "t.npy"),
+                "--orientation",
+                "time-by-roi",
+                "--out",
+                str(out3),
+                "--n-components",
+                "4",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     assert load_gradients_csv(out3)[0].shape == (40, 4)
 
 

@@ -14,9 +14,9 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import write_manifest
 import torch
 import yaml
+from conftest import write_manifest
 
 from brainjepa.bundle import BrainJEPA, InputWarning
 from brainjepa.cli import COMMANDS, build_parser, main
@@ -39,8 +39,17 @@ from brainjepa.transforms import cohort_offset_problem, raw_bold_problem
 
 R = 16
 TINY = {
-    "model": {"size": "tiny", "n_timepoints": 48, "n_gradients": 4, "embed_dim": 32, "depth": 1,
-              "num_heads": 2, "predictor_embed_dim": 16, "predictor_depth": 1, "predictor_num_heads": 2},
+    "model": {
+        "size": "tiny",
+        "n_timepoints": 48,
+        "n_gradients": 4,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+        "predictor_embed_dim": 16,
+        "predictor_depth": 1,
+        "predictor_num_heads": 2,
+    },
     "optim": {"batch_size": 4, "epochs": 10, "warmup_epochs": 1, "lr": 1e-3, "start_lr": 1e-4},
     "train": {"log_every": 1, "checkpoint_every": 100, "keep_last": 1, "precision": "fp32"},
 }
@@ -77,8 +86,9 @@ def cohort_files(folder, specs):
 
 
 def tiny_model(normalization=None, target_tr=2.0, n_timepoints=32):
-    cfg = ModelConfig.from_size("tiny", n_rois=R, n_timepoints=n_timepoints, n_gradients=4,
-                                embed_dim=32, depth=1, num_heads=2, patch_size=16)
+    cfg = ModelConfig.from_size(
+        "tiny", n_rois=R, n_timepoints=n_timepoints, n_gradients=4, embed_dim=32, depth=1, num_heads=2, patch_size=16
+    )
     g = np.random.default_rng(0).normal(size=(R, 4)).astype(np.float32)
     return BrainJEPA(cfg, g, normalization=normalization or {"method": "zscore"}, target_tr=target_tr)
 
@@ -97,8 +107,13 @@ def test_target_tr_auto_is_the_default_and_other_values_are_checked():
 
 def test_resolve_target_tr_rules(caplog):
     def cohort(trs):
-        return ArrayCohort([scan(k) for k in range(len(trs))], subjects=[f"s{k}" for k in range(len(trs))],
-                           trs=trs, n_rois=R, paths=[f"f{k}.npy" for k in range(len(trs))])
+        return ArrayCohort(
+            [scan(k) for k in range(len(trs))],
+            subjects=[f"s{k}" for k in range(len(trs))],
+            trs=trs,
+            n_rois=R,
+            paths=[f"f{k}.npy" for k in range(len(trs))],
+        )
 
     assert resolve_target_tr("auto", cohort([0.72, 0.72])) == 0.72
     with caplog.at_level(logging.INFO):
@@ -151,7 +166,7 @@ def test_embedding_refuses_a_scan_without_tr_or_too_short_at_the_model_tr_by_nam
 
 def test_raw_bold_and_site_offset_detectors():
     assert raw_bold_problem(scan(0)) is None
-    assert raw_bold_problem(scan(0, offset=1e4, scale=20)) .startswith("looks like unscaled BOLD")
+    assert raw_bold_problem(scan(0, offset=1e4, scale=20)).startswith("looks like unscaled BOLD")
     levels = [1e4, 1e4 + 5, 1.4e4, 1.4e4 + 5]
     assert "site or scanner offsets" in cohort_offset_problem(levels, [20] * 4, list("abcd"))
     assert cohort_offset_problem([1e4, 1e4 + 5, 1e4 + 10, 1e4 + 2], [20] * 4, list("abcd")) is None
@@ -184,8 +199,9 @@ def test_prepare_warns_about_unscaled_bold_and_pretrain_refuses_it_unscaled(tmp_
         prepare_store(m, tmp_path / "store")
     assert "look like unscaled BOLD" in caplog.text and re.search(r"data\.normalization[=:]", caplog.text)
     with pytest.raises(ConfigError, match="normalization=none would feed them"):
-        pretrain(_config(data={"normalization": "none"}), tmp_path / "store", tmp_path / "run",
-                 max_steps=1, progress=False)
+        pretrain(
+            _config(data={"normalization": "none"}), tmp_path / "store", tmp_path / "run", max_steps=1, progress=False
+        )
 
 
 def test_model_prepare_names_the_series_and_never_recommends_itself():
@@ -275,14 +291,17 @@ def test_metrics_from_the_first_step_and_a_heartbeat_without_progress_bar(tmp_pa
 # ------------------------------------------------------------------------------ 4. manifests
 
 
-@pytest.mark.parametrize("content, message", [
-    ("path,subject,site\na.npy,a,M\xfcnchen\n".encode("latin-1"), r"line 2: byte 0xfc is not UTF-8"),
-    (b"", r"the manifest is empty"),
-    (b"path,subject\n", r"header but lists no files"),
-    (b"path,subject,age,age\na.npy,a,1,2\n", r"line 1: column 'age' appears 2 times"),
-    (b"path,subject\na.npy,a,extra\n", r"line 2: 3 fields but the header has 2"),
-    (b"file,subject\na.npy,a\n", r"line 1: a manifest needs a 'path' column"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("path,subject,site\na.npy,a,M\xfcnchen\n".encode("latin-1"), r"line 2: byte 0xfc is not UTF-8"),
+        (b"", r"the manifest is empty"),
+        (b"path,subject\n", r"header but lists no files"),
+        (b"path,subject,age,age\na.npy,a,1,2\n", r"line 1: column 'age' appears 2 times"),
+        (b"path,subject\na.npy,a,extra\n", r"line 2: 3 fields but the header has 2"),
+        (b"file,subject\na.npy,a\n", r"line 1: a manifest needs a 'path' column"),
+    ],
+)
 def test_bad_manifests_are_errors_naming_the_line(tmp_path, content, message):
     write_timeseries(tmp_path / "a.npy", scan(0), tr=2.0)
     (tmp_path / "m.csv").write_bytes(content)
@@ -297,11 +316,14 @@ def test_a_file_listed_twice_is_an_error(tmp_path):
         open_cohort(m)
 
 
-@pytest.mark.parametrize("header, message", [
-    (lambda h: h[:3] + [h[2]] + h[4:], r"line 1 names column 3 and column 4 both 'r02'"),
-    (lambda h: [""] + h[1:], r"line 1, column 1 has no name"),
-    (lambda h: [str(i) for i in range(len(h))], r"line 1 is 0, 1, 2, \.\.\. \(column numbers"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (lambda h: h[:3] + [h[2]] + h[4:], r"line 1 names column 3 and column 4 both 'r02'"),
+        (lambda h: [""] + h[1:], r"line 1, column 1 has no name"),
+        (lambda h: [str(i) for i in range(len(h))], r"line 1 is 0, 1, 2, \.\.\. \(column numbers"),
+    ],
+)
 def test_timeseries_headers_that_are_not_roi_names(tmp_path, header, message):
     x = scan(0)
     names = header([f"r{i:02d}" for i in range(R)])
@@ -327,8 +349,24 @@ def test_gradients_from_a_manifest_and_pretrain_with_a_gradient_file(tmp_path, c
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(_config()))
     run = tmp_path / "run"
-    assert main(["pretrain", str(cfg), "--data", str(m), "--out", str(run), "--max-steps", "1",
-                 "--no-progress", "--gradients", str(grads)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                str(cfg),
+                "--data",
+                str(m),
+                "--out",
+                str(run),
+                "--max-steps",
+                "1",
+                "--no-progress",
+                "--gradients",
+                str(grads),
+            ]
+        )
+        == 0
+    )
     assert np.allclose(load_gradients_csv(run / "gradients.csv")[0], load_gradients_csv(grads)[0])
 
 
@@ -423,10 +461,15 @@ def test_every_verb_help_shows_defaults_and_ends_with_examples():
         assert len(tail) == 2, verb
         assert all(line.strip().startswith(f"brainjepa {verb}") for line in tail[1].splitlines()), verb
         for action in sub._actions:
-            if action.option_strings and action.default not in (None, False, "==SUPPRESS==") \
-                    and not isinstance(action.default, list):
-                assert "default" in (sub._get_formatter()._get_help_string(action) or "").lower(), \
-                    (verb, action.option_strings)
+            if (
+                action.option_strings
+                and action.default not in (None, False, "==SUPPRESS==")
+                and not isinstance(action.default, list)
+            ):
+                assert "default" in (sub._get_formatter()._get_help_string(action) or "").lower(), (
+                    verb,
+                    action.option_strings,
+                )
 
 
 def test_hints_name_flags_of_the_command_that_printed_them(tmp_path, capsys):

@@ -186,21 +186,23 @@ def test_time_column_gives_tr_and_censoring_is_refused(tmp_path):
     x = series()
     times = np.arange(T) * 0.72
     header = "\t".join(["onset"] + names())
-    ok = write_text(tmp_path / "ok.tsv", [header] + ["\t".join([f"{t:.3f}"] + [f"{v}" for v in row])
-                                                     for t, row in zip(times, x.T)])
+    ok = write_text(
+        tmp_path / "ok.tsv", [header] + ["\t".join([f"{t:.3f}"] + [f"{v}" for v in row]) for t, row in zip(times, x.T)]
+    )
     ts = read_timeseries(ok)
     assert ts.tr == pytest.approx(0.72, abs=1e-3) and ts.data.shape == (R, T)
     censored = np.delete(times, [4, 5])
-    bad = write_text(tmp_path / "bad.tsv", [header] + ["\t".join([f"{t:.3f}"] + [f"{v}" for v in row])
-                                                       for t, row in zip(censored, x.T)])
+    bad = write_text(
+        tmp_path / "bad.tsv",
+        [header] + ["\t".join([f"{t:.3f}"] + [f"{v}" for v in row]) for t, row in zip(censored, x.T)],
+    )
     with pytest.raises(DataError, match=r"bad\.tsv: censored or non-uniform"):
         read_timeseries(bad)
 
 
 def test_all_na_rows_are_censored_volumes(tmp_path):
     x = series()
-    lines = ["\t".join(names())] + ["\t".join(["n/a"] * R if t == 5 else [f"{v}" for v in x[:, t]])
-                                    for t in range(T)]
+    lines = ["\t".join(names())] + ["\t".join(["n/a"] * R if t == 5 else [f"{v}" for v in x[:, t]]) for t in range(T)]
     with pytest.raises(DataError, match="entirely n/a"):
         read_timeseries(write_text(tmp_path / "a.tsv", lines))
 

@@ -33,16 +33,18 @@ def check_batch(masker: SpatiotemporalMasker, mb: MaskBatch) -> None:
 
     for b in range(B):
         obs = mb.observation[b].numpy()
-        O = set(np.flatnonzero(obs.any(1)).tolist())
+        rows = set(np.flatnonzero(obs.any(1)).tolist())
         W = np.flatnonzero(obs.any(0))
         s, w = int(W[0]), W.size
         assert np.array_equal(W, np.arange(s, s + w)), "window is contiguous"
-        assert obs.sum() == len(O) * w, "observation block is a full ROI set x window"
-        assert 1 <= len(O) <= R - 1 and 1 <= w <= P - 1
-        assert (len(O), w) >= (count_range(masker.obs_roi_scale, R, R - 1)[0],
-                               count_range(masker.obs_time_scale, P, P - 1)[0])
+        assert obs.sum() == len(rows) * w, "observation block is a full ROI set x window"
+        assert 1 <= len(rows) <= R - 1 and 1 <= w <= P - 1
+        assert (len(rows), w) >= (
+            count_range(masker.obs_roi_scale, R, R - 1)[0],
+            count_range(masker.obs_time_scale, P, P - 1)[0],
+        )
         Wset = set(W.tolist())
-        obs_tokens = {r * P + t for r in O for t in Wset}
+        obs_tokens = {r * P + t for r in rows for t in Wset}
 
         all_targets = set()
         for k, region in enumerate(mb.regions):
@@ -55,15 +57,15 @@ def check_batch(masker: SpatiotemporalMasker, mb: MaskBatch) -> None:
             left, right = s, P - s - w
             if region == "alpha":
                 assert set(ts) <= Wset
-                assert rois - O, "holds a cross-ROI token"
+                assert rois - rows, "holds a cross-ROI token"
                 roi_most, time_most = R, w
             elif region == "beta":
-                assert rois <= O
+                assert rois <= rows
                 assert set(ts) - Wset, "holds a cross-time token"
-                roi_most, time_most = len(O), P
+                roi_most, time_most = len(rows), P
             else:
-                assert not rois & O and not set(ts) & Wset
-                roi_most, time_most = R - len(O), max(left, right)
+                assert not rois & rows and not set(ts) & Wset
+                roi_most, time_most = R - len(rows), max(left, right)
             lo, hi = count_range(getattr(masker, f"{region}_roi_scale"), R, roi_most)
             assert lo <= len(rois) <= hi
             lo, hi = count_range(getattr(masker, f"{region}_time_scale"), P, time_most)
@@ -87,9 +89,19 @@ def test_guarantees_hold_for_many_seeds(n_rois, n_patches, n_blocks):
 def test_guarantees_hold_with_extreme_scales():
     # full-width target scales and a small observation block stress the clipping to the pools
     masker = SpatiotemporalMasker(
-        12, 6, n_blocks=2, obs_roi_scale=(0.1, 1.0), obs_time_scale=(0.1, 1.0), alpha_roi_scale=(0.0, 1.0),
-        alpha_time_scale=(0.0, 1.0), beta_roi_scale=(0.0, 1.0), beta_time_scale=(0.0, 1.0),
-        gamma_roi_scale=(0.0, 1.0), gamma_time_scale=(0.0, 1.0), min_context=0)
+        12,
+        6,
+        n_blocks=2,
+        obs_roi_scale=(0.1, 1.0),
+        obs_time_scale=(0.1, 1.0),
+        alpha_roi_scale=(0.0, 1.0),
+        alpha_time_scale=(0.0, 1.0),
+        beta_roi_scale=(0.0, 1.0),
+        beta_time_scale=(0.0, 1.0),
+        gamma_roi_scale=(0.0, 1.0),
+        gamma_time_scale=(0.0, 1.0),
+        min_context=0,
+    )
     for seed in range(40):
         check_batch(masker, masker(8, rng=seed))
 
@@ -182,10 +194,13 @@ def test_counts_match_the_grids():
 def test_counts_do_not_lose_token_zero_to_padding():
     # block 0 holds token 0; block 1's padding also points at token 0 and must not erase it
     mb = MaskBatch(
-        context_idx=torch.tensor([[2]]), context_valid=torch.tensor([[True]]),
+        context_idx=torch.tensor([[2]]),
+        context_valid=torch.tensor([[True]]),
         target_idx=torch.tensor([[[0, 1], [3, 0], [3, 0]]]),
         target_valid=torch.tensor([[[True, True], [True, False], [True, False]]]),
-        regions=("alpha", "beta", "gamma"), observation=torch.ones(1, 2, 2, dtype=torch.bool))
+        regions=("alpha", "beta", "gamma"),
+        observation=torch.ones(1, 2, 2, dtype=torch.bool),
+    )
     c = mb.counts()
     assert (c["context"], c["alpha"], c["beta"], c["gamma"], c["target"]) == (1, 2, 1, 1, 3)
     assert c["target_fraction"] == 0.75
@@ -253,15 +268,18 @@ def test_describe_and_repr_round_trip():
     assert again.describe() == d
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(n_rois=1, n_patches=10), "n_rois=1"),
-    (dict(n_rois=10, n_patches=1), "n_patches=1"),
-    (dict(n_rois=10, n_patches=4, n_blocks=0), "n_blocks=0"),
-    (dict(n_rois=10, n_patches=4, alpha_roi_scale=(0.6, 0.4)), "alpha_roi_scale"),
-    (dict(n_rois=10, n_patches=4, obs_time_scale=(0.0, 0.5)), "obs_time_scale"),
-    (dict(n_rois=10, n_patches=4, gamma_time_scale=0.3), "gamma_time_scale"),
-    (dict(n_rois=10, n_patches=4, min_context=28), "min_context=28"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n_rois=1, n_patches=10), "n_rois=1"),
+        (dict(n_rois=10, n_patches=1), "n_patches=1"),
+        (dict(n_rois=10, n_patches=4, n_blocks=0), "n_blocks=0"),
+        (dict(n_rois=10, n_patches=4, alpha_roi_scale=(0.6, 0.4)), "alpha_roi_scale"),
+        (dict(n_rois=10, n_patches=4, obs_time_scale=(0.0, 0.5)), "obs_time_scale"),
+        (dict(n_rois=10, n_patches=4, gamma_time_scale=0.3), "gamma_time_scale"),
+        (dict(n_rois=10, n_patches=4, min_context=28), "min_context=28"),
+    ],
+)
 def test_bad_settings_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SpatiotemporalMasker(**kwargs)

@@ -26,8 +26,16 @@ FIXTURES = Path(__file__).parent / "fixtures" / "official_parity"
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(n_rois=6, n_timepoints=64, embed_dim=32, depth=2, num_heads=4,
-                predictor_embed_dim=16, predictor_depth=1, predictor_num_heads=2)
+    base = dict(
+        n_rois=6,
+        n_timepoints=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        predictor_embed_dim=16,
+        predictor_depth=1,
+        predictor_num_heads=2,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -90,8 +98,7 @@ def test_output_idx_computes_only_requested_tokens_with_the_same_values():
         idx = torch.tensor([[0, 4, 9, 0, 0], [1, 2, 3, 7, 8]])
         valid = torch.tensor([[True, True, True, False, False], [True] * 5])
         pos = torch.tensor([[2, 0], [4, 1]])
-        torch.testing.assert_close(enc(x, idx, valid, output_idx=pos), enc(x, idx, valid)[rows, pos],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(enc(x, idx, valid, output_idx=pos), enc(x, idx, valid)[rows, pos], atol=1e-5, rtol=0)
 
 
 def test_depth_must_be_positive():
@@ -197,6 +204,7 @@ def test_attention_sink_returns_received_attention_per_layer():
 
 # --- parity with the authors' model code ---------------------------------------------------
 
+
 def _load_fixture(name):
     folder = FIXTURES / name
     if not folder.exists():
@@ -210,16 +218,29 @@ def _load_fixture(name):
 @pytest.mark.parametrize("name", ["r20_tiny", "r450_tiny"])
 def test_parity_with_authors_outputs(name):
     tensors, ckpt, meta = _load_fixture(name)
-    cfg = infer_official_config(ckpt["encoder"], ckpt["predictor"], n_timepoints=meta["n_timepoints"],
-                                num_heads=meta["num_heads"], predictor_num_heads=meta["predictor_num_heads"])
+    cfg = infer_official_config(
+        ckpt["encoder"],
+        ckpt["predictor"],
+        n_timepoints=meta["n_timepoints"],
+        num_heads=meta["num_heads"],
+        predictor_num_heads=meta["predictor_num_heads"],
+    )
     assert (cfg.n_rois, cfg.embed_dim, cfg.depth, cfg.predictor_embed_dim, cfg.predictor_depth) == (
-        meta["n_rois"], meta["embed_dim"], meta["depth"], meta["predictor_embed_dim"], meta["predictor_depth"])
+        meta["n_rois"],
+        meta["embed_dim"],
+        meta["depth"],
+        meta["predictor_embed_dim"],
+        meta["predictor_depth"],
+    )
     g = tensors["gradients"]
     encoder = BrainEncoder(cfg, g).eval()
     target = BrainEncoder(cfg, g).eval()
     predictor = BrainPredictor(cfg, g).eval()
-    for module, key, part in [(encoder, "encoder", "encoder"), (target, "target_encoder", "encoder"),
-                              (predictor, "predictor", "predictor")]:
+    for module, key, part in [
+        (encoder, "encoder", "encoder"),
+        (target, "target_encoder", "encoder"),
+        (predictor, "predictor", "predictor"),
+    ]:
         missing, unexpected = module.load_state_dict(map_official_state_dict(ckpt[key], part), strict=False)
         assert missing == ["gradients"] and unexpected == []
 
@@ -227,12 +248,18 @@ def test_parity_with_authors_outputs(name):
     with torch.no_grad():
         errs = {
             "pos_embed_encoder": (encoder.pos_embed(encoder.gradients) - tensors["pos_embed_encoder"][0]).abs().max(),
-            "pos_embed_predictor": (predictor.pos_embed(predictor.gradients) - tensors["pos_embed_predictor"][0]).abs().max(),
+            "pos_embed_predictor": (predictor.pos_embed(predictor.gradients) - tensors["pos_embed_predictor"][0])
+            .abs()
+            .max(),
             "encoder_full": (encoder(x) - tensors["encoder_full"]).abs().max(),
             "target_encoder_full": (target(x) - tensors["target_encoder_full"]).abs().max(),
             "encoder_context": (encoder(x, tensors["masks_enc"]) - tensors["encoder_context"]).abs().max(),
-            "predictor_out": (predictor(tensors["encoder_context"], tensors["masks_enc"], tensors["masks_pred"])
-                              - tensors["predictor_out"]).abs().max(),
+            "predictor_out": (
+                predictor(tensors["encoder_context"], tensors["masks_enc"], tensors["masks_pred"])
+                - tensors["predictor_out"]
+            )
+            .abs()
+            .max(),
         }
     bad = {k: float(v) for k, v in errs.items() if v > 1e-5}
     assert not bad, bad

@@ -15,26 +15,51 @@ import yaml
 
 from brainjepa.attention import set_attention_backend
 from brainjepa.cli import main
+from brainjepa.diagnostics import feature_stats
 from brainjepa.errors import ConfigError
 from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
-from brainjepa.diagnostics import feature_stats
 from brainjepa.objective import block_loss_sum
 from brainjepa.pretrain import Schedule, ShardSampler, Trainer, latest_checkpoint, load_config, pretrain
-from brainjepa.runs import (MetricsLog, dump_config, list_checkpoints, load_latest_checkpoint,
-                            parse_override, resolve_config, save_checkpoint)
+from brainjepa.runs import (
+    MetricsLog,
+    dump_config,
+    list_checkpoints,
+    load_latest_checkpoint,
+    parse_override,
+    resolve_config,
+    save_checkpoint,
+)
 from brainjepa.synthetic import simulate_cohort
 
 # a model small enough for a 2-core CI machine: 16 ROIs x 3 patches, width 32
 TINY = {
-    "model": {"size": "tiny", "n_timepoints": 48, "n_gradients": 4, "embed_dim": 32, "depth": 2,
-              "num_heads": 2, "predictor_embed_dim": 16, "predictor_depth": 1, "predictor_num_heads": 2},
+    "model": {
+        "size": "tiny",
+        "n_timepoints": 48,
+        "n_gradients": 4,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "predictor_embed_dim": 16,
+        "predictor_depth": 1,
+        "predictor_num_heads": 2,
+    },
     "optim": {"batch_size": 4, "epochs": 10, "warmup_epochs": 1, "lr": 1e-3, "start_lr": 1e-4},
     "train": {"log_every": 1, "checkpoint_every": 4, "keep_last": 2},
 }
-SMALL_MODEL = ModelConfig.from_size("tiny", n_rois=16, n_timepoints=48, n_gradients=4, embed_dim=32,
-                                    depth=2, num_heads=2, predictor_embed_dim=16, predictor_depth=1,
-                                    predictor_num_heads=2)
+SMALL_MODEL = ModelConfig.from_size(
+    "tiny",
+    n_rois=16,
+    n_timepoints=48,
+    n_gradients=4,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    predictor_embed_dim=16,
+    predictor_depth=1,
+    predictor_num_heads=2,
+)
 
 
 def _config(**sections) -> dict:
@@ -75,8 +100,7 @@ def test_builtin_configs_and_authors_recipe():
     assert authors["train"]["loss"] == "smooth_l1" and authors["data"]["normalization"] == "robust"
     assert not authors["model"]["patch_norm"] and not authors["train"]["center_targets"]
     base = load_config("base")  # the same schedule with the default recipe
-    assert {k: v for k, v in base["optim"].items() if k != "ema_end"} == \
-        {k: v for k, v in o.items() if k != "ema_end"}
+    assert {k: v for k, v in base["optim"].items() if k != "ema_end"} == {k: v for k, v in o.items() if k != "ema_end"}
     assert base["optim"]["ema_end"] == 0.999 and base["data"]["normalization"] == "auto"
     assert base["model"]["patch_norm"] and base["train"]["center_targets"]
     for name in ("tiny", "small", "large"):
@@ -86,8 +110,16 @@ def test_builtin_configs_and_authors_recipe():
 
 
 def test_overrides_types_and_unknown_keys(tmp_path):
-    cfg = load_config("tiny", ["optim.lr=5e-4", "model.n_rois=null", "train.compile=true",
-                               "mask.obs_roi_scale=[0.5, 0.9]", "optim.clip_grad=2"])
+    cfg = load_config(
+        "tiny",
+        [
+            "optim.lr=5e-4",
+            "model.n_rois=null",
+            "train.compile=true",
+            "mask.obs_roi_scale=[0.5, 0.9]",
+            "optim.clip_grad=2",
+        ],
+    )
     assert cfg["optim"]["lr"] == 5e-4 and isinstance(cfg["optim"]["lr"], float)
     assert cfg["train"]["compile"] is True and cfg["mask"]["obs_roi_scale"] == [0.5, 0.9]
     assert cfg["optim"]["clip_grad"] == 2.0
@@ -173,8 +205,10 @@ def _reference_loss(enc, pred, target_encoder, x, masks, loss, center=False):
     return torch.stack(per_block).mean()
 
 
-@pytest.mark.parametrize("loss,backend,center", [("smooth_l1", "auto", False), ("l2", "auto", False),
-                                                 ("smooth_l1", "chunked", False), ("l2", "auto", True)])
+@pytest.mark.parametrize(
+    "loss,backend,center",
+    [("smooth_l1", "auto", False), ("l2", "auto", False), ("smooth_l1", "chunked", False), ("l2", "auto", True)],
+)
 def test_step_loss_and_update_match_the_plain_joint_loss(loss, backend, center):
     """Padded, region-grouped, split-backward training step == the plain per-block loss, and its
     AdamW update == the one from a single joint backward (also through the chunked attention
@@ -200,9 +234,14 @@ def _check_step_against_plain_loss(loss, shares_context, center):
     torch.testing.assert_close(out["loss"], ref.detach(), atol=1e-6, rtol=1e-5)
     ref.backward()
     params = [p for m in (enc, pred) for p in m.parameters()]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": out["wd"]},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                            lr=out["lr"], betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": out["wd"]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=out["lr"],
+        betas=(0.9, 0.999),
+    )
     opt.step()
     for mine, theirs in ((tr.encoder, enc), (tr.predictor, pred)):
         for (name, a), b in zip(mine.named_parameters(), theirs.parameters()):
@@ -219,8 +258,10 @@ def test_block_loss_sum_ignores_padding():
     valid = torch.tensor([[[True, True, True]], [[True, True, False]]])
     with torch.no_grad():
         got = block_loss_sum(pred, z, ctx, ctx_valid, idx, valid, h[torch.arange(2)[:, None, None], idx], "l2")
-        one = [F.mse_loss(pred(z[b : b + 1], ctx[b : b + 1], idx[b, :, :n]), h[b, idx[b, 0, :n]][None])
-               for b, n in ((0, 3), (1, 2))]
+        one = [
+            F.mse_loss(pred(z[b : b + 1], ctx[b : b + 1], idx[b, :, :n]), h[b, idx[b, 0, :n]][None])
+            for b, n in ((0, 3), (1, 2))
+        ]
     torch.testing.assert_close(got, sum(one), atol=1e-6, rtol=1e-5)
 
 
@@ -234,6 +275,7 @@ def test_feature_stats_detects_collapse():
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
     import brainjepa.pretrain as P
+
     assert isinstance(P._cpu_has_bf16_units(), bool)
     cpu = torch.device("cpu")
     for native in (True, False):
@@ -243,8 +285,9 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypat
 
 
 def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, **optim):
-    cfg = resolve_config(_config(optim=optim, train={"precision": precision, "loss": loss,
-                                                     "center_targets": center_targets}))
+    cfg = resolve_config(
+        _config(optim=optim, train={"precision": precision, "loss": loss, "center_targets": center_targets})
+    )
     return Trainer(SMALL_MODEL, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), cfg, 10)
 
 
@@ -270,8 +313,7 @@ def test_trainer_step_ema_accumulation_and_no_decay_groups():
 
 def test_bf16_autocast_on_cpu_matches_fp32_loss():
     masker = SpatiotemporalMasker(16, 3)
-    micro = [(torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(2)),
-              masker(4, np.random.default_rng(0)))]
+    micro = [(torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(2)), masker(4, np.random.default_rng(0)))]
     fp32 = _trainer("fp32").step(micro, 0)["loss"].item()
     bf16 = _trainer("bf16").step(micro, 0)["loss"].item()
     assert np.isfinite(bf16) and bf16 == pytest.approx(fp32, rel=2e-2)
@@ -338,8 +380,11 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     run = tmp_path / "run"
     # the authors' recipe (un-centred targets, no patch norm): the loss falls fast as the
     # predictor learns the positional map
-    cfg = _config(model={"patch_norm": False}, optim={"accum_steps": 1, "epochs": 12, "ema_end": 1.0},
-                  train={"log_every": 1, "checkpoint_every": 20, "center_targets": False})
+    cfg = _config(
+        model={"patch_norm": False},
+        optim={"accum_steps": 1, "epochs": 12, "ema_end": 1.0},
+        train={"log_every": 1, "checkpoint_every": 20, "center_targets": False},
+    )
     with caplog.at_level(logging.WARNING):
         summary = pretrain(cfg, data_dir, run, progress=False)
     assert summary["steps"] == summary["total_steps"] == 36  # 12 epochs x 3 steps
@@ -351,9 +396,23 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     last = records[-1]
     assert last["momentum"] == 1.0 and last["lr"] == pytest.approx(1e-6)
     assert len({r["momentum"] for r in records}) == len(records)  # stepped once per optimizer step
-    for key in ("step", "epoch", "loss", "lr", "wd", "momentum", "target_std", "target_cos",
-                "context_tokens", "target_tokens", "alpha_tokens", "beta_tokens", "gamma_tokens",
-                "tokens_per_s", "peak_mem_mb"):
+    for key in (
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "wd",
+        "momentum",
+        "target_std",
+        "target_cos",
+        "context_tokens",
+        "target_tokens",
+        "alpha_tokens",
+        "beta_tokens",
+        "gamma_tokens",
+        "tokens_per_s",
+        "peak_mem_mb",
+    ):
         assert key in last
     assert last["target_tokens"] > 0 and last["context_tokens"] > 0
     assert last["alpha_tokens"] + last["beta_tokens"] + last["gamma_tokens"] >= last["target_tokens"]
@@ -371,16 +430,29 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
 
 def test_diagnostics_are_logged_while_training(data_dir, tmp_path, caplog):
     run = tmp_path / "run"
-    cfg = _config(optim={"epochs": 4, "ema_start": 0.99, "ema_end": 0.999},
-                  train={"log_every": 2, "diagnose_every": 3, "checkpoint_every": 100})
+    cfg = _config(
+        optim={"epochs": 4, "ema_start": 0.99, "ema_end": 0.999},
+        train={"log_every": 2, "diagnose_every": 3, "checkpoint_every": 100},
+    )
     with caplog.at_level(logging.WARNING):
         pretrain(cfg, data_dir, run, progress=False)
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     diag = [r for r in records if "diag_loss_own" in r]
     assert [r["step"] for r in diag] == [3, 6, 9, 12]  # every 3 steps and the last
-    for key in ("loss_own", "loss_other", "loss_zero", "loss_position", "context_gain", "target_std",
-                "target_cos", "context_std", "context_cos", "position_share", "subject_share",
-                "effective_rank"):
+    for key in (
+        "loss_own",
+        "loss_other",
+        "loss_zero",
+        "loss_position",
+        "context_gain",
+        "target_std",
+        "target_cos",
+        "context_std",
+        "context_cos",
+        "position_share",
+        "subject_share",
+        "effective_rank",
+    ):
         assert np.isfinite(diag[-1][f"diag_{key}"]), key
     schedule = Schedule.from_config(resolve_config(cfg)["optim"], 12)
     for r in records:
@@ -391,8 +463,10 @@ def test_diagnostics_are_logged_while_training(data_dir, tmp_path, caplog):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
-    cfg = _config(optim={"accum_steps": 1, "epochs": 4},  # 3 steps per epoch, 12 steps
-                  train={"precision": precision})
+    cfg = _config(
+        optim={"accum_steps": 1, "epochs": 4},  # 3 steps per epoch, 12 steps
+        train={"precision": precision},
+    )
     full, part = tmp_path / "full", tmp_path / "part"
     pretrain(cfg, data_dir, full, progress=False)
     first = pretrain(cfg, data_dir, part, progress=False, stop_after=5)  # mid-epoch 1
@@ -401,8 +475,13 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
     with pytest.raises(ConfigError, match="--resume"):
         pretrain(cfg, data_dir, part, progress=False)
     with pytest.raises(ConfigError, match=r"optim\.lr"):
-        pretrain(_config(optim={"accum_steps": 1, "epochs": 4, "lr": 5e-4},
-                         train={"precision": precision}), data_dir, part, progress=False, resume=True)
+        pretrain(
+            _config(optim={"accum_steps": 1, "epochs": 4, "lr": 5e-4}, train={"precision": precision}),
+            data_dir,
+            part,
+            progress=False,
+            resume=True,
+        )
     resumed = pretrain(cfg, data_dir, part, progress=False, resume=True)
     assert resumed["steps"] == 12
     assert _losses(part) == _losses(full)  # exactly equal, step by step
@@ -416,12 +495,37 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
 
 def test_cli_pretrain_and_errors(data_dir, tmp_path, capsys, caplog):
     run = tmp_path / "cli_run"
-    argv = ["pretrain", "tiny", "--data", str(data_dir), "--out", str(run), "--max-steps", "3",
-            "--no-progress", "--set", "model.n_timepoints=32", "--set", "model.n_gradients=4",
-            "--set", "optim.batch_size=4", "--set", "model.depth=1", "--set", "model.embed_dim=32",
-            "--set", "model.num_heads=2", "--set", "model.predictor_embed_dim=16",
-            "--set", "model.predictor_depth=1", "--set", "model.predictor_num_heads=2",
-            "--set", "train.collapse_std=10"]
+    argv = [
+        "pretrain",
+        "tiny",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        "--max-steps",
+        "3",
+        "--no-progress",
+        "--set",
+        "model.n_timepoints=32",
+        "--set",
+        "model.n_gradients=4",
+        "--set",
+        "optim.batch_size=4",
+        "--set",
+        "model.depth=1",
+        "--set",
+        "model.embed_dim=32",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "model.predictor_embed_dim=16",
+        "--set",
+        "model.predictor_depth=1",
+        "--set",
+        "model.predictor_num_heads=2",
+        "--set",
+        "train.collapse_std=10",
+    ]
     with caplog.at_level(logging.WARNING):
         assert main(argv) == 0
     assert "pretrained 3/3 steps" in capsys.readouterr().out
@@ -434,8 +538,21 @@ def test_cli_pretrain_and_errors(data_dir, tmp_path, capsys, caplog):
     warnings = [r for r in caplog.records if "collapse monitor" in r.getMessage()]
     assert len(warnings) == 1
 
-    assert main(["pretrain", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "bad"),
-                 "--set", "optim.learning_rate=1"]) == 1
+    assert (
+        main(
+            [
+                "pretrain",
+                "tiny",
+                "--data",
+                str(data_dir),
+                "--out",
+                str(tmp_path / "bad"),
+                "--set",
+                "optim.learning_rate=1",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert "optim.learning_rate" in err and len(err.splitlines()) == 1
     assert main(["pretrain", "tiny", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 1
@@ -448,8 +565,9 @@ def test_cli_pretrain_and_errors(data_dir, tmp_path, capsys, caplog):
 def _ddp_worker(rank: int, world: int, port: int, data_dir, run_dir, out_dir) -> None:
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     cfg = _config(optim={"batch_size": 2}, train={"checkpoint_every": 100})
     summary = pretrain(cfg, data_dir, run_dir, max_steps=4, progress=False)

@@ -11,11 +11,25 @@ from brainjepa.data import fit_scaler, open_cohort
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, ModelConfig
-from brainjepa.transforms import (normalization_from_dict, normalization_to_dict, normalize,
-                                  percent_signal_change, scan_transform)
+from brainjepa.transforms import (
+    normalization_from_dict,
+    normalization_to_dict,
+    normalize,
+    percent_signal_change,
+    scan_transform,
+)
 
-CFG = dict(n_rois=16, n_timepoints=48, n_gradients=4, embed_dim=32, depth=1, num_heads=2,
-           predictor_embed_dim=16, predictor_depth=1, predictor_num_heads=2)
+CFG = dict(
+    n_rois=16,
+    n_timepoints=48,
+    n_gradients=4,
+    embed_dim=32,
+    depth=1,
+    num_heads=2,
+    predictor_embed_dim=16,
+    predictor_depth=1,
+    predictor_num_heads=2,
+)
 
 
 def _raw(n_scans=6, seed=0):

@@ -105,8 +105,15 @@ def test_write_cohort_mixed_exercises_every_reader(tmp_path):
     rows = list(csv.DictReader(open(manifest)))
     assert [r["subject"] for r in rows] == small.subjects
     kinds = {r["path"].split("_")[-1] for r in rows}
-    assert {"timeseries.tsv", "parcellated.csv.gz", "bold.npy", "bold.npz", "bold.mat", "bold.h5",
-            "bold.nii.gz"} <= kinds
+    assert {
+        "timeseries.tsv",
+        "parcellated.csv.gz",
+        "bold.npy",
+        "bold.npz",
+        "bold.mat",
+        "bold.h5",
+        "bold.nii.gz",
+    } <= kinds
     assert any("_seg-" in r["path"] for r in rows) and any("_atlas-" in r["path"] for r in rows)
     assert [r["tr"] for r in rows if r["path"].endswith(".csv.gz")] == ["0.72"]
     c = open_cohort(manifest)
@@ -127,8 +134,26 @@ def test_to_cohort_and_cli_simulate(tmp_path, capsys):
     c = small.to_cohort()
     assert c.subjects == small.subjects and c.tr(0) == 0.72 and c.roi_labels == small.roi_labels
     np.testing.assert_array_equal(c.labels["site"], small.labels["site"])
-    assert main(["simulate", "--subjects", "4", "--rois", "16", "--minutes", "1", "--format", "npy", "--seed", "1",
-                 "--out", str(tmp_path / "sim")]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--subjects",
+                "4",
+                "--rois",
+                "16",
+                "--minutes",
+                "1",
+                "--format",
+                "npy",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "sim"),
+            ]
+        )
+        == 0
+    )
     assert "simulated 4 subjects x 16 ROIs" in capsys.readouterr().out
     cohort = open_cohort(tmp_path / "sim")  # the folder's manifest.csv
     assert len(cohort) == 4 and set(cohort.labels) == {"age", "patient", "site"}
@@ -154,8 +179,9 @@ def test_labels_are_not_readable_from_raw_intensity_offsets():
             p = ClosedFormProbe("regression").fit(features[sp.train], age[sp.train], features[sp.val], age[sp.val])
             r.append(regression_metrics(age[sp.test], p.predict(features[sp.test]))["pearson_r"])
             sp = split_indices(patient, "classification", seed)
-            p = ClosedFormProbe("classification").fit(features[sp.train], patient[sp.train],
-                                                      features[sp.val], patient[sp.val], n_classes=2)
+            p = ClosedFormProbe("classification").fit(
+                features[sp.train], patient[sp.train], features[sp.val], patient[sp.val], n_classes=2
+            )
             proba = p.predict_proba(features[sp.test])
             auc.append(classification_metrics(patient[sp.test], proba.argmax(1), proba)["auroc"])
         return np.mean(r), np.mean(auc)

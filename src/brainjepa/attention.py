@@ -31,8 +31,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "merge_attention", "uses_chunked_attention", "ChunkedAttention",
-           "set_attention_backend", "get_attention_backend"]
+__all__ = [
+    "attention",
+    "merge_attention",
+    "uses_chunked_attention",
+    "ChunkedAttention",
+    "set_attention_backend",
+    "get_attention_backend",
+]
 
 BACKENDS = ("auto", "sdpa", "chunked")
 CHUNKED_MIN_PAIRS = 256 * 256  # below this, one fused SDPA call is cheaper than the loop
@@ -70,9 +76,14 @@ def _use_chunked(q: torch.Tensor, k: torch.Tensor) -> bool:
     return uses_chunked_attention(q.device, q.dtype) and q.shape[-2] * k.shape[-2] >= CHUNKED_MIN_PAIRS
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_mask: torch.Tensor | None = None, self_attention: bool = False,
-              return_lse: bool = False):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    self_attention: bool = False,
+    return_lse: bool = False,
+):
     """softmax(q k^T / sqrt(d) + mask) v.
 
     q: (B, H, Nq, d); k, v: (B, H, Nk, d); key_mask: (B, Nk) bool, True = a key that may be
@@ -92,8 +103,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                    lse_b: torch.Tensor) -> torch.Tensor:
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """The attention over keys A and B together from the two partial attentions (out, lse)
     returned by ``attention(..., return_lse=True)``: each part weighted by its share
     exp(lse_part - lse_all) of the softmax mass. out: (B, H, N, d); lse: (B, H, N)."""
@@ -134,9 +144,16 @@ def _chunked_attention(q, k, v, key_mask, self_attention, return_lse=False):
             bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~key_mask, float("-inf"))
             bias = bias[:, None, None, :].expand(B, H, 1, Nk).reshape(B * H, 1, Nk)
-    out, lse = ChunkedAttention.apply(q.reshape(B * H, Nq, d), k.reshape(B * H, Nk, d),
-                                      v.reshape(B * H, Nk, d), bias, n_keys, n_queries, H,
-                                      return_lse)
+    out, lse = ChunkedAttention.apply(
+        q.reshape(B * H, Nq, d),
+        k.reshape(B * H, Nk, d),
+        v.reshape(B * H, Nk, d),
+        bias,
+        n_keys,
+        n_queries,
+        H,
+        return_lse,
+    )
     out = out.permute(0, 2, 1, 3)  # (B, H, Nq, d) view of a (B, Nq, H, d) tensor
     return (out, lse.view(B, H, Nq)) if return_lse else out
 
@@ -228,8 +245,9 @@ class ChunkedAttention(torch.autograd.Function):
             do_block = dout[g // heads, s:e, g % heads]
             dv[g, :n] += torch.mm(P.t(), do_block)
             # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
-            dS = torch.addmm(corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n],
-                             out=work_s[: P.numel()].view(P.shape))
+            dS = torch.addmm(
+                corr[g // heads, s:e, g % heads], do_block, vt[g, :, :n], out=work_s[: P.numel()].view(P.shape)
+            )
             dS.mul_(P)
             torch.mm(dS, k[g, :n], out=dq[g, s:e]).mul_(scale)
             dk[g, :n] += torch.mm(dS.t(), qs[g, s:e])  # qs carries the 1/sqrt(d) already

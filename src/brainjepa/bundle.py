@@ -26,8 +26,9 @@ import os
 import pickle
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,8 +68,11 @@ OFFICIAL_NORMALIZATION_NOTE = (
 )
 
 
-SPATIAL_POSITIONS = {"gradient": "Linear(gradients) of the ROI",
-                     "sincos": "sine-cosine of the ROI index", "learned": "a learned row per ROI"}
+SPATIAL_POSITIONS = {
+    "gradient": "Linear(gradients) of the ROI",
+    "sincos": "sine-cosine of the ROI index",
+    "learned": "a learned row per ROI",
+}
 
 
 class InputWarning(UserWarning):
@@ -80,7 +84,7 @@ class InputWarning(UserWarning):
 MAX_SCALED_VALUE = 1e3
 # typical per-ROI IQR that prepared input of a per-scan method (center, psc) may have: the
 # method divides by the training cohort's IQR, so the training data sit near 1
-PER_SCAN_IQR = (0.2, 5.0)       # outside: a warning
+PER_SCAN_IQR = (0.2, 5.0)  # outside: a warning
 PER_SCAN_IQR_LIMIT = (0.1, 10.0)  # outside: an error
 
 
@@ -104,16 +108,24 @@ class BrainJEPA(nn.Module):
     ``provenance`` (dict, as in provenance.json).
     """
 
-    def __init__(self, config: ModelConfig, gradients, normalization: dict | None = None,
-                 roi_labels: Sequence[str] | None = None, target_tr: float | None = None,
-                 predictor: bool = False, info: dict | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        gradients,
+        normalization: dict | None = None,
+        roi_labels: Sequence[str] | None = None,
+        target_tr: float | None = None,
+        predictor: bool = False,
+        info: dict | None = None,
+    ):
         super().__init__()
         gradients = torch.as_tensor(np.asarray(gradients, dtype=np.float32))
         self.config = config
         self.encoder = BrainEncoder(config, gradients)
         self.predictor = BrainPredictor(config, gradients.clone()) if predictor else None
         self.normalization = _check_normalization(
-            normalization if normalization is not None else {"method": "unknown"}, config.n_rois)
+            normalization if normalization is not None else {"method": "unknown"}, config.n_rois
+        )
         if roi_labels is not None and len(roi_labels) != config.n_rois:
             raise DataError(f"{len(roi_labels)} ROI labels for a model with {config.n_rois} ROIs")
         self.roi_labels = None if roi_labels is None else [str(r) for r in roi_labels]
@@ -136,10 +148,15 @@ class BrainJEPA(nn.Module):
         h = self.encoder(x)
         if not bool(torch.isfinite(h).all()):
             bad = torch.nonzero(~torch.isfinite(h.reshape(len(h), -1)).all(1)).flatten().tolist()
-            weights = "" if all(bool(torch.isfinite(t).all()) for t in self.encoder.parameters()) \
+            weights = (
+                ""
+                if all(bool(torch.isfinite(t).all()) for t in self.encoder.parameters())
                 else " (the encoder's weights hold NaN/Inf: the model is damaged)"
-            raise DataError(f"the encoder's output is NaN/Inf for sample(s) {bad[:10]} of this batch"
-                            f"{weights}; nothing was written: check those inputs' scale")
+            )
+            raise DataError(
+                f"the encoder's output is NaN/Inf for sample(s) {bad[:10]} of this batch"
+                f"{weights}; nothing was written: check those inputs' scale"
+            )
         return h
 
     def embed(self, x, roi_labels: Sequence[str] | None = None) -> torch.Tensor:
@@ -147,8 +164,14 @@ class BrainJEPA(nn.Module):
         h = self.encode(x, roi_labels).mean(dim=1)
         return F.layer_norm(h, h.shape[-1:], eps=self.config.layernorm_eps)
 
-    def prepare(self, series, tr: float | None = None, window: str = "center",
-                normalization: str | dict | None = None, name: str | None = None) -> torch.Tensor:
+    def prepare(
+        self,
+        series,
+        tr: float | None = None,
+        window: str = "center",
+        normalization: str | dict | None = None,
+        name: str | None = None,
+    ) -> torch.Tensor:
         """One subject's raw (R, T) series -> the model's (R, n_timepoints) float32 input.
 
         Resamples from ``tr`` to the model's ``target_tr`` (when the bundle has one), takes the
@@ -168,17 +191,19 @@ class BrainJEPA(nn.Module):
             raise ConfigError(f"prepare: window must be 'center' or 'start', not {window!r}")
         x, at = _resampled_input(self, series, tr, who)
         if x.shape[1] < cfg.n_timepoints:
-            raise DataError(f"{who}: {x.shape[1]} time points{at}, shorter than the model's window of "
-                            f"{cfg.n_timepoints}; use longer scans or leave this one out")
+            raise DataError(
+                f"{who}: {x.shape[1]} time points{at}, shorter than the model's window of "
+                f"{cfg.n_timepoints}; use longer scans or leave this one out"
+            )
         x = center_window(x, cfg.n_timepoints) if window == "center" else x[:, : cfg.n_timepoints]
         out, problem = _normalized_window(self, x, normalization, who)
         if problem:
             warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
         return torch.from_numpy(out).as_subclass(PreparedInput)
 
-    def prepare_windows(self, series, tr: float | None = None,
-                        normalization: str | dict | None = None,
-                        name: str | None = None) -> tuple[torch.Tensor, int]:
+    def prepare_windows(
+        self, series, tr: float | None = None, normalization: str | dict | None = None, name: str | None = None
+    ) -> tuple[torch.Tensor, int]:
         """One subject's raw (R, T) series -> every window of it: ((W, R, n_timepoints) float32,
         n_patches_valid).
 
@@ -198,9 +223,11 @@ class BrainJEPA(nn.Module):
         if n_frames < length:
             n_valid = n_frames // cfg.patch_size
             if n_valid == 0:
-                raise DataError(f"{who}: the series has {n_frames} time points at the "
-                                f"model's TR, fewer than one time patch ({cfg.patch_size}); use "
-                                "a longer scan")
+                raise DataError(
+                    f"{who}: the series has {n_frames} time points at the "
+                    f"model's TR, fewer than one time patch ({cfg.patch_size}); use "
+                    "a longer scan"
+                )
             window = np.zeros((cfg.n_rois, length), dtype=np.float32)
             # statistics of the real frames only: the padding must not shift the scaling
             window[:, :n_frames], problem = _normalized_window(self, x, normalization, who)
@@ -209,22 +236,22 @@ class BrainJEPA(nn.Module):
             return torch.from_numpy(window[None]).as_subclass(PreparedInput), n_valid
         n_windows = -(-n_frames // length)
         starts = np.rint(np.linspace(0, n_frames - length, n_windows)).astype(int)
-        scaled = [_normalized_window(self, x[:, s: s + length], normalization, who) for s in starts]
+        scaled = [_normalized_window(self, x[:, s : s + length], normalization, who) for s in starts]
         problem = next((pr for _, pr in scaled if pr), None)
         if problem:  # once per series
             warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
         windows = np.stack([w for w, _ in scaled])
-        return (torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).as_subclass(PreparedInput),
-                cfg.n_patches)
+        return (
+            torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).as_subclass(PreparedInput),
+            cfg.n_patches,
+        )
 
     def set_normalization(self, normalization: str | dict) -> None:
         """Record how inputs are scaled: "zscore", "none", a robust dict or a fitted RobustScaler
         (stats per ROI, fitted on your cohort); saved with :meth:`save_pretrained`."""
-        self.normalization = _check_normalization(_normalization_dict(normalization),
-                                                  self.config.n_rois)
+        self.normalization = _check_normalization(_normalization_dict(normalization), self.config.n_rois)
 
-    def check_input(self, x, roi_labels: Sequence[str] | None = None, *,
-                    scale_checked: bool = False) -> None:
+    def check_input(self, x, roi_labels: Sequence[str] | None = None, *, scale_checked: bool = False) -> None:
         """Check a prepared batch (B, R, T) against the model.
 
         Errors (DataError): not 3-D, wrong ROI count, too few time points, NaN/Inf.
@@ -236,22 +263,31 @@ class BrainJEPA(nn.Module):
         cfg = self.config
         x = torch.as_tensor(x)
         if x.ndim != 3:
-            raise DataError(f"expected a batch of shape (B, R={cfg.n_rois}, T={cfg.n_timepoints}), "
-                            f"got shape {tuple(x.shape)} (use x[None] for a single subject)")
+            raise DataError(
+                f"expected a batch of shape (B, R={cfg.n_rois}, T={cfg.n_timepoints}), "
+                f"got shape {tuple(x.shape)} (use x[None] for a single subject)"
+            )
         B, R, T = x.shape
         if R != cfg.n_rois:
-            raise DataError(f"input has {R} ROIs but the model was trained on {cfg.n_rois}; use "
-                            "the same parcellation, with ROIs in the order of the model's "
-                            "gradients.csv")
+            raise DataError(
+                f"input has {R} ROIs but the model was trained on {cfg.n_rois}; use "
+                "the same parcellation, with ROIs in the order of the model's "
+                "gradients.csv"
+            )
         if T < cfg.n_timepoints:
-            raise DataError(f"input has {T} time points but the model needs {cfg.n_timepoints}; "
-                            f"use model.prepare(series, tr=...) to resample and window")
+            raise DataError(
+                f"input has {T} time points but the model needs {cfg.n_timepoints}; "
+                f"use model.prepare(series, tr=...) to resample and window"
+            )
         if not bool(torch.isfinite(x).all()):
             raise DataError("input contains NaN or Inf values")
         if T > cfg.n_timepoints:
-            warnings.warn(f"input has {T} time points; the model uses only the first "
-                          f"{cfg.n_timepoints} (model.prepare takes the centre window)",
-                          InputWarning, stacklevel=3)
+            warnings.warn(
+                f"input has {T} time points; the model uses only the first "
+                f"{cfg.n_timepoints} (model.prepare takes the centre window)",
+                InputWarning,
+                stacklevel=3,
+            )
         if roi_labels is not None and self.roi_labels is not None:
             labels = [str(r) for r in roi_labels]
             if len(labels) != R:
@@ -259,10 +295,13 @@ class BrainJEPA(nn.Module):
             if labels != self.roi_labels:
                 diff = [i for i, (a, b) in enumerate(zip(labels, self.roi_labels)) if a != b]
                 shown = ", ".join(f"#{i} {labels[i]!r} vs {self.roi_labels[i]!r}" for i in diff[:3])
-                warnings.warn(f"ROI labels differ from the model's at {len(diff)} of {R} "
-                              f"positions ({shown}); reorder your ROIs to the model's "
-                              "gradients.csv or results will be meaningless", InputWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"ROI labels differ from the model's at {len(diff)} of {R} "
+                    f"positions ({shown}); reorder your ROIs to the model's "
+                    "gradients.csv or results will be meaningless",
+                    InputWarning,
+                    stacklevel=3,
+                )
         if scale_checked or isinstance(x, PreparedInput):  # model.prepare checked each series
             return
         problem = _statistics_problem(x[:, :, : cfg.n_timepoints], self.normalization)
@@ -295,8 +334,9 @@ class BrainJEPA(nn.Module):
         config = bundle_config(self, __version__)
         tensors = _state_tensors(self)
         # serialised in memory and written by Python so the file gets the usual permissions
-        (out / WEIGHTS_FILE).write_bytes(save_safetensors(
-            tensors, metadata={"format": "pt", "brainjepa_format": str(FORMAT_VERSION)}))
+        (out / WEIGHTS_FILE).write_bytes(
+            save_safetensors(tensors, metadata={"format": "pt", "brainjepa_format": str(FORMAT_VERSION)})
+        )
         save_gradients_csv(self.encoder.gradients.cpu().numpy(), out / GRADIENTS_FILE, self.roi_labels)
         _write_json(out / NORMALIZATION_FILE, self.normalization)
         prov = {**self.provenance, **(provenance or {})}
@@ -324,12 +364,13 @@ class BrainJEPA(nn.Module):
         folder = _resolve_bundle(path)
         config = _read_json(folder / CONFIG_FILE)
         if config.get("format_version", 0) > FORMAT_VERSION:
-            raise BrainJEPAError(f"{folder / CONFIG_FILE}: bundle format "
-                                 f"{config['format_version']} is newer than this brainjepa "
-                                 f"understands ({FORMAT_VERSION}); upgrade brainjepa")
+            raise BrainJEPAError(
+                f"{folder / CONFIG_FILE}: bundle format "
+                f"{config['format_version']} is newer than this brainjepa "
+                f"understands ({FORMAT_VERSION}); upgrade brainjepa"
+            )
         if "architecture" not in config:
-            raise BrainJEPAError(f"{folder / CONFIG_FILE}: no 'architecture' entry; not a "
-                                 "brainjepa bundle")
+            raise BrainJEPAError(f"{folder / CONFIG_FILE}: no 'architecture' entry; not a brainjepa bundle")
         try:
             cfg = ModelConfig.from_dict(config["architecture"])
         except (ConfigError, TypeError) as exc:
@@ -337,31 +378,36 @@ class BrainJEPA(nn.Module):
         provenance = _read_json(folder / PROVENANCE_FILE) if (folder / PROVENANCE_FILE).exists() else {}
         tensors = _read_safetensors(folder / WEIGHTS_FILE, provenance.get("model_sha256"))
         if "encoder.gradients" not in tensors:
-            raise BrainJEPAError(f"{folder / WEIGHTS_FILE}: tensor 'encoder.gradients' is missing; "
-                                 "not a brainjepa bundle")
+            raise BrainJEPAError(
+                f"{folder / WEIGHTS_FILE}: tensor 'encoder.gradients' is missing; not a brainjepa bundle"
+            )
         gradients = tensors["encoder.gradients"]
         if tuple(gradients.shape) != (cfg.n_rois, cfg.n_gradients):
             raise BrainJEPAError(
                 f"{folder / WEIGHTS_FILE}: tensor 'encoder.gradients' has shape "
                 f"{tuple(gradients.shape)} but config.json says (n_rois={cfg.n_rois}, "
-                f"n_gradients={cfg.n_gradients}); config and weights disagree")
+                f"n_gradients={cfg.n_gradients}); config and weights disagree"
+            )
         roi_labels = _check_gradients_csv(folder / GRADIENTS_FILE, gradients)
         try:
             normalization = _check_normalization(_read_json(folder / NORMALIZATION_FILE), cfg.n_rois)
         except (ConfigError, DataError) as exc:
             raise ConfigError(f"{folder / NORMALIZATION_FILE}: {exc}") from exc
-        model = cls(cfg, gradients, normalization=normalization,
-                    roi_labels=roi_labels, target_tr=config.get("target_tr"),
-                    predictor=bool(config.get("predictor", False)),
-                    info={k: config.get(k) for k in ("loss", "encoder_weights", "brainjepa_version",
-                                                     "format_version")})
+        model = cls(
+            cfg,
+            gradients,
+            normalization=normalization,
+            roi_labels=roi_labels,
+            target_tr=config.get("target_tr"),
+            predictor=bool(config.get("predictor", False)),
+            info={k: config.get(k) for k in ("loss", "encoder_weights", "brainjepa_version", "format_version")},
+        )
         _load_tensors(model, tensors, folder / WEIGHTS_FILE)
         model.provenance = provenance
         return model.to(device).eval() if device is not None else model.eval()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, encoder: str = "target",
-                        predictor: bool = True) -> BrainJEPA:
+    def from_checkpoint(cls, checkpoint: str | Path, encoder: str = "target", predictor: bool = True) -> BrainJEPA:
         """Load a pretraining checkpoint (RUN_DIR/checkpoints/step_*.pt) with
         ``torch.load(weights_only=True)``; gradients.csv and normalization.json come from its
         run folder. ``encoder``: "target" (EMA, default) or "context"."""
@@ -369,8 +415,11 @@ class BrainJEPA(nn.Module):
         if encoder not in ENCODERS:
             raise ConfigError(f"encoder must be one of {sorted(ENCODERS)}, not {encoder!r}")
         ckpt = load_torch_file(path)
-        missing = [k for k in ("model_config", ENCODERS[encoder]) + (("predictor",) if predictor else ())
-                   if not isinstance(ckpt, dict) or k not in ckpt]
+        missing = [
+            k
+            for k in ("model_config", ENCODERS[encoder]) + (("predictor",) if predictor else ())
+            if not isinstance(ckpt, dict) or k not in ckpt
+        ]
         if missing:
             raise DataError(f"{path}: not a brainjepa pretraining checkpoint (missing {missing})")
         cfg = ModelConfig.from_dict(ckpt["model_config"])
@@ -379,22 +428,33 @@ class BrainJEPA(nn.Module):
         gradients = enc_state.get("gradients")
         if gradients is None:
             raise DataError(f"{path}: the {ENCODERS[encoder]} state dict has no 'gradients' buffer")
-        roi_labels = (_check_gradients_csv(run_dir / GRADIENTS_FILE, gradients)
-                      if (run_dir / GRADIENTS_FILE).exists() else None)
+        roi_labels = (
+            _check_gradients_csv(run_dir / GRADIENTS_FILE, gradients) if (run_dir / GRADIENTS_FILE).exists() else None
+        )
         if (run_dir / NORMALIZATION_FILE).exists():
             normalization = _read_json(run_dir / NORMALIZATION_FILE)
         else:
-            warnings.warn(f"{run_dir / NORMALIZATION_FILE} not found: the model's input "
-                          "normalisation is unknown; set it with model.set_normalization()",
-                          InputWarning, stacklevel=2)
+            warnings.warn(
+                f"{run_dir / NORMALIZATION_FILE} not found: the model's input "
+                "normalisation is unknown; set it with model.set_normalization()",
+                InputWarning,
+                stacklevel=2,
+            )
             normalization = {"method": "unknown"}
-        run_config = ckpt.get("config") or (_read_yaml(run_dir / "config.yaml")
-                                            if (run_dir / "config.yaml").exists() else {})
+        run_config = ckpt.get("config") or (
+            _read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else {}
+        )
         data_cfg = run_config.get("data") or {}
         loss = ckpt.get("loss_name") or (run_config.get("train") or {}).get("loss")
-        model = cls(cfg, gradients, normalization=normalization, roi_labels=roi_labels,
-                    target_tr=data_cfg.get("target_tr"), predictor=predictor,
-                    info={"loss": loss, "encoder_weights": ENCODERS[encoder]})
+        model = cls(
+            cfg,
+            gradients,
+            normalization=normalization,
+            roi_labels=roi_labels,
+            target_tr=data_cfg.get("target_tr"),
+            predictor=predictor,
+            info={"loss": loss, "encoder_weights": ENCODERS[encoder]},
+        )
         tensors = {f"encoder.{k}": v for k, v in enc_state.items()}
         if predictor:
             tensors.update({f"predictor.{k}": v for k, v in _strip_wrappers(ckpt["predictor"]).items()})
@@ -428,13 +488,20 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Br
         if (p / "checkpoints").is_dir():
             model = BrainJEPA.from_checkpoint(_checkpoint_path(p, None))
             return model.to(device) if device is not None else model
-        raise BrainJEPAError(f"{p}: neither a model bundle (no {CONFIG_FILE}) nor a pretraining "
-                             "run folder (no bundle/ or checkpoints/)")
+        raise BrainJEPAError(
+            f"{p}: neither a model bundle (no {CONFIG_FILE}) nor a pretraining run folder (no bundle/ or checkpoints/)"
+        )
     return BrainJEPA.from_pretrained(p, device)
 
 
-def export_run(run_dir: str | Path, step: int | None = None, out: str | Path | None = None,
-               *, encoder: str = "target", predictor: bool = True) -> Path:
+def export_run(
+    run_dir: str | Path,
+    step: int | None = None,
+    out: str | Path | None = None,
+    *,
+    encoder: str = "target",
+    predictor: bool = True,
+) -> Path:
     """Bundle a pretraining run's checkpoint (the latest, or ``step``) into ``out``
     (default RUN_DIR/bundle); returns the bundle folder."""
     run_dir = Path(run_dir)
@@ -446,12 +513,20 @@ def export_run(run_dir: str | Path, step: int | None = None, out: str | Path | N
     return out
 
 
-def convert_official(checkpoint: str | Path, gradients_csv: str | Path, out: str | Path, *,
-                     trust_pickle: bool = False, n_timepoints: int = 160,
-                     num_heads: int | None = None, predictor_num_heads: int | None = None,
-                     encoder: str = "target", predictor: bool = True,
-                     roi_labels: Sequence[str] | None = None,
-                     target_tr: float | None = None) -> Path:
+def convert_official(
+    checkpoint: str | Path,
+    gradients_csv: str | Path,
+    out: str | Path,
+    *,
+    trust_pickle: bool = False,
+    n_timepoints: int = 160,
+    num_heads: int | None = None,
+    predictor_num_heads: int | None = None,
+    encoder: str = "target",
+    predictor: bool = True,
+    roi_labels: Sequence[str] | None = None,
+    target_tr: float | None = None,
+) -> Path:
     """Convert the authors' released checkpoint (e.g. jepa-ep300.pth.tar) into a bundle.
 
     The checkpoint is read with ``torch.load(weights_only=True)``; only ``trust_pickle=True``
@@ -471,19 +546,27 @@ def convert_official(checkpoint: str | Path, gradients_csv: str | Path, out: str
     missing = [k for k in (key, "predictor") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise DataError(f"{checkpoint}: not an authors' Brain-JEPA checkpoint (missing {missing}; "
-                        f"found {found})")
-    cfg = infer_official_config(ckpt[key], ckpt["predictor"], n_timepoints=n_timepoints,
-                                num_heads=num_heads, predictor_num_heads=predictor_num_heads)
+        raise DataError(f"{checkpoint}: not an authors' Brain-JEPA checkpoint (missing {missing}; found {found})")
+    cfg = infer_official_config(
+        ckpt[key],
+        ckpt["predictor"],
+        n_timepoints=n_timepoints,
+        num_heads=num_heads,
+        predictor_num_heads=predictor_num_heads,
+    )
     gradients, csv_labels = load_gradients_csv(gradients_csv)
     if gradients.shape != (cfg.n_rois, cfg.n_gradients):
-        raise DataError(f"{gradients_csv}: gradients have shape {gradients.shape} but the "
-                        f"checkpoint expects (n_rois={cfg.n_rois}, n_gradients={cfg.n_gradients}); "
-                        "use the gradient file released with this checkpoint")
+        raise DataError(
+            f"{gradients_csv}: gradients have shape {gradients.shape} but the "
+            f"checkpoint expects (n_rois={cfg.n_rois}, n_gradients={cfg.n_gradients}); "
+            "use the gradient file released with this checkpoint"
+        )
     model = BrainJEPA(
-        cfg, gradients,
+        cfg,
+        gradients,
         normalization={"method": "unknown", "expected": "robust", "note": OFFICIAL_NORMALIZATION_NOTE},
-        roi_labels=roi_labels if roi_labels is not None else csv_labels, target_tr=target_tr,
+        roi_labels=roi_labels if roi_labels is not None else csv_labels,
+        target_tr=target_tr,
         predictor=predictor,
         # the authors' code trains with Smooth-L1 (the paper writes L2)
         info={"loss": "smooth_l1", "encoder_weights": key},
@@ -492,8 +575,9 @@ def convert_official(checkpoint: str | Path, gradients_csv: str | Path, out: str
     tensors = {f"encoder.{k}": v for k, v in map_official_state_dict(ckpt[key], "encoder").items()}
     tensors["encoder.gradients"] = g
     if predictor:
-        tensors.update({f"predictor.{k}": v
-                        for k, v in map_official_state_dict(ckpt["predictor"], "predictor").items()})
+        tensors.update(
+            {f"predictor.{k}": v for k, v in map_official_state_dict(ckpt["predictor"], "predictor").items()}
+        )
         tensors["predictor.gradients"] = g
     _load_tensors(model, tensors, checkpoint)
     model.provenance = {
@@ -503,19 +587,24 @@ def convert_official(checkpoint: str | Path, gradients_csv: str | Path, out: str
         "gradients_file": Path(gradients_csv).name,
         "epoch": ckpt.get("epoch"),
         "steps": None,
-        "authors_training": {k: ckpt[k] for k in ("batch_size", "world_size", "lr", "loss")
-                             if isinstance(ckpt.get(k), (int, float))},
+        "authors_training": {
+            k: ckpt[k] for k in ("batch_size", "world_size", "lr", "loss") if isinstance(ckpt.get(k), (int, float))
+        },
         "training_data": "not stored in the checkpoint; the paper pretrains on UK Biobank (about "
-                         "32k subjects; Tian Scale III subcortex 50 ROIs first, then Schaefer-400 "
-                         "in 17-network order; 160 frames at about 2 s)",
+        "32k subjects; Tian Scale III subcortex 50 ROIs first, then Schaefer-400 "
+        "in 17-network order; 160 frames at about 2 s)",
         "pos_embed": "spatial half min-max rescaled to [-1, 1] over all tokens (authors' code)",
-        "converter": {"encoder": encoder, "n_timepoints": n_timepoints,
-                      "num_heads": cfg.num_heads, "predictor_num_heads": cfg.predictor_num_heads,
-                      "heads_given": num_heads is not None, "trust_pickle": trust_pickle},
+        "converter": {
+            "encoder": encoder,
+            "n_timepoints": n_timepoints,
+            "num_heads": cfg.num_heads,
+            "predictor_num_heads": cfg.predictor_num_heads,
+            "heads_given": num_heads is not None,
+            "trust_pickle": trust_pickle,
+        },
     }
     out = model.save_pretrained(out)
-    logger.info("converted %s -> %s (R=%d, D=%d, depth=%d)", checkpoint, out, cfg.n_rois,
-                cfg.embed_dim, cfg.depth)
+    logger.info("converted %s -> %s (R=%d, D=%d, depth=%d)", checkpoint, out, cfg.n_rois, cfg.embed_dim, cfg.depth)
     return out
 
 
@@ -529,9 +618,15 @@ def bundle_config(model: BrainJEPA, version: str) -> dict:
         "architecture": cfg.to_dict(),
         "target_tr": model.target_tr,
         "normalization": model.normalization["method"],
-        "pos_embed": ("sine-cosine of the time patch | " + SPATIAL_POSITIONS[cfg.pos_embed]
-                      + (", spatial half min-max rescaled to [-1, 1] over all tokens (authors' "
-                         "convention)" if cfg.pos_minmax and cfg.pos_embed != "sincos" else "")),
+        "pos_embed": (
+            "sine-cosine of the time patch | "
+            + SPATIAL_POSITIONS[cfg.pos_embed]
+            + (
+                ", spatial half min-max rescaled to [-1, 1] over all tokens (authors' convention)"
+                if cfg.pos_minmax and cfg.pos_embed != "sincos"
+                else ""
+            )
+        ),
         "loss": model.info.get("loss"),
         "encoder_weights": model.info.get("encoder_weights"),
         "predictor": model.predictor is not None,
@@ -556,11 +651,15 @@ def load_torch_file(path: str | Path, *, trust_pickle: bool = False) -> Any:
                 "other than tensors and plain containers; either it is not a checkpoint, or "
                 "unpickling it could run arbitrary code. Only `brainjepa convert-official "
                 "--trust-pickle` loads such files; use it only for a file from a source you "
-                "trust") from exc
+                "trust"
+            ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise BrainJEPAError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
-    warnings.warn(f"{path}: the safe loader refused this file; fully unpickling it because "
-                  "trust_pickle=True, which runs any code embedded in it", stacklevel=2)
+    warnings.warn(
+        f"{path}: the safe loader refused this file; fully unpickling it because "
+        "trust_pickle=True, which runs any code embedded in it",
+        stacklevel=2,
+    )
     logger.warning("unpickling %s with weights_only=False (--trust-pickle)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -584,13 +683,13 @@ def _checkpoint_path(run_dir: Path, step: int | None) -> Path:
         except ValueError:
             continue
     if not found:
-        raise BrainJEPAError(f"{folder}: no checkpoints (step_*.pt) found; is {run_dir} a "
-                             "brainjepa pretraining run folder?")
+        raise BrainJEPAError(
+            f"{folder}: no checkpoints (step_*.pt) found; is {run_dir} a brainjepa pretraining run folder?"
+        )
     if step is None:
         return found[max(found)]
     if step not in found:
-        raise BrainJEPAError(f"{folder}: no checkpoint for step {step}; available steps: "
-                             f"{sorted(found)}")
+        raise BrainJEPAError(f"{folder}: no checkpoint for step {step}; available steps: {sorted(found)}")
     return found[step]
 
 
@@ -598,24 +697,32 @@ def _resolve_bundle(path: str | Path) -> Path:
     p = Path(path)
     partial = p.with_name(f".{p.name}{INCOMPLETE_SUFFIX}")
     if not (p / CONFIG_FILE).exists() and partial.is_dir():
-        raise BrainJEPAError(f"{p}: the bundle was not completed (an interrupted save or export left "
-                             f"{partial}); save or export it again")
+        raise BrainJEPAError(
+            f"{p}: the bundle was not completed (an interrupted save or export left {partial}); save or export it again"
+        )
     if p.is_dir():
         if not (p / CONFIG_FILE).exists():
-            raise BrainJEPAError(f"{p}: not a model bundle (no {CONFIG_FILE}); bundles are made by "
-                                 "save_pretrained, `brainjepa export` or `brainjepa convert-official`")
+            raise BrainJEPAError(
+                f"{p}: not a model bundle (no {CONFIG_FILE}); bundles are made by "
+                "save_pretrained, `brainjepa export` or `brainjepa convert-official`"
+            )
         return p
     if p.exists():
-        raise BrainJEPAError(f"{p}: a bundle is a folder, not a file; for a training checkpoint "
-                             "use brainjepa.load_model or BrainJEPA.from_checkpoint")
+        raise BrainJEPAError(
+            f"{p}: a bundle is a folder, not a file; for a training checkpoint "
+            "use brainjepa.load_model or BrainJEPA.from_checkpoint"
+        )
     if _HUB_ID.match(str(path)):
-        hub = require("huggingface_hub", "hub",
-                      f"{str(path)!r} is not a local folder; loading it from the Hugging Face Hub")
+        hub = require(
+            "huggingface_hub", "hub", f"{str(path)!r} is not a local folder; loading it from the Hugging Face Hub"
+        )
         try:  # only the bundle's files: a hub repository's pickles are never fetched
             return Path(hub.snapshot_download(repo_id=str(path), allow_patterns=list(BUNDLE_FILES)))
         except Exception as exc:  # network, authentication, missing repository, ...
-            raise BrainJEPAError(f"{path}: not a local folder, and downloading it from the "
-                                 f"Hugging Face Hub failed ({type(exc).__name__}: {exc})") from exc
+            raise BrainJEPAError(
+                f"{path}: not a local folder, and downloading it from the "
+                f"Hugging Face Hub failed ({type(exc).__name__}: {exc})"
+            ) from exc
     raise BrainJEPAError(f"{path}: no such bundle folder (nor a Hugging Face Hub id 'owner/name')")
 
 
@@ -662,13 +769,17 @@ def _read_safetensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BrainJEPAError(f"{path}: not a valid safetensors file, it is truncated or corrupted "
-                             f"({exc}); download or export the bundle again") from exc
+        raise BrainJEPAError(
+            f"{path}: not a valid safetensors file, it is truncated or corrupted "
+            f"({exc}); download or export the bundle again"
+        ) from exc
     if sha256 is not None and _sha256_file(path) != sha256:
-        raise BrainJEPAError(f"{path}: contents do not match the sha256 recorded in "
-                             f"{PROVENANCE_FILE} (corrupted or replaced); download or export the "
-                             "bundle again (weights replaced on purpose: re-save with "
-                             "save_pretrained)")
+        raise BrainJEPAError(
+            f"{path}: contents do not match the sha256 recorded in "
+            f"{PROVENANCE_FILE} (corrupted or replaced); download or export the "
+            "bundle again (weights replaced on purpose: re-save with "
+            "save_pretrained)"
+        )
     return tensors
 
 
@@ -681,9 +792,11 @@ def _check_gradients_csv(path: Path, gradients: torch.Tensor) -> list[str] | Non
     values, labels = load_gradients_csv(path)
     g = gradients.detach().cpu().double().numpy()
     if values.shape != g.shape or not np.allclose(values, g, rtol=1e-5, atol=1e-6):
-        raise BrainJEPAError(f"{path}: gradients (shape {values.shape}) differ from the model's "
-                             f"tensor 'gradients' (shape {g.shape}); the bundle was edited "
-                             "inconsistently, export it again")
+        raise BrainJEPAError(
+            f"{path}: gradients (shape {values.shape}) differ from the model's "
+            f"tensor 'gradients' (shape {g.shape}); the bundle was edited "
+            "inconsistently, export it again"
+        )
     return labels
 
 
@@ -719,18 +832,21 @@ def _load_tensors(model: BrainJEPA, tensors: dict[str, torch.Tensor], source: Pa
             parts.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
             parts.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        raise BrainJEPAError(f"{source}: weights do not match the architecture in the config "
-                             f"({'; '.join(parts)})")
+        raise BrainJEPAError(f"{source}: weights do not match the architecture in the config ({'; '.join(parts)})")
     for name, ref in expected.items():
         if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise BrainJEPAError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)} "
-                                 f"but the config's architecture needs {tuple(ref.shape)}; config "
-                                 "and weights disagree")
+            raise BrainJEPAError(
+                f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)} "
+                f"but the config's architecture needs {tuple(ref.shape)}; config "
+                "and weights disagree"
+            )
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise BrainJEPAError(f"{source}: tensor '{name}' holds NaN/Inf values; the weights are "
-                                 "damaged (a diverged run?): export an earlier checkpoint "
-                                 "(brainjepa export RUN_DIR --step N)")
+            raise BrainJEPAError(
+                f"{source}: tensor '{name}' holds NaN/Inf values; the weights are "
+                "damaged (a diverged run?): export an earlier checkpoint "
+                "(brainjepa export RUN_DIR --step N)"
+            )
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
 
@@ -744,13 +860,16 @@ def _normalization_dict(normalization) -> dict:
         return normalization.to_dict()
     if isinstance(normalization, str):
         if normalization in FITTED_NORMALIZATIONS:
-            raise ConfigError(f"normalization={normalization!r} needs statistics: pass a fitted "
-                              "brainjepa.transforms.RobustScaler or its to_dict()")
+            raise ConfigError(
+                f"normalization={normalization!r} needs statistics: pass a fitted "
+                "brainjepa.transforms.RobustScaler or its to_dict()"
+            )
         return {"method": normalization}
     if isinstance(normalization, dict):
         return dict(normalization)
-    raise ConfigError(f"normalization must be 'zscore', 'none', a robust dict or a RobustScaler, "
-                      f"not {type(normalization).__name__}")
+    raise ConfigError(
+        f"normalization must be 'zscore', 'none', a robust dict or a RobustScaler, not {type(normalization).__name__}"
+    )
 
 
 def _check_normalization(d: dict, n_rois: int) -> dict:
@@ -762,23 +881,28 @@ def _check_normalization(d: dict, n_rois: int) -> dict:
     if method in FITTED_NORMALIZATIONS:
         normalization_from_dict(d)  # validates median / iqr
         if len(d["median"]) != n_rois:
-            raise DataError(f"{method} normalization has statistics for {len(d['median'])} ROIs but "
-                            f"the model has {n_rois}")
+            raise DataError(
+                f"{method} normalization has statistics for {len(d['median'])} ROIs but the model has {n_rois}"
+            )
     return d
 
 
 def _scale_fix(method: str) -> str:
     """What to do when series stay off-scale after the model's own normalisation."""
     if method == "robust":
-        return ("its statistics are the training cohort's median/IQR per ROI, so series with other "
-                "offsets stay off-scale: use a model trained with per-scan centring (pretrain "
-                "--set data.normalization=zscore), or fit statistics on your cohort "
-                "(model.set_normalization(RobustScaler().fit(series))) knowing the model never saw "
-                "that scale")
+        return (
+            "its statistics are the training cohort's median/IQR per ROI, so series with other "
+            "offsets stay off-scale: use a model trained with per-scan centring (pretrain "
+            "--set data.normalization=zscore), or fit statistics on your cohort "
+            "(model.set_normalization(RobustScaler().fit(series))) knowing the model never saw "
+            "that scale"
+        )
     if method == "center":
-        return ("this method removes each scan's offset but keeps its units: bring the series to "
-                "the units of the model's training data, or use a model trained with psc (percent "
-                "signal change) for unscaled BOLD")
+        return (
+            "this method removes each scan's offset but keeps its units: bring the series to "
+            "the units of the model's training data, or use a model trained with psc (percent "
+            "signal change) for unscaled BOLD"
+        )
     return "check the series' units and export"
 
 
@@ -795,31 +919,40 @@ def _statistics_problem(x: torch.Tensor, normalization: dict, prepared: bool = F
     level = float(med.abs().median())  # typical per-ROI offset
     iqr = float((q75 - q25).median())  # typical per-ROI spread
     if prepared:
-        fix = ("model.prepare applied the model's own normalisation and the series is still off: "
-               + _scale_fix(method))
+        fix = "model.prepare applied the model's own normalisation and the series is still off: " + _scale_fix(method)
     else:
-        fix = ("prepare raw series with model.prepare(series, tr=...), which applies the model's "
-               "normalisation" if normalization["method"] != "unknown" else
-               "scale each ROI as the model's training data was (see the note in its "
-               "normalization.json), e.g. model.set_normalization(...) then model.prepare(series)")
+        fix = (
+            "prepare raw series with model.prepare(series, tr=...), which applies the model's normalisation"
+            if normalization["method"] != "unknown"
+            else "scale each ROI as the model's training data was (see the note in its "
+            "normalization.json), e.g. model.set_normalization(...) then model.prepare(series)"
+        )
     if level > 100:
-        return (f"input looks like raw BOLD signal (typical ROI median {level:.3g}) but the model "
-                f"was trained on {method}-scaled data; features will be meaningless (chance-level "
-                f"results): {fix}")
+        return (
+            f"input looks like raw BOLD signal (typical ROI median {level:.3g}) but the model "
+            f"was trained on {method}-scaled data; features will be meaningless (chance-level "
+            f"results): {fix}"
+        )
     if prepared and method in ("center", "psc") and not PER_SCAN_IQR[0] < iqr < PER_SCAN_IQR[1]:
-        return (f"after the model's {method} scaling the typical ROI spread (IQR) is {iqr:.3g}, "
-                "while its training data had about 1: the series is in other units than the "
-                f"training data (e.g. unscaled BOLD for a model trained on scaled data): {fix}")
+        return (
+            f"after the model's {method} scaling the typical ROI spread (IQR) is {iqr:.3g}, "
+            "while its training data had about 1: the series is in other units than the "
+            f"training data (e.g. unscaled BOLD for a model trained on scaled data): {fix}"
+        )
     if method == "zscore":
         std = float(x.std(dim=-1).median())
         mean = float(x.mean(dim=-1).abs().median())
         if mean > 1 or not 0.25 < std < 4:
-            return (f"input does not look z-scored per ROI (typical |mean| {mean:.3g}, std "
-                    f"{std:.3g}) but the model was trained on z-scored data: {fix}")
+            return (
+                f"input does not look z-scored per ROI (typical |mean| {mean:.3g}, std "
+                f"{std:.3g}) but the model was trained on z-scored data: {fix}"
+            )
     elif method in FITTED_NORMALIZATIONS and (level > 5 or not 0.01 < iqr < 20):
-        return (f"input does not look {method}-scaled (typical ROI |median| {level:.3g}, IQR "
-                f"{iqr:.3g}; expected near 0 and 1) but the model was trained on {method}-scaled "
-                f"data: {fix}")
+        return (
+            f"input does not look {method}-scaled (typical ROI |median| {level:.3g}, IQR "
+            f"{iqr:.3g}; expected near 0 and 1) but the model was trained on {method}-scaled "
+            f"data: {fix}"
+        )
     return None
 
 
@@ -831,8 +964,10 @@ def _resampled_input(model: BrainJEPA, series, tr: float | None, who: str) -> tu
     cfg = model.config
     x = np.asarray(series, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] != cfg.n_rois:
-        raise DataError(f"{who}: expected one subject's (R={cfg.n_rois}, T) series, got "
-                        f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs")
+        raise DataError(
+            f"{who}: expected one subject's (R={cfg.n_rois}, T) series, got "
+            f"shape {x.shape}; the model was trained with {cfg.n_rois} ROIs"
+        )
     if not np.isfinite(x).all():
         raise DataError(f"{who}: the series contains NaN or Inf values")
     problem = magnitude_problem(x)
@@ -841,9 +976,12 @@ def _resampled_input(model: BrainJEPA, series, tr: float | None, who: str) -> tu
     at = ""
     if model.target_tr is not None:
         if tr is None:
-            warnings.warn(f"{who}: the model was trained at TR {model.target_tr} s; pass "
-                          "tr=<seconds> so the series is resampled to it", InputWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"{who}: the model was trained at TR {model.target_tr} s; pass "
+                "tr=<seconds> so the series is resampled to it",
+                InputWarning,
+                stacklevel=3,
+            )
         elif not same_tr(tr, model.target_tr):
             n_raw = x.shape[1]
             x = resample_tr(x, tr, model.target_tr)
@@ -851,18 +989,22 @@ def _resampled_input(model: BrainJEPA, series, tr: float | None, who: str) -> tu
     return x, at
 
 
-def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, who: str
-                       ) -> tuple[np.ndarray, str | None]:
+def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, who: str) -> tuple[np.ndarray, str | None]:
     """One (R, t) window scaled by the model's normalisation, or by ``normalization`` when given,
     and a message when it is mildly off the training scale (None when not). A window the scaling
     leaves far off (beyond MAX_SCALED_VALUE) is an error naming ``who``."""
     from .transforms import normalization_from_dict, normalize
 
-    norm = model.normalization if normalization is None else _check_normalization(
-        _normalization_dict(normalization), model.config.n_rois)
+    norm = (
+        model.normalization
+        if normalization is None
+        else _check_normalization(_normalization_dict(normalization), model.config.n_rois)
+    )
     if norm["method"] == "unknown":
-        raise ConfigError(f"{who}: this model does not know how its training data was "
-                          "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE))
+        raise ConfigError(
+            f"{who}: this model does not know how its training data was "
+            "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE)
+        )
     method, scaler = normalization_from_dict(norm)
     out = np.ascontiguousarray(normalize(x, method, scaler), dtype=np.float32)
     if method == "none":
@@ -873,7 +1015,8 @@ def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, who: str
             f"{who}: after the model's {method} scaling the values reach {peak:.3g} (its training "
             "data lay within a few units of 0): this series is on another scale (unscaled BOLD for "
             "a model whose statistics came from scaled data, other units, another scanner); "
-            f"{_scale_fix(method)}")
+            f"{_scale_fix(method)}"
+        )
     if method in ("center", "psc"):
         q25, q75 = np.percentile(out, [25, 75], axis=-1)
         iqr = float(np.median(q75 - q25))
@@ -881,5 +1024,6 @@ def _normalized_window(model: BrainJEPA, x: np.ndarray, normalization, who: str
             raise DataError(
                 f"{who}: after the model's {method} scaling the typical ROI spread (IQR) is "
                 f"{iqr:.3g}, more than 10 times off the training data's (about 1): the series is in "
-                f"other units than the model was trained on; {_scale_fix(method)}")
+                f"other units than the model was trained on; {_scale_fix(method)}"
+            )
     return out, _statistics_problem(torch.from_numpy(out)[None], norm, prepared=True)

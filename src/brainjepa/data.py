@@ -53,12 +53,12 @@ from .transforms import (
     RobustScaler,
     WindowResampler,
     has_raw_baseline,
+    magnitude_problem,
     normalization_from_dict,
     normalization_to_dict,
     normalize,
     reflect_indices,
     resampled_length,
-    magnitude_problem,
     same_tr,
     scan_levels,
     scan_transform,
@@ -103,36 +103,48 @@ def validate_timeseries(
         hint = ""
         if x.shape[1] == n_rois:
             hint = " (its time axis has that length: is the file time-by-roi? set orientation)"
-        raise DataError(f"{name}: {x.shape[0]} ROIs, but the cohort has {n_rois}"
-                        f"{f' (set by {reference})' if reference else ''}{hint}")
+        raise DataError(
+            f"{name}: {x.shape[0]} ROIs, but the cohort has {n_rois}"
+            f"{f' (set by {reference})' if reference else ''}{hint}"
+        )
     if roi_labels is not None and ts.roi_labels is not None and list(ts.roi_labels) != list(roi_labels):
         k = next(i for i, (a, b) in enumerate(zip(ts.roi_labels, roi_labels)) if a != b)
-        raise DataError(f"{name}: ROI labels differ from the cohort's{f' ({reference})' if reference else ''}"
-                        f" at position {k}: {ts.roi_labels[k]!r} vs {roi_labels[k]!r}; all files must use "
-                        "the same parcellation in the same order")
+        raise DataError(
+            f"{name}: ROI labels differ from the cohort's{f' ({reference})' if reference else ''}"
+            f" at position {k}: {ts.roi_labels[k]!r} vs {roi_labels[k]!r}; all files must use "
+            "the same parcellation in the same order"
+        )
     bad = ~np.isfinite(x)
     if bad.any():
         rois = np.flatnonzero(bad.any(axis=1))
-        raise DataError(f"{name}: {int(bad.sum())} NaN/Inf value(s) in {len(rois)} ROI(s) "
-                        f"({_roi_list(rois, ts.roi_labels)}); clean or interpolate them, or skip the file")
+        raise DataError(
+            f"{name}: {int(bad.sum())} NaN/Inf value(s) in {len(rois)} ROI(s) "
+            f"({_roi_list(rois, ts.roi_labels)}); clean or interpolate them, or skip the file"
+        )
     problem = magnitude_problem(x)
     if problem:
         raise DataError(f"{name}: {problem}")
     zero = np.flatnonzero(~x.any(axis=1))
     if len(zero):
-        raise DataError(f"{name}: {len(zero)} all-zero ROI(s) ({_roi_list(zero, ts.roi_labels)}), usually "
-                        "parcels outside the brain mask or field of view; drop them from the "
-                        "parcellation or skip the file")
+        raise DataError(
+            f"{name}: {len(zero)} all-zero ROI(s) ({_roi_list(zero, ts.roi_labels)}), usually "
+            "parcels outside the brain mask or field of view; drop them from the "
+            "parcellation or skip the file"
+        )
     const = np.flatnonzero(np.ptp(x, axis=1) == 0)
     if len(const):
-        raise DataError(f"{name}: {len(const)} constant ROI(s) ({_roi_list(const, ts.roi_labels)}); they "
-                        "carry no signal and break scaling; drop them or skip the file")
+        raise DataError(
+            f"{name}: {len(const)} constant ROI(s) ({_roi_list(const, ts.roi_labels)}); they "
+            "carry no signal and break scaling; drop them or skip the file"
+        )
     if min_timepoints is not None:
         n = x.shape[1]
         if target_tr is not None:
             if ts.tr is None:
-                raise DataError(f"{name}: no TR (no RepetitionTime sidecar, no tr column or flag), but "
-                                f"resampling to {target_tr} s needs one")
+                raise DataError(
+                    f"{name}: no TR (no RepetitionTime sidecar, no tr column or flag), but "
+                    f"resampling to {target_tr} s needs one"
+                )
             n = resampled_length(n, ts.tr, target_tr)
         if n < min_timepoints:
             at = f" at TR {target_tr} s" if target_tr is not None else ""
@@ -160,15 +172,16 @@ class Record:
     variable: str | None = None
     atlas: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    source: str | None = None      # "MANIFEST, line N" for records read from a manifest
-    tr_source: str = "check"       # one of TR_SOURCES
-    levels: tuple | None = None    # (level, fluctuation) of the series, set when validated
+    source: str | None = None  # "MANIFEST, line N" for records read from a manifest
+    tr_source: str = "check"  # one of TR_SOURCES
+    levels: tuple | None = None  # (level, fluctuation) of the series, set when validated
 
     def read(self, tr: float | None = None, orientation: str | None = None) -> TimeSeries:
         """The series. A TR in this record (the manifest's tr column) and one in the file or its
         sidecar must agree unless ``tr_source`` picks one; ``tr`` only fills a missing one."""
-        ts = read_timeseries(self.path, orientation=self.orientation or orientation,
-                             variable=self.variable, atlas=self.atlas)
+        ts = read_timeseries(
+            self.path, orientation=self.orientation or orientation, variable=self.variable, atlas=self.atlas
+        )
         if self.tr is not None:
             if ts.tr is not None and not same_tr(ts.tr, self.tr) and self.tr_source != "file":
                 if self.tr_source == "check":
@@ -176,7 +189,8 @@ class Record:
                     raise DataError(
                         f"{self.path}: TR {ts.tr:g} s in {where} but {self.tr:g} s in "
                         f"{self.source or 'the tr given for it'}; correct the wrong one, or choose "
-                        "a source with --tr-source manifest|file (tr_source=...)")
+                        "a source with --tr-source manifest|file (tr_source=...)"
+                    )
                 ts.tr = float(self.tr)
             elif ts.tr is None or self.tr_source == "manifest":
                 ts.tr = float(self.tr)
@@ -191,8 +205,11 @@ def sidecar_or_file(path) -> str:
 
     side = sidecar_path(path)
     meta = read_sidecar(path) if side.is_file() else {}
-    return str(side) if any(k in meta for k in ("RepetitionTime", "SamplingFrequency", "VolumeTiming")) \
+    return (
+        str(side)
+        if any(k in meta for k in ("RepetitionTime", "SamplingFrequency", "VolumeTiming"))
         else "the file itself"
+    )
 
 
 def subject_from_path(path: str | Path) -> tuple[str, str | None]:
@@ -215,36 +232,40 @@ def read_manifest(path) -> tuple[list[Record], list[str]]:
         raise DataError(f"{path}: cannot read the manifest ({exc})") from exc
     text = decode_text(raw, path, "manifest")
     if "\0" in text:
-        raise DataError(f"{path}: NUL bytes; a manifest is a CSV/TSV text file, this one is binary or "
-                        "corrupted")
+        raise DataError(f"{path}: NUL bytes; a manifest is a CSV/TSV text file, this one is binary or corrupted")
     if not text.strip():
-        raise DataError(f"{path}: the manifest is empty; it needs a header line with a 'path' column "
-                        "and one line per scan")
+        raise DataError(
+            f"{path}: the manifest is empty; it needs a header line with a 'path' column and one line per scan"
+        )
     lines = text.splitlines()
     first = lines[0]
     delimiter = "\t" if (path.suffix.lower() == ".tsv" or ("\t" in first and "," not in first)) else ","
     try:
         table = list(csv.reader(lines, delimiter=delimiter, strict=True))
     except csv.Error as exc:
-        raise DataError(f"{path}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file ({exc}); "
-                        "check the quoting") from None
+        raise DataError(
+            f"{path}: not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file ({exc}); check the quoting"
+        ) from None
     columns = [c.strip() for c in table[0]]
     if "path" not in columns:
-        raise DataError(f"{path}, line 1: a manifest needs a 'path' column (found: "
-                        f"{', '.join(columns) or 'nothing'})")
+        raise DataError(f"{path}, line 1: a manifest needs a 'path' column (found: {', '.join(columns) or 'nothing'})")
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})
     if repeated:
-        raise DataError(f"{path}, line 1: column {repeated[0]!r} appears {columns.count(repeated[0])} "
-                        "times; give every column a distinct name")
+        raise DataError(
+            f"{path}, line 1: column {repeated[0]!r} appears {columns.count(repeated[0])} "
+            "times; give every column a distinct name"
+        )
     label_names = [c for c in columns if c not in _RESERVED and c]
     records = []
     for line, fields in enumerate(table[1:], start=2):
         if not any(f.strip() for f in fields):
             continue  # blank line
         if len(fields) > len(columns):
-            raise DataError(f"{path}, line {line}: {len(fields)} fields but the header has "
-                            f"{len(columns)} columns; quote values that contain "
-                            f"{'tabs' if delimiter == chr(9) else 'commas'}")
+            raise DataError(
+                f"{path}, line {line}: {len(fields)} fields but the header has "
+                f"{len(columns)} columns; quote values that contain "
+                f"{'tabs' if delimiter == chr(9) else 'commas'}"
+            )
         row = {c: (fields[k].strip() if k < len(fields) else "") for k, c in enumerate(columns) if c}
         if not row.get("path"):
             raise DataError(f"{path}, line {line}: empty 'path'")
@@ -266,13 +287,20 @@ def read_manifest(path) -> tuple[list[Record], list[str]]:
         atlas = row.get("atlas") or None
         if atlas is not None and not Path(atlas).is_absolute():
             atlas = str(path.parent / atlas)
-        records.append(Record(
-            path=str(file), subject=row.get("subject") or subject,
-            session=row.get("session") or (session if not row.get("subject") else None),
-            tr=tr, split=split, orientation=row.get("orientation") or None,
-            variable=row.get("variable") or None, atlas=atlas,
-            labels={k: row.get(k, "") for k in label_names}, source=f"{path}, line {line}",
-        ))
+        records.append(
+            Record(
+                path=str(file),
+                subject=row.get("subject") or subject,
+                session=row.get("session") or (session if not row.get("subject") else None),
+                tr=tr,
+                split=split,
+                orientation=row.get("orientation") or None,
+                variable=row.get("variable") or None,
+                atlas=atlas,
+                labels={k: row.get(k, "") for k in label_names},
+                source=f"{path}, line {line}",
+            )
+        )
     if not records:
         raise DataError(f"{path}: the manifest has a header but lists no files")
     return records, label_names
@@ -292,11 +320,14 @@ def _label_array(values: list[str]) -> np.ndarray:
 def _folder_records(folder: Path) -> list[Record]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_timeseries_file(p))
     if not files and (folder / "data.bin").is_file():
-        raise DataError(f"{folder}: data.bin without store.json: an interrupted 'brainjepa prepare' "
-                        "(or a copy that missed store.json); prepare the store again with --overwrite")
+        raise DataError(
+            f"{folder}: data.bin without store.json: an interrupted 'brainjepa prepare' "
+            "(or a copy that missed store.json); prepare the store again with --overwrite"
+        )
     if not files:
-        raise DataError(f"{folder}: no time-series files (supported: .npy .npz .csv .tsv .mat .h5 .nii) "
-                        "and no manifest.csv")
+        raise DataError(
+            f"{folder}: no time-series files (supported: .npy .npz .csv .tsv .mat .h5 .nii) and no manifest.csv"
+        )
     out = []
     for p in files:
         subject, session = subject_from_path(p)
@@ -315,9 +346,22 @@ class Cohort:
     normalization: stored robust statistics (a prepared store) or None.
     """
 
-    def __init__(self, *, subjects, trs, lengths, n_rois, roi_labels=None, labels=None,
-                 sessions=None, paths=None, splits=None, skipped=None, normalization=None,
-                 levels=None):
+    def __init__(
+        self,
+        *,
+        subjects,
+        trs,
+        lengths,
+        n_rois,
+        roi_labels=None,
+        labels=None,
+        sessions=None,
+        paths=None,
+        splits=None,
+        skipped=None,
+        normalization=None,
+        levels=None,
+    ):
         self.subjects = list(subjects)
         self.trs = [None if t is None else float(t) for t in trs]
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -359,8 +403,7 @@ class Cohort:
         return self.paths[i] or self.subjects[i]
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({len(self)} scans, {self.n_rois} ROIs, "
-                f"labels={sorted(self.labels)})")
+        return f"{type(self).__name__}({len(self)} scans, {self.n_rois} ROIs, labels={sorted(self.labels)})"
 
 
 class ArrayCohort(Cohort):
@@ -418,17 +461,27 @@ def iter_valid(
             key = (rec.subject, rec.session)
             if key in seen:
                 sess = f", session {rec.session}" if rec.session else ""
-                raise DataError(f"{rec.path}: duplicate subject {rec.subject}{sess} (also in {seen[key]}); "
-                                "give each scan a unique subject/session or remove one")
+                raise DataError(
+                    f"{rec.path}: duplicate subject {rec.subject}{sess} (also in {seen[key]}); "
+                    "give each scan a unique subject/session or remove one"
+                )
             file_key = _file_key(rec.path)
             if file_key in seen_files:
                 first = seen_files[file_key]
-                raise DataError(f"{rec.source or rec.path}: {rec.path} is listed twice (also for "
-                                f"subject {first.subject}{', ' + first.source if first.source else ''}); "
-                                "list each scan once")
+                raise DataError(
+                    f"{rec.source or rec.path}: {rec.path} is listed twice (also for "
+                    f"subject {first.subject}{', ' + first.source if first.source else ''}); "
+                    "list each scan once"
+                )
             ts = rec.read(tr, orientation)
-            validate_timeseries(ts, n_rois=n_rois, roi_labels=roi_labels, min_timepoints=min_timepoints,
-                                target_tr=target_tr, reference=reference)
+            validate_timeseries(
+                ts,
+                n_rois=n_rois,
+                roi_labels=roi_labels,
+                min_timepoints=min_timepoints,
+                target_tr=target_tr,
+                reference=reference,
+            )
         except DataError as exc:
             if on_error == "fail":
                 raise
@@ -454,8 +507,7 @@ def _file_key(path) -> str:
         return str(p)
 
 
-def _with_defaults(records: list[Record], variable: str | None, atlas,
-                   tr_source: str = "check") -> list[Record]:
+def _with_defaults(records: list[Record], variable: str | None, atlas, tr_source: str = "check") -> list[Record]:
     """Fill the cohort-wide array name / NIfTI atlas into records whose manifest row left them
     blank, and the rule for a TR given by both the manifest and the file."""
     if tr_source not in TR_SOURCES:
@@ -531,8 +583,10 @@ def open_cohort(
     elif path.is_file() and _looks_like_manifest(path):
         records, label_names = read_manifest(path)
     elif path.is_file():
-        raise DataError(f"{path}: a single time-series file is not a cohort; pass its folder, a manifest "
-                        "(CSV/TSV with a 'path' column) or a prepared store")
+        raise DataError(
+            f"{path}: a single time-series file is not a cohort; pass its folder, a manifest "
+            "(CSV/TSV with a 'path' column) or a prepared store"
+        )
     else:
         raise DataError(f"{path}: no such file or folder")
     records = _with_defaults(records, variable, atlas, tr_source)
@@ -551,9 +605,15 @@ def open_cohort(
         raise DataError(f"{path}: no usable files ({len(skipped)} skipped: {skipped[0][1] if skipped else ''})")
     recs = [k[0] for k in kept]
     meta = dict(
-        subjects=[r.subject for r in recs], sessions=[r.session for r in recs], paths=[r.path for r in recs],
-        trs=[k[1] for k in kept], n_rois=kept[0][2][0], roi_labels=roi_labels,
-        labels=_labels_of(recs, label_names), splits=_splits_of(recs, 1.0, 0), skipped=skipped,
+        subjects=[r.subject for r in recs],
+        sessions=[r.session for r in recs],
+        paths=[r.path for r in recs],
+        trs=[k[1] for k in kept],
+        n_rois=kept[0][2][0],
+        roi_labels=roi_labels,
+        labels=_labels_of(recs, label_names),
+        splits=_splits_of(recs, 1.0, 0),
+        skipped=skipped,
         levels=[r.levels for r in recs],
     )
     if arrays is not None:
@@ -598,9 +658,14 @@ def _array_cohort(items, tr, orientation, on_error, labels) -> Cohort:
             raise DataError(f"label {k!r} has {len(v)} values for {len(items)} arrays")
     roi_labels = next((ts.roi_labels for _, ts in good if ts.roi_labels is not None), None)
     return ArrayCohort(
-        [ts.data for _, ts in good], subjects=[rec.subject for rec, _ in good],
-        trs=[ts.tr for _, ts in good], n_rois=good[0][1].n_rois, roi_labels=roi_labels,
-        labels=labels, paths=[ts.path for _, ts in good], skipped=skipped,
+        [ts.data for _, ts in good],
+        subjects=[rec.subject for rec, _ in good],
+        trs=[ts.tr for _, ts in good],
+        n_rois=good[0][1].n_rois,
+        roi_labels=roi_labels,
+        labels=labels,
+        paths=[ts.path for _, ts in good],
+        skipped=skipped,
         levels=[rec.levels for rec, _ in good],
     )
 
@@ -638,20 +703,31 @@ class Store(Cohort):
         if meta.get("format") != STORE_FORMAT:
             raise DataError(f"{self.path}: not a brainjepa store (store.json has no format '{STORE_FORMAT}')")
         if meta.get("version", 0) > STORE_VERSION:
-            raise DataError(f"{self.path}: store version {meta['version']} is newer than this brainjepa "
-                            f"supports ({STORE_VERSION}); upgrade brainjepa")
+            raise DataError(
+                f"{self.path}: store version {meta['version']} is newer than this brainjepa "
+                f"supports ({STORE_VERSION}); upgrade brainjepa"
+            )
         self.meta = meta
         self.dtype = np.dtype(meta["dtype"])
         self.offsets = np.asarray(meta["offsets"], dtype=np.int64)
         self.total_timepoints = int(meta["total_timepoints"])
         labels = {}
         for k, v in meta["labels"].items():
-            labels[k] = _label_array(["" if x is None else str(x) for x in v]) \
-                if meta.get("label_types", {}).get(k) != "string" else np.array(v, dtype=object)
+            labels[k] = (
+                _label_array(["" if x is None else str(x) for x in v])
+                if meta.get("label_types", {}).get(k) != "string"
+                else np.array(v, dtype=object)
+            )
         super().__init__(
-            subjects=meta["subjects"], trs=meta["trs"], lengths=meta["lengths"], n_rois=meta["n_rois"],
-            roi_labels=meta.get("roi_labels"), labels=labels, sessions=meta.get("sessions"),
-            paths=meta.get("paths"), splits=meta.get("splits"),
+            subjects=meta["subjects"],
+            trs=meta["trs"],
+            lengths=meta["lengths"],
+            n_rois=meta["n_rois"],
+            roi_labels=meta.get("roi_labels"),
+            labels=labels,
+            sessions=meta.get("sessions"),
+            paths=meta.get("paths"),
+            splits=meta.get("splits"),
             skipped=[(s["path"], s["reason"]) for s in meta.get("skipped", [])],
             normalization=meta.get("normalization"),
             levels=meta.get("scan_levels"),
@@ -660,16 +736,19 @@ class Store(Cohort):
         expected = self.total_timepoints * self.n_rois * self.dtype.itemsize
         size = (self.path / "data.bin").stat().st_size if (self.path / "data.bin").is_file() else -1
         if size != expected:
-            raise DataError(f"{self.path / 'data.bin'}: {size} bytes, the index expects {expected}; "
-                            "the store is incomplete or corrupt: prepare it again")
+            raise DataError(
+                f"{self.path / 'data.bin'}: {size} bytes, the index expects {expected}; "
+                "the store is incomplete or corrupt: prepare it again"
+            )
         self._data = self._means = self._fd = None
 
     @property
     def data(self) -> np.memmap:
         """The (total_timepoints, R) memory map (opened on first use in each process)."""
         if self._data is None:
-            self._data = np.memmap(self.path / "data.bin", dtype=self.dtype, mode="r",
-                                   shape=(self.total_timepoints, self.n_rois))
+            self._data = np.memmap(
+                self.path / "data.bin", dtype=self.dtype, mode="r", shape=(self.total_timepoints, self.n_rois)
+            )
         return self._data
 
     def _roi_means(self, i: int) -> np.ndarray:
@@ -741,15 +820,21 @@ def interrupted_store(path) -> str | None:
     name = path.name
     if name.endswith(INCOMPLETE_SUFFIX) and path.is_dir():
         final = path.with_name(name[: -len(INCOMPLETE_SUFFIX)])
-        return (f"{path}: a store that 'brainjepa prepare' was still writing when it stopped; use "
-                f"{final} once prepared, or prepare it again with --out {final} --overwrite")
+        return (
+            f"{path}: a store that 'brainjepa prepare' was still writing when it stopped; use "
+            f"{final} once prepared, or prepare it again with --out {final} --overwrite"
+        )
     partial = path.with_name(name + INCOMPLETE_SUFFIX)
     if partial.is_dir() and not (path / "store.json").is_file():
-        return (f"{path}: not prepared: 'brainjepa prepare' was interrupted while writing it (the "
-                f"partial store is {partial}); run the prepare command again with --overwrite")
+        return (
+            f"{path}: not prepared: 'brainjepa prepare' was interrupted while writing it (the "
+            f"partial store is {partial}); run the prepare command again with --overwrite"
+        )
     if path.is_dir() and (path / "data.bin").is_file() and not (path / "store.json").is_file():
-        return (f"{path}: data.bin without store.json: an interrupted 'brainjepa prepare' (or a copy "
-                "that missed store.json); run the prepare command again with --overwrite")
+        return (
+            f"{path}: data.bin without store.json: an interrupted 'brainjepa prepare' (or a copy "
+            "that missed store.json); run the prepare command again with --overwrite"
+        )
     return None
 
 
@@ -760,8 +845,9 @@ def open_store(path) -> Store:
     if interrupted:
         raise DataError(interrupted)
     if not (path / "store.json").is_file():
-        raise DataError(f"{path}: not a prepared store (no store.json); create one with "
-                        "brainjepa prepare MANIFEST --out STORE")
+        raise DataError(
+            f"{path}: not a prepared store (no store.json); create one with brainjepa prepare MANIFEST --out STORE"
+        )
     return Store(path)
 
 
@@ -770,8 +856,9 @@ def open_store(path) -> Store:
 MAX_SCALER_SCANS = 1000
 
 
-def fit_scaler(cohort: Cohort, indices=None, *, method: str = "robust",
-               max_timepoints: int = 50_000, seed: int = 0) -> RobustScaler:
+def fit_scaler(
+    cohort: Cohort, indices=None, *, method: str = "robust", max_timepoints: int = 50_000, seed: int = 0
+) -> RobustScaler:
     """Fit a :class:`RobustScaler` for normalisation ``method`` on scans ``indices`` (default:
     the training split), each scan first put through the method's per-scan part
     (:func:`brainjepa.transforms.scan_transform`: percent signal change for 'psc', demeaning
@@ -840,10 +927,15 @@ class PrepareReport:
         if not known:
             tr = "TR unknown"
         else:
-            tr = "TR " + _tr_list(known) + (f", {len(self.trs) - len(known)} without a TR"
-                                            if len(known) < len(self.trs) else "")
-        text = (f"packed {self.n_scans} scans x {self.n_rois} ROIs ({self.total_timepoints} time points, "
-                f"{self.n_bytes / 2**20:.1f} MiB; {split}; {tr}) into {self.out_dir}")
+            tr = (
+                "TR "
+                + _tr_list(known)
+                + (f", {len(self.trs) - len(known)} without a TR" if len(known) < len(self.trs) else "")
+            )
+        text = (
+            f"packed {self.n_scans} scans x {self.n_rois} ROIs ({self.total_timepoints} time points, "
+            f"{self.n_bytes / 2**20:.1f} MiB; {split}; {tr}) into {self.out_dir}"
+        )
         if self.skipped:
             text += f"; skipped {len(self.skipped)} file(s), listed in {self.report_path}"
         return text
@@ -884,20 +976,38 @@ def prepare_store(
     records, label_names = read_manifest(manifest_path)
     records = _with_defaults(records, variable, atlas, tr_source)
     skipped: list = []
-    scans = iter_valid(records, tr=tr, orientation=orientation, on_error=on_error,
-                       min_timepoints=min_timepoints, target_tr=target_tr, skipped=skipped,
-                       progress=progress)
-    report = pack_store(scans, out_dir, dtype=dtype, label_names=label_names,
-                        train_fraction=train_fraction, seed=seed, skipped=skipped,
-                        max_scaler_timepoints=max_scaler_timepoints, overwrite=overwrite,
-                        source=str(manifest_path))
+    scans = iter_valid(
+        records,
+        tr=tr,
+        orientation=orientation,
+        on_error=on_error,
+        min_timepoints=min_timepoints,
+        target_tr=target_tr,
+        skipped=skipped,
+        progress=progress,
+    )
+    report = pack_store(
+        scans,
+        out_dir,
+        dtype=dtype,
+        label_names=label_names,
+        train_fraction=train_fraction,
+        seed=seed,
+        skipped=skipped,
+        max_scaler_timepoints=max_scaler_timepoints,
+        overwrite=overwrite,
+        source=str(manifest_path),
+    )
     store = open_store(report.out_dir)
     report_scaling(store, "robust", what="prepare")
     distinct = {round(t, 6) for t in store.trs if t is not None}
     if len(distinct) > 1:
-        log.info("the scans have different TRs (%s); pretrain (data.target_tr: auto) resamples every "
-                 "scan to %g s, the coarsest", _tr_list([t for t in store.trs if t is not None]),
-                 max(distinct))
+        log.info(
+            "the scans have different TRs (%s); pretrain (data.target_tr: auto) resamples every "
+            "scan to %g s, the coarsest",
+            _tr_list([t for t in store.trs if t is not None]),
+            max(distinct),
+        )
     return report
 
 
@@ -928,26 +1038,29 @@ def pack_store(
     out = final.with_name(final.name + INCOMPLETE_SUFFIX)
     if out.exists():
         if not overwrite:
-            raise DataError(f"{out}: left by an interrupted prepare of {final}; a partial store cannot "
-                            "be resumed: run the same command with --overwrite to start again")
+            raise DataError(
+                f"{out}: left by an interrupted prepare of {final}; a partial store cannot "
+                "be resumed: run the same command with --overwrite to start again"
+            )
         shutil.rmtree(out)
     if final.exists() and any(final.iterdir()):
         if not overwrite:
-            raise DataError(f"{final}: the output folder exists and is not empty; choose another or pass "
-                            "--overwrite")
+            raise DataError(f"{final}: the output folder exists and is not empty; choose another or pass --overwrite")
         if not (final / "store.json").is_file() and not (final / "data.bin").is_file():
             raise DataError(f"{final}: refusing to overwrite a folder that is not a brainjepa store")
     out.mkdir(parents=True)
     try:
-        return _pack(scans, out, final, dtype, label_names, train_fraction, seed, skipped,
-                     max_scaler_timepoints, source)
+        return _pack(
+            scans, out, final, dtype, label_names, train_fraction, seed, skipped, max_scaler_timepoints, source
+        )
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _pack(scans, out: Path, final: Path, dtype, label_names, train_fraction, seed, skipped,
-          max_scaler_timepoints, source) -> PrepareReport:
+def _pack(
+    scans, out: Path, final: Path, dtype, label_names, train_fraction, seed, skipped, max_scaler_timepoints, source
+) -> PrepareReport:
     """pack_store's work, in the temporary folder ``out``; renamed to ``final`` at the end."""
     centered = dtype == "float16"
     kept, trs, lengths, means = [], [], [], []
@@ -960,8 +1073,9 @@ def _pack(scans, out: Path, final: Path, dtype, label_names, train_fraction, see
                 mu = x.mean(axis=1, dtype=np.float64).astype(np.float32)
                 x = x - mu[:, None]
                 if np.abs(x).max() > 6e4:
-                    raise DataError(f"{rec.path}: fluctuations up to {np.abs(x).max():.3g} overflow "
-                                    "float16; use --dtype float32")
+                    raise DataError(
+                        f"{rec.path}: fluctuations up to {np.abs(x).max():.3g} overflow float16; use --dtype float32"
+                    )
                 means.append(mu)
             f.write(np.ascontiguousarray(x.T, dtype=dtype).tobytes())
             roi_labels, n_rois = roi_labels or ts.roi_labels, ts.n_rois
@@ -1014,8 +1128,17 @@ def _pack(scans, out: Path, final: Path, dtype, label_names, train_fraction, see
     n_bytes = (out / "data.bin").stat().st_size
     _move_into_place(out, final)
     counts = {s: splits.count(s) for s in SPLITS if s in splits}
-    return PrepareReport(str(final), len(kept), n_rois, int(sum(lengths)), n_bytes, counts, skipped,
-                         str(final / "skipped.tsv"), list(trs))
+    return PrepareReport(
+        str(final),
+        len(kept),
+        n_rois,
+        int(sum(lengths)),
+        n_bytes,
+        counts,
+        skipped,
+        str(final / "skipped.tsv"),
+        list(trs),
+    )
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -1098,8 +1221,9 @@ class WindowDataset(torch.utils.data.Dataset):
         if normalization in FITTED_NORMALIZATIONS:
             self.scaler = scaler if scaler is not None else self._default_scaler()
             if len(self.scaler.median_) != self.cohort.n_rois:
-                raise DataError(f"the {normalization} scaler has {len(self.scaler.median_)} ROIs, the cohort "
-                                f"{self.cohort.n_rois}")
+                raise DataError(
+                    f"the {normalization} scaler has {len(self.scaler.median_)} ROIs, the cohort {self.cohort.n_rois}"
+                )
 
     def _check_scan(self, i: int) -> int:
         """Validate scan i against the window; return the last valid raw start frame."""
@@ -1111,12 +1235,16 @@ class WindowDataset(torch.utils.data.Dataset):
             return n - self.n_timepoints
         tr = self.cohort.tr(i)
         if tr is None:
-            raise DataError(f"{name}: no TR known (no RepetitionTime sidecar, tr column or --tr), but "
-                            f"target_tr={self.target_tr} needs one")
+            raise DataError(
+                f"{name}: no TR known (no RepetitionTime sidecar, tr column or --tr), but "
+                f"target_tr={self.target_tr} needs one"
+            )
         if resampled_length(n, tr, self.target_tr) < self.n_timepoints:
-            raise DataError(f"{name}: {n} frames at TR {tr} s give "
-                            f"{resampled_length(n, tr, self.target_tr)} at TR {self.target_tr} s, "
-                            f"shorter than the window of {self.n_timepoints}")
+            raise DataError(
+                f"{name}: {n} frames at TR {tr} s give "
+                f"{resampled_length(n, tr, self.target_tr)} at TR {self.target_tr} s, "
+                f"shorter than the window of {self.n_timepoints}"
+            )
         if same_tr(tr, self.target_tr):
             return n - self.n_timepoints
         return n - self._resampler(tr).raw_extent()
@@ -1233,26 +1361,38 @@ def resolve_target_tr(setting, cohort, indices=None) -> float | None:
             distinct.append(t)
     if setting is None:
         if len(distinct) > 1:
-            log.warning("data.target_tr is null: scans are used at their own TRs (%s), so a window "
-                        "spans different durations in different subjects; set data.target_tr=auto "
-                        "(or seconds) to resample them to one TR", _tr_list(known))
+            log.warning(
+                "data.target_tr is null: scans are used at their own TRs (%s), so a window "
+                "spans different durations in different subjects; set data.target_tr=auto "
+                "(or seconds) to resample them to one TR",
+                _tr_list(known),
+            )
         return None
     if setting != "auto":
         return float(setting)
     if not known:
-        log.info("no scan has a known TR: windows are counted in frames (give a TR with --tr, a tr "
-                 "column or sidecars to train at a defined TR)")
+        log.info(
+            "no scan has a known TR: windows are counted in frames (give a TR with --tr, a tr "
+            "column or sidecars to train at a defined TR)"
+        )
         return None
     missing = [int(i) for i, t in zip(idx, trs) if t is None]
     if missing:
-        raise DataError(f"{cohort.name(missing[0])}: no TR known (no RepetitionTime sidecar, tr column "
-                        f"or --tr), but other scans have TRs ({_tr_list(known)}), so it cannot be "
-                        f"aligned with them; give its TR{' (and that of ' + str(len(missing) - 1) + ' more)' if len(missing) > 1 else ''}, "
-                        "or set data.target_tr explicitly")
+        more = f" (and that of {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(
+            f"{cohort.name(missing[0])}: no TR known (no RepetitionTime sidecar, tr column "
+            f"or --tr), but other scans have TRs ({_tr_list(known)}), so it cannot be "
+            f"aligned with them; give its TR{more}, "
+            "or set data.target_tr explicitly"
+        )
     target = max(distinct)
     if len(distinct) > 1:
-        log.info("data.target_tr auto: the scans have different TRs (%s); resampling every scan to "
-                 "%g s, the coarsest (set data.target_tr to choose another)", _tr_list(known), target)
+        log.info(
+            "data.target_tr auto: the scans have different TRs (%s); resampling every scan to "
+            "%g s, the coarsest (set data.target_tr to choose another)",
+            _tr_list(known),
+            target,
+        )
     else:
         log.info("data.target_tr auto: every scan has TR %g s", target)
     return float(target)
@@ -1307,43 +1447,56 @@ def scaling_report(cohort, method: str, indices=None, *, what: str = "pretrain")
     if not raw.any() and offsets is None:
         return "ok", None
     k = int(np.flatnonzero(raw)[0]) if raw.any() else int(np.argmax(level))
-    example = (f"{int(raw.sum())} of {len(idx)} scans look like unscaled BOLD (e.g. {names[k]}: typical "
-               f"ROI mean {level[k]:.3g}, {level[k] / max(fluct[k], 1e-30):.0f}x its fluctuations)")
+    example = (
+        f"{int(raw.sum())} of {len(idx)} scans look like unscaled BOLD (e.g. {names[k]}: typical "
+        f"ROI mean {level[k]:.3g}, {level[k] / max(fluct[k], 1e-30):.0f}x its fluctuations)"
+    )
     found = example if raw.any() else offsets
     if raw.any() and offsets:
         found += "; " + offsets
     if what == "prepare":
         if _default_normalization() == "auto":
-            return "warning", (f"{found}; the store keeps the values as they are: pretrain's default "
-                               "data.normalization: auto removes each scan's offset (robust and none "
-                               "would keep it)")
-        return "warning", (f"{found}; the store keeps the values as they are: pretrain with "
-                           f"--set data.normalization={centring} (per-scan) so that each "
-                           "scan's offset is removed")
+            return "warning", (
+                f"{found}; the store keeps the values as they are: pretrain's default "
+                "data.normalization: auto removes each scan's offset (robust and none "
+                "would keep it)"
+            )
+        return "warning", (
+            f"{found}; the store keeps the values as they are: pretrain with "
+            f"--set data.normalization={centring} (per-scan) so that each "
+            "scan's offset is removed"
+        )
     if method == "auto":
-        return "info", (f"{found}; data.normalization=auto picks a per-scan method, which removes "
-                        "each scan's offset")
+        return "info", (f"{found}; data.normalization=auto picks a per-scan method, which removes each scan's offset")
     if method in PER_SCAN_METHODS:
         return "info", f"{found}; the {method} normalisation removes each scan's offset"
     if what == "model":  # embed, probe, ...: the model's normalisation is fixed
         if method == "none":
-            return "warning", (f"{found}; the model was trained without normalisation, so these "
-                               "values go in as they are and its features follow the scanner's "
-                               "intensity")
+            return "warning", (
+                f"{found}; the model was trained without normalisation, so these "
+                "values go in as they are and its features follow the scanner's "
+                "intensity"
+            )
         if offsets:
-            return "warning", (f"{offsets}; the model's {method} statistics come from its training "
-                               "cohort and cannot remove offsets that differ between scans, so "
-                               "features may follow site rather than subject; a model pretrained with "
-                               f"per-scan centring (brainjepa pretrain --set data.normalization="
-                               f"{centring}) removes them")
+            return "warning", (
+                f"{offsets}; the model's {method} statistics come from its training "
+                "cohort and cannot remove offsets that differ between scans, so "
+                "features may follow site rather than subject; a model pretrained with "
+                f"per-scan centring (brainjepa pretrain --set data.normalization="
+                f"{centring}) removes them"
+            )
         return "info", f"{found}; the model's {method} statistics rescale them"
     if method == "none":
-        return "error", (f"{found}, and data.normalization=none would feed them to the model as they "
-                         f"are; use --set data.normalization={centring}")
+        return "error", (
+            f"{found}, and data.normalization=none would feed them to the model as they "
+            f"are; use --set data.normalization={centring}"
+        )
     if offsets:
-        return "warning", (f"{offsets}; data.normalization={method} scales with statistics pooled over "
-                           f"the cohort and keeps these offsets as if they were signal: use --set "
-                           f"data.normalization={centring} to remove each scan's offset")
+        return "warning", (
+            f"{offsets}; data.normalization={method} scales with statistics pooled over "
+            f"the cohort and keeps these offsets as if they were signal: use --set "
+            f"data.normalization={centring} to remove each scan's offset"
+        )
     return "info", f"{found}; data.normalization={method} rescales them with the cohort's statistics"
 
 
@@ -1384,20 +1537,30 @@ def check_cohort_for_model(model, cohort) -> None:
         frames = cohort.length(i)
         if target is not None:
             if tr is None:
-                raise DataError(f"{cohort.name(i)}: no TR known (no RepetitionTime sidecar, tr column "
-                                f"or --tr), but the model works at TR {target:g} s and each scan is "
-                                "resampled from its own TR; give the TR with --tr or a tr column")
+                raise DataError(
+                    f"{cohort.name(i)}: no TR known (no RepetitionTime sidecar, tr column "
+                    f"or --tr), but the model works at TR {target:g} s and each scan is "
+                    "resampled from its own TR; give the TR with --tr or a tr column"
+                )
             if not same_tr(tr, target):
                 frames = resampled_length(frames, tr, target)
         if frames < patch:
-            at = f" at the model's TR {target:g} s (from {cohort.length(i)} at {tr:g} s)" \
-                if target is not None and not same_tr(tr, target) else ""
-            raise DataError(f"{cohort.name(i)}: {frames} time points{at}, fewer than one time patch "
-                            f"of the model ({patch}); use a longer scan or leave this one out")
+            at = (
+                f" at the model's TR {target:g} s (from {cohort.length(i)} at {tr:g} s)"
+                if target is not None and not same_tr(tr, target)
+                else ""
+            )
+            raise DataError(
+                f"{cohort.name(i)}: {frames} time points{at}, fewer than one time patch "
+                f"of the model ({patch}); use a longer scan or leave this one out"
+            )
     trs = {round(t, 6) for t in cohort.trs if t is not None}
     if target is not None and len(trs) > 1:
-        log.info("the scans have TRs %s; each is resampled from its own TR to the model's %g s",
-                 _tr_list([t for t in cohort.trs if t is not None]), target)
+        log.info(
+            "the scans have TRs %s; each is resampled from its own TR to the model's %g s",
+            _tr_list([t for t in cohort.trs if t is not None]),
+            target,
+        )
     method = (getattr(model, "normalization", None) or {}).get("method", "unknown")
     if method != "unknown":
         report_scaling(cohort, method, what="model")

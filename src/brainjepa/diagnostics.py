@@ -26,18 +26,26 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .masking import MaskBatch
-from .objective import (block_groups, block_loss_sum, context_tokens, gather_tokens, group_tokens,
-                        masked_block_mean, n_blocks, split_targets, token_loss)
+from .objective import (
+    block_groups,
+    block_loss_sum,
+    context_tokens,
+    gather_tokens,
+    group_tokens,
+    masked_block_mean,
+    n_blocks,
+    split_targets,
+    token_loss,
+)
 
 # thresholds behind the warnings (docs/method.md, "Diagnostics")
-MIN_CONTEXT_GAIN = 0.10   # loss with another sample's context at least 10% above its own
-MAX_TOKEN_COSINE = 0.95   # mean cosine between tokens above this: collapsing
+MIN_CONTEXT_GAIN = 0.10  # loss with another sample's context at least 10% above its own
+MAX_TOKEN_COSINE = 0.95  # mean cosine between tokens above this: collapsing
 MAX_POSITION_SHARE = 0.90  # tokens that are more than 90% position
 
 
@@ -87,8 +95,10 @@ def ema_init_share(momentum_at, step: int) -> float:
 
 
 def _predictor_loss(predictor, z, ctx_idx, ctx_valid, groups, targets, loss, blocks) -> float:
-    total = sum(float(block_loss_sum(predictor, z, ctx_idx, ctx_valid, idx, valid, t, loss))
-                for (idx, valid), t in zip(groups, targets))
+    total = sum(
+        float(block_loss_sum(predictor, z, ctx_idx, ctx_valid, idx, valid, t, loss))
+        for (idx, valid), t in zip(groups, targets)
+    )
     return total / blocks
 
 
@@ -106,9 +116,17 @@ def _position_floor(full: torch.Tensor, groups, loss: str, blocks: int) -> float
 
 
 @torch.no_grad()
-def diagnose_batch(encoder: nn.Module, target_encoder: nn.Module, predictor: nn.Module,
-                   x: torch.Tensor, masks: MaskBatch, *, loss: str = "smooth_l1",
-                   center: bool = True, autocast=None) -> dict[str, float]:
+def diagnose_batch(
+    encoder: nn.Module,
+    target_encoder: nn.Module,
+    predictor: nn.Module,
+    x: torch.Tensor,
+    masks: MaskBatch,
+    *,
+    loss: str = "smooth_l1",
+    center: bool = True,
+    autocast=None,
+) -> dict[str, float]:
     """Every diagnostic of the module notes on one batch x (B x R x T, B >= 2) with its masks.
 
     encoder: the context encoder (for a bundle, its one encoder serves as both). The modules
@@ -134,8 +152,7 @@ def diagnose_batch(encoder: nn.Module, target_encoder: nn.Module, predictor: nn.
         for name, inp in (("own", x), ("other", x.roll(1, 0)), ("zero", torch.zeros_like(x))):
             with autocast:
                 z = encoder(inp, ctx_idx, ctx_valid)
-                out[f"loss_{name}"] = _predictor_loss(predictor, z, ctx_idx, ctx_valid, groups,
-                                                      targets, loss, blocks)
+                out[f"loss_{name}"] = _predictor_loss(predictor, z, ctx_idx, ctx_valid, groups, targets, loss, blocks)
             if name == "own":
                 valid_z = z[ctx_valid]
         out["loss_position"] = _position_floor(full, groups, loss, blocks)
@@ -157,24 +174,31 @@ def problems(diag: dict[str, float], collapse_std: float = 0.1) -> list[str]:
     """Plain-language warnings for a :func:`diagnose_batch` result (empty when healthy)."""
     out = []
     if diag["context_gain"] < MIN_CONTEXT_GAIN:
-        out.append(f"the predictor barely uses its context: its loss with another sample's context "
-                   f"is only {100 * diag['context_gain']:+.1f}% from its own ({diag['loss_other']:.4f} "
-                   f"vs {diag['loss_own']:.4f}; position-only floor {diag['loss_position']:.4f}): its "
-                   "predictions hardly depend on whose brain it sees, so the encoder gets little "
-                   "signal about the subject (see docs/method.md, Diagnostics)")
+        out.append(
+            f"the predictor barely uses its context: its loss with another sample's context "
+            f"is only {100 * diag['context_gain']:+.1f}% from its own ({diag['loss_other']:.4f} "
+            f"vs {diag['loss_own']:.4f}; position-only floor {diag['loss_position']:.4f}): its "
+            "predictions hardly depend on whose brain it sees, so the encoder gets little "
+            "signal about the subject (see docs/method.md, Diagnostics)"
+        )
     for name in ("target", "context"):
         if diag[f"{name}_cos"] > MAX_TOKEN_COSINE or diag[f"{name}_std"] < collapse_std:
-            out.append(f"the {name} encoder's tokens are collapsing (mean cosine "
-                       f"{diag[f'{name}_cos']:.3f}, feature std {diag[f'{name}_std']:.4f})")
+            out.append(
+                f"the {name} encoder's tokens are collapsing (mean cosine "
+                f"{diag[f'{name}_cos']:.3f}, feature std {diag[f'{name}_std']:.4f})"
+            )
     if diag["position_share"] > MAX_POSITION_SHARE:
-        out.append(f"{100 * diag['position_share']:.1f}% of the target features' variance is token "
-                   f"position ({100 * diag['subject_share']:.1f}% is the subject): the tokens "
-                   "carry little signal")
+        out.append(
+            f"{100 * diag['position_share']:.1f}% of the target features' variance is token "
+            f"position ({100 * diag['subject_share']:.1f}% is the subject): the tokens "
+            "carry little signal"
+        )
     return out
 
 
-def diagnose_model(model, cohort, *, batch_size: int = 16, n_batches: int = 4, seed: int = 0,
-                   progress: bool = False) -> dict:
+def diagnose_model(
+    model, cohort, *, batch_size: int = 16, n_batches: int = 4, seed: int = 0, progress: bool = False
+) -> dict:
     """:func:`diagnose_batch` for a model bundle (with its predictor) on a cohort.
 
     Each subject's centre window (``model.prepare``, each scan's own TR) is used; batches of
@@ -189,18 +213,18 @@ def diagnose_model(model, cohort, *, batch_size: int = 16, n_batches: int = 4, s
     from .masking import SpatiotemporalMasker
 
     if model.predictor is None:
-        raise DataError("this model bundle has no predictor weights, which the context-reliance "
-                        "check needs; export the run again with its predictor (brainjepa export)")
+        raise DataError(
+            "this model bundle has no predictor weights, which the context-reliance "
+            "check needs; export the run again with its predictor (brainjepa export)"
+        )
     training = model.provenance.get("training_config") or {}
     train_cfg = training.get("train") or {}
     loss = model.info.get("loss") or train_cfg.get("loss") or "smooth_l1"
     center = bool(train_cfg.get("center_targets", False))
-    masker = SpatiotemporalMasker(model.config.n_rois, model.config.n_patches,
-                                  **(training.get("mask") or {}))
+    masker = SpatiotemporalMasker(model.config.n_rois, model.config.n_patches, **(training.get("mask") or {}))
     series = CohortSeries(cohort)
     if len(series) < 2:
-        raise DataError("diagnostics need at least 2 subjects (a sample's context is swapped with "
-                        "another's)")
+        raise DataError("diagnostics need at least 2 subjects (a sample's context is swapped with another's)")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(series))
     size = min(batch_size, len(series))
@@ -211,14 +235,27 @@ def diagnose_model(model, cohort, *, batch_size: int = 16, n_batches: int = 4, s
         if len(chosen) < 2:
             break
         x = torch.stack([model.prepare(series[int(i)], tr=trs[int(i)]) for i in chosen])
-        batches.append(diagnose_batch(model.encoder, model.encoder, model.predictor, x,
-                                      masker(len(chosen), rng), loss=loss, center=center))
+        batches.append(
+            diagnose_batch(
+                model.encoder, model.encoder, model.predictor, x, masker(len(chosen), rng), loss=loss, center=center
+            )
+        )
         if progress:
             print(f"diagnostics: batch {b + 1}/{n_batches}", flush=True)
     mean = {k: float(np.mean([d[k] for d in batches])) for k in batches[0]}
-    return {"mean": mean, "batches": batches, "problems": problems(mean),
-            "settings": {"loss": loss, "center_targets": center, "batch_size": size,
-                         "n_batches": len(batches), "seed": seed, "mask": masker.describe()}}
+    return {
+        "mean": mean,
+        "batches": batches,
+        "problems": problems(mean),
+        "settings": {
+            "loss": loss,
+            "center_targets": center,
+            "batch_size": size,
+            "n_batches": len(batches),
+            "seed": seed,
+            "mask": masker.describe(),
+        },
+    }
 
 
 def format_diagnostics(result: dict) -> str:
@@ -236,7 +273,9 @@ def format_diagnostics(result: dict) -> str:
         ("effective rank of subject embeddings", m["effective_rank"]),
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
-             for name, value in rows]
+    lines = [
+        f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}"
+        for name, value in rows
+    ]
     verdict = result["problems"] or ["healthy: the predictor uses its context and neither encoder collapses"]
     return "\n".join(lines + [""] + [f"- {p}" for p in verdict]) + "\n"

@@ -86,8 +86,16 @@ RANDOM_INIT = "random_init"
 # the metric that ranks methods and that comparisons use, per task
 HEADLINE_METRIC = {"classification": "auroc", "regression": "pearson_r"}
 LOWER_IS_BETTER = ("mse", "mae")
-METRIC_NAMES = {"acc": "ACC", "balanced_acc": "BACC", "f1": "F1", "auroc": "AUROC",
-                "mse": "MSE", "mae": "MAE", "pearson_r": "r", "r2": "R2"}
+METRIC_NAMES = {
+    "acc": "ACC",
+    "balanced_acc": "BACC",
+    "f1": "F1",
+    "auroc": "AUROC",
+    "mse": "MSE",
+    "mae": "MAE",
+    "pearson_r": "r",
+    "r2": "R2",
+}
 PROBES = ("closed-form", "bn-linear")
 # Regularisation grid, relative to the mean squared singular value of the standardised training
 # features, so one grid fits 192 embedding dimensions and 100k FC edges alike.
@@ -137,8 +145,12 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, proba: np.nda
         f1_score = float(np.mean([f1(k) for k in range(n_classes)]))
         aucs = [roc_auc(y_true == k, proba[:, k]) for k in present]
         auroc = float(np.nanmean(aucs)) if len(present) > 1 else float("nan")
-    return {"acc": float(np.mean(y_true == y_pred)), "balanced_acc": float(np.mean(recalls)),
-            "f1": f1_score, "auroc": auroc}
+    return {
+        "acc": float(np.mean(y_true == y_pred)),
+        "balanced_acc": float(np.mean(recalls)),
+        "f1": f1_score,
+        "auroc": auroc,
+    }
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
@@ -150,8 +162,12 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         r = float(np.corrcoef(y_true, y_pred)[0, 1])
     else:
         r = float("nan")
-    return {"mse": float(np.mean(err ** 2)), "mae": float(np.mean(np.abs(err))), "pearson_r": r,
-            "r2": float(1 - np.sum(err ** 2) / ss_tot) if ss_tot > 0 else float("nan")}
+    return {
+        "mse": float(np.mean(err**2)),
+        "mae": float(np.mean(np.abs(err))),
+        "pearson_r": r,
+        "r2": float(1 - np.sum(err**2) / ss_tot) if ss_tot > 0 else float("nan"),
+    }
 
 
 # --------------------------------------------------------------------------- labels and splits
@@ -193,8 +209,10 @@ def encode_labels(values: Sequence, task: str, name: str = "target") -> tuple[np
     numbers = _as_numbers(values)
     if task == "regression":
         if numbers is None:
-            raise DataError(f"target {name!r} has non-numeric values (e.g. {values[0]!r}) and "
-                            "cannot be a regression target: use --task classification")
+            raise DataError(
+                f"target {name!r} has non-numeric values (e.g. {values[0]!r}) and "
+                "cannot be a regression target: use --task classification"
+            )
         return numbers, None
     if task != "classification":
         raise ConfigError(f"task must be 'classification', 'regression' or 'auto', got {task!r}")
@@ -215,25 +233,27 @@ class Split:
     test: np.ndarray
 
 
-def split_indices(y: np.ndarray, task: str, seed: int,
-                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> Split:
+def split_indices(
+    y: np.ndarray, task: str, seed: int, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+) -> Split:
     """Random train/val/test split of N subjects, stratified by class for classification."""
     rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(y == k) for k in np.unique(y)] if task == "classification" \
-        else [np.arange(len(y))]
+    groups = [np.flatnonzero(y == k) for k in np.unique(y)] if task == "classification" else [np.arange(len(y))]
     parts: list[list[np.ndarray]] = [[], [], []]
     for idx in groups:
         n = len(idx)
         if n < 3:
-            raise DataError(f"a class has only {n} subject(s); a stratified train/val/test split "
-                            "needs at least 3 per class (merge rare classes or add subjects)")
+            raise DataError(
+                f"a class has only {n} subject(s); a stratified train/val/test split "
+                "needs at least 3 per class (merge rare classes or add subjects)"
+            )
         idx = rng.permutation(idx)
         n_train = max(1, int(round(fractions[0] * n)))
         n_val = max(1, int(round(fractions[1] * n)))
         n_train = min(n_train, n - n_val - 1)
         parts[0].append(idx[:n_train])
-        parts[1].append(idx[n_train:n_train + n_val])
-        parts[2].append(idx[n_train + n_val:])
+        parts[1].append(idx[n_train : n_train + n_val])
+        parts[2].append(idx[n_train + n_val :])
     return Split(*(np.sort(np.concatenate(p)) for p in parts))
 
 
@@ -368,8 +388,7 @@ def encode_windows(model, windows: torch.Tensor, n_patches_valid: int | None = N
     return h.reshape(len(windows), cfg.n_rois, p, -1)
 
 
-def subject_windows(model, series, tr: float | None = None, windows: str = "all"
-                    ) -> tuple[torch.Tensor, int]:
+def subject_windows(model, series, tr: float | None = None, windows: str = "all") -> tuple[torch.Tensor, int]:
     """The windows of one subject the encoder sees: ((W, R, n_timepoints), n_patches_valid).
     ``all``: :meth:`BrainJEPA.prepare_windows`; ``center``: the centre window of
     :meth:`BrainJEPA.prepare` (a scan shorter than a window: its one padded window)."""
@@ -398,9 +417,18 @@ def _trs(tr, n: int) -> list:
 
 
 @torch.inference_mode()
-def encode_readouts(models: dict, X, tr=None, *, readouts: Sequence[str] = READOUTS,
-                    windows: str = "all", batch_size: int = 16, device: str | None = None,
-                    fc_window: bool = False, progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+def encode_readouts(
+    models: dict,
+    X,
+    tr=None,
+    *,
+    readouts: Sequence[str] = READOUTS,
+    windows: str = "all",
+    batch_size: int = 16,
+    device: str | None = None,
+    fc_window: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
     """Several readouts of several encoders from one pass over the data.
 
     ``models``: {name: BrainJEPA}, all with the same preprocessing (e.g. a model and its
@@ -418,8 +446,7 @@ def encode_readouts(models: dict, X, tr=None, *, readouts: Sequence[str] = READO
     first = models[names[0]]
     for name in names[1:]:
         if models[name].config != first.config:
-            raise ConfigError(f"model {name!r} has another architecture than {names[0]!r}; "
-                              "encode them separately")
+            raise ConfigError(f"model {name!r} has another architecture than {names[0]!r}; encode them separately")
     dev = resolve_device(device)
     nets = {name: m.to(dev).eval() for name, m in models.items()}
     n = len(X)
@@ -474,14 +501,24 @@ class BrainJEPAEmbedder:
     window: NaN for its patches without data).
     """
 
-    def __init__(self, model, *, readout: str = "mean", windows: str | None = None,
-                 batch_size: int = 16, device: str | None = None, tokens: bool = False,
-                 progress: bool = False):
+    def __init__(
+        self,
+        model,
+        *,
+        readout: str = "mean",
+        windows: str | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        tokens: bool = False,
+        progress: bool = False,
+    ):
         self.model = model
         self.readout = _check_readouts(readout)[0]
         if tokens and windows not in (None, "center"):
-            raise ConfigError("tokens=True returns the token features of one window per "
-                              "subject: pass windows='center' (or leave windows unset)")
+            raise ConfigError(
+                "tokens=True returns the token features of one window per "
+                "subject: pass windows='center' (or leave windows unset)"
+            )
         # tokens are one window's; readouts average every window unless told otherwise
         self.window_set = _check_windows(windows or ("center" if tokens else "all"))
         self.batch_size = batch_size
@@ -513,9 +550,16 @@ class BrainJEPAEmbedder:
 
     def transform_readouts(self, X, tr=None, readouts: Sequence[str] = READOUTS) -> dict[str, np.ndarray]:
         """{readout: (N, F)} for several readouts from one encoding pass."""
-        return encode_readouts({"model": self.model}, X, tr, readouts=readouts,
-                               windows=self.window_set, batch_size=self.batch_size,
-                               device=self.device, progress=self.progress)["model"]
+        return encode_readouts(
+            {"model": self.model},
+            X,
+            tr,
+            readouts=readouts,
+            windows=self.window_set,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress=self.progress,
+        )["model"]
 
     @torch.inference_mode()
     def _tokens(self, X, tr) -> np.ndarray:
@@ -543,9 +587,13 @@ def random_init_like(model, seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BrainJEPA(model.config, model.encoder.gradients.detach().cpu(),
-                         normalization=model.normalization, roi_labels=model.roi_labels,
-                         target_tr=model.target_tr)
+        return BrainJEPA(
+            model.config,
+            model.encoder.gradients.detach().cpu(),
+            normalization=model.normalization,
+            roi_labels=model.roi_labels,
+            target_tr=model.target_tr,
+        )
 
 
 # --------------------------------------------------------------------------- probes
@@ -607,8 +655,9 @@ class ClosedFormProbe(_Probe):
     ``val_loss_``, and ``coef_`` / ``intercept_``.
     """
 
-    def __init__(self, task: str, grid: Sequence[float] = RELATIVE_GRID,
-                 class_weight: str | None = None, max_iter: int = 500):
+    def __init__(
+        self, task: str, grid: Sequence[float] = RELATIVE_GRID, class_weight: str | None = None, max_iter: int = 500
+    ):
         self.task = task
         self.grid = grid
         self.class_weight = class_weight
@@ -620,7 +669,7 @@ class ClosedFormProbe(_Probe):
         Xs, Xv = (X - self.mean_) / self.scale_, (X_val - self.mean_) / self.scale_
         t, t_val = self._fit_labels(y, n_classes), self._labels(y_val)
         U, s, Vt = np.linalg.svd(Xs, full_matrices=False)
-        unit = float(np.mean(s ** 2)) or 1.0
+        unit = float(np.mean(s**2)) or 1.0
         # With more features than subjects the L2-penalised logistic solution lies in the row
         # space of Xs (any other component adds penalty and no fit), so it is fitted exactly on
         # the coordinates U * s (n x n) and mapped back by Vt: the same model, far cheaper.
@@ -630,7 +679,7 @@ class ClosedFormProbe(_Probe):
         for rel in self.grid:
             alpha = rel * unit
             if self.task == "regression":
-                coef = Vt.T @ ((s / (s ** 2 + alpha)) * (U.T @ t))
+                coef = Vt.T @ ((s / (s**2 + alpha)) * (U.T @ t))
                 intercept = np.zeros(1)  # features and labels are centred on train
                 loss = float(np.mean((Xv @ coef - t_val) ** 2))
             else:
@@ -676,8 +725,9 @@ class ClosedFormProbe(_Probe):
         return _softmax(z) if self.task == "classification" else z
 
 
-def binary_logistic(X: np.ndarray, t: np.ndarray, C: float, sample_weight: np.ndarray | None = None,
-                    max_iter: int = 100) -> tuple[np.ndarray, float]:
+def binary_logistic(
+    X: np.ndarray, t: np.ndarray, C: float, sample_weight: np.ndarray | None = None, max_iter: int = 100
+) -> tuple[np.ndarray, float]:
     """L2-penalised logistic regression of 0/1 targets ``t`` on X (n, d): (w (d,), b), the
     minimiser of C * sum_i s_i log-loss_i + ||w||^2 / 2 (the intercept b is not penalised; the
     objective of scikit-learn's LogisticRegression), by Newton's method with backtracking."""
@@ -689,7 +739,7 @@ def binary_logistic(X: np.ndarray, t: np.ndarray, C: float, sample_weight: np.nd
 
     def objective(theta):
         z = A @ theta
-        return float(np.sum(s * (np.logaddexp(0.0, z) - t * z)) + 0.5 * np.sum(penalty * theta ** 2))
+        return float(np.sum(s * (np.logaddexp(0.0, z) - t * z)) + 0.5 * np.sum(penalty * theta**2))
 
     theta = np.zeros(d + 1)
     f = objective(theta)
@@ -734,8 +784,17 @@ class BNLinearProbe(_Probe):
     ``val_losses_`` (one per epoch).
     """
 
-    def __init__(self, task: str, *, epochs: int = 50, lr: float = 1e-2, weight_decay: float = 1e-4,
-                 batch_size: int = 16, class_weight: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        task: str,
+        *,
+        epochs: int = 50,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-4,
+        batch_size: int = 16,
+        class_weight: str | None = None,
+        seed: int = 0,
+    ):
         self.task = task
         self.epochs = epochs
         self.lr = lr
@@ -748,7 +807,10 @@ class BNLinearProbe(_Probe):
         y = np.asarray(y)
         t, t_val = torch.as_tensor(self._fit_labels(y, n_classes)), torch.as_tensor(self._labels(y_val))
         gen = torch.Generator().manual_seed(self.seed)
-        X, Xv = torch.as_tensor(np.asarray(X), dtype=torch.float32), torch.as_tensor(np.asarray(X_val), dtype=torch.float32)
+        X, Xv = (
+            torch.as_tensor(np.asarray(X), dtype=torch.float32),
+            torch.as_tensor(np.asarray(X_val), dtype=torch.float32),
+        )
         out_dim = self.n_classes_ if self.task == "classification" else 1
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -792,7 +854,9 @@ def make_loss(task: str, y_train: np.ndarray, n_outputs: int, class_weight: str 
     w = torch.as_tensor(class_weights(y_train, n_outputs), dtype=torch.float32) if class_weight else None
 
     def loss(out, t, weighted=True):
-        return nn.functional.cross_entropy(out, t.long(), weight=w.to(out.device) if weighted and w is not None else None)
+        return nn.functional.cross_entropy(
+            out, t.long(), weight=w.to(out.device) if weighted and w is not None else None
+        )
 
     return loss
 
@@ -831,10 +895,16 @@ class Results:
         rows = []
         for (method, target, metric), values in groups.items():
             v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
-            rows.append({"method": method, "target": target, "metric": metric,
-                         "mean": float(v.mean()) if len(v) else float("nan"),
-                         "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                         "n_seeds": int(len(v))})
+            rows.append(
+                {
+                    "method": method,
+                    "target": target,
+                    "metric": metric,
+                    "mean": float(v.mean()) if len(v) else float("nan"),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                    "n_seeds": int(len(v)),
+                }
+            )
         return rows
 
     def extend(self, other: Results) -> Results:
@@ -853,10 +923,12 @@ class Results:
         becomes null)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean = lambda items: [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                for k, v in r.items()} for r in items]
-        path.write_text(json.dumps({"rows": clean(self.rows), "comparisons": clean(self.comparisons)},
-                                   indent=2) + "\n")
+
+        def clean(items):
+            nan_to_none = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+            return [{k: nan_to_none(v) for k, v in r.items()} for r in items]
+
+        path.write_text(json.dumps({"rows": clean(self.rows), "comparisons": clean(self.comparisons)}, indent=2) + "\n")
         return path
 
 
@@ -874,10 +946,15 @@ def result_grid(rows: list[dict]) -> list[tuple[str, int, list[str], list[str], 
     grids = []
     for target in dict.fromkeys(r["target"] for r in rows):
         trows = [r for r in rows if r["target"] == target]
-        grids.append((target, max(r["n_seeds"] for r in trows),
-                      list(dict.fromkeys(r["metric"] for r in trows)),
-                      list(dict.fromkeys(r["method"] for r in trows)),
-                      {(r["method"], r["metric"]): format_mean_std(r) for r in trows}))
+        grids.append(
+            (
+                target,
+                max(r["n_seeds"] for r in trows),
+                list(dict.fromkeys(r["metric"] for r in trows)),
+                list(dict.fromkeys(r["method"] for r in trows)),
+                {(r["method"], r["metric"]): format_mean_std(r) for r in trows},
+            )
+        )
     return grids
 
 
@@ -888,7 +965,10 @@ def format_table(rows: list[dict]) -> str:
         header = [f"{target} (n_seeds={n})"] + [METRIC_NAMES.get(m, m) for m in metrics]
         body = [[m] + [cell.get((m, k), "-") for k in metrics] for m in methods]
         widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-        fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
+        def fmt(row):
+            return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
         lines += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in body] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -896,9 +976,17 @@ def format_table(rows: list[dict]) -> str:
 Method = tuple[Callable[[int], object], object]  # (make_estimator(seed), inputs indexable by subject)
 
 
-def run_protocol(y: np.ndarray, methods: dict[str, Method], *, target: str, task: str,
-                 n_classes: int | None = None, seeds: int | Sequence[int] = 5,
-                 split: Split | None = None, progress: bool = True) -> Results:
+def run_protocol(
+    y: np.ndarray,
+    methods: dict[str, Method],
+    *,
+    target: str,
+    task: str,
+    n_classes: int | None = None,
+    seeds: int | Sequence[int] = 5,
+    split: Split | None = None,
+    progress: bool = True,
+) -> Results:
     """The evaluation protocol on encoded labels ``y`` (see :func:`encode_labels`).
 
     ``methods`` maps a method name to (make_estimator(seed), X): the estimator has
@@ -922,8 +1010,9 @@ def run_protocol(y: np.ndarray, methods: dict[str, Method], *, target: str, task
                 metrics = classification_metrics(y[sp.test], proba.argmax(axis=1), proba)
             else:
                 metrics = regression_metrics(y[sp.test], est.predict(X[sp.test]))
-            results.records += [{"method": name, "target": target, "seed": seed, "metric": k,
-                                 "value": v} for k, v in metrics.items()]
+            results.records += [
+                {"method": name, "target": target, "seed": seed, "metric": k, "value": v} for k, v in metrics.items()
+            ]
             if progress:
                 shown = ", ".join(f"{METRIC_NAMES[k]} {v:.3f}" for k, v in metrics.items())
                 log.info("%s | seed %d | %s: %s", target, seed, name, shown)
@@ -954,8 +1043,7 @@ def probe_method_names(readouts: Sequence[str] = READOUTS, random_init_seeds=3) 
     excluded): brainjepa:<r>, random_init#<k>:<r> per readout r and seed k, then the baselines."""
     readouts = _check_readouts(readouts)
     names = [method_name(MODEL, r) for r in readouts]
-    names += [method_name(f"{RANDOM_INIT}#{k}", r) for k in _init_seeds(random_init_seeds)
-              for r in readouts]
+    names += [method_name(f"{RANDOM_INIT}#{k}", r) for k in _init_seeds(random_init_seeds) for r in readouts]
     return names + list(BASELINES)
 
 
@@ -970,8 +1058,7 @@ def _mean_finite(values) -> float:
     return float(v.mean()) if len(v) else float("nan")
 
 
-def random_init_summaries(records: list[dict], readouts: Sequence[str], init_seeds: Sequence[int]
-                          ) -> list[dict]:
+def random_init_summaries(records: list[dict], readouts: Sequence[str], init_seeds: Sequence[int]) -> list[dict]:
     """Records of ``random_init(mean):<r>`` (per split seed and metric, the mean over init
     seeds, NaN values left out) and ``random_init(best):<r>`` (every record of the init seed
     whose headline metric has the best mean over split seeds; ties: the first seed; its records
@@ -988,16 +1075,27 @@ def random_init_summaries(records: list[dict], readouts: Sequence[str], init_see
             groups: dict[tuple, list[float]] = {}
             for r in mine:
                 groups.setdefault((r["seed"], r["metric"]), []).append(r["value"])
-            out += [{"method": method_name(f"{RANDOM_INIT}(mean)", readout), "target": target,
-                     "seed": seed, "metric": metric, "value": _mean_finite(values)}
-                    for (seed, metric), values in groups.items()]
-            scores = [sign * _mean_finite([r["value"] for r in mine
-                                           if r["method"] == n and r["metric"] == headline])
-                      for n in names]
+            out += [
+                {
+                    "method": method_name(f"{RANDOM_INIT}(mean)", readout),
+                    "target": target,
+                    "seed": seed,
+                    "metric": metric,
+                    "value": _mean_finite(values),
+                }
+                for (seed, metric), values in groups.items()
+            ]
+            scores = [
+                sign * _mean_finite([r["value"] for r in mine if r["method"] == n and r["metric"] == headline])
+                for n in names
+            ]
             finite = [s if np.isfinite(s) else -np.inf for s in scores]
             best = names[int(np.argmax(finite))]
-            out += [{**r, "method": method_name(f"{RANDOM_INIT}(best)", readout), "source": best}
-                    for r in mine if r["method"] == best]
+            out += [
+                {**r, "method": method_name(f"{RANDOM_INIT}(best)", readout), "source": best}
+                for r in mine
+                if r["method"] == best
+            ]
     return out
 
 
@@ -1012,8 +1110,11 @@ def compare(records: list[dict], target: str, metric: str, method: str, baseline
     """
     from scipy import stats
 
-    value = {(r["method"], r["seed"]): r["value"] for r in records
-             if r["target"] == target and r["metric"] == metric and r["method"] in (method, baseline)}
+    value = {
+        (r["method"], r["seed"]): r["value"]
+        for r in records
+        if r["target"] == target and r["metric"] == metric and r["method"] in (method, baseline)
+    }
     seeds = sorted({s for m, s in value if m == method} & {s for m, s in value if m == baseline})
     a = np.array([value[(method, s)] for s in seeds], dtype=np.float64)
     b = np.array([value[(baseline, s)] for s in seeds], dtype=np.float64)
@@ -1023,8 +1124,15 @@ def compare(records: list[dict], target: str, metric: str, method: str, baseline
     n = len(d)
     nan = float("nan")
     better = d < 0 if metric in LOWER_IS_BETTER else d > 0
-    out = {"n": n, "mean_diff": float(d.mean()) if n else nan, "std": nan, "ci95_low": nan,
-           "ci95_high": nan, "p_value": nan, "wins": int(better.sum())}
+    out = {
+        "n": n,
+        "mean_diff": float(d.mean()) if n else nan,
+        "std": nan,
+        "ci95_low": nan,
+        "ci95_high": nan,
+        "p_value": nan,
+        "wins": int(better.sum()),
+    }
     if n >= 2:
         std = float(d.std(ddof=1))
         half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
@@ -1048,14 +1156,30 @@ def comparison_rows(records: list[dict], metric: str | None = None) -> list[dict
         m = metric or headline_metric(records, target)
         for method in [x for x in methods if x.startswith(MODEL + ":")]:
             readout = method.split(":", 1)[1]
-            refs = [method_name(f"{RANDOM_INIT}(best)", readout),
-                    method_name(f"{RANDOM_INIT}(mean)", readout), "fc_window", "fc_full", "amplitude"]
+            refs = [
+                method_name(f"{RANDOM_INIT}(best)", readout),
+                method_name(f"{RANDOM_INIT}(mean)", readout),
+                "fc_window",
+                "fc_full",
+                "amplitude",
+            ]
             for ref in refs:
                 if ref in methods:
-                    row = {"target": target, "metric": m, "method": method, "baseline": ref,
-                           **compare(records, target, m, method, ref)}
-                    source = next((r["source"] for r in records if r["method"] == ref
-                                   and r["target"] == target and "source" in r), None)
+                    row = {
+                        "target": target,
+                        "metric": m,
+                        "method": method,
+                        "baseline": ref,
+                        **compare(records, target, m, method, ref),
+                    }
+                    source = next(
+                        (
+                            r["source"]
+                            for r in records
+                            if r["method"] == ref and r["target"] == target and "source" in r
+                        ),
+                        None,
+                    )
                     if source:  # which init seed random_init(best) is
                         row["baseline_source"] = source
                     rows.append(row)
@@ -1078,14 +1202,20 @@ def comparison_cells(c: dict) -> list[str]:
     baseline = c["baseline"]
     if c.get("baseline_source"):  # random_init(best):fc (#1)
         baseline += f" (#{c['baseline_source'].split('#', 1)[1].split(':', 1)[0]})"
-    return [c["target"], METRIC_NAMES.get(c["metric"], c["metric"]), c["method"], baseline,
-            str(c["n"]), _fmt(c["mean_diff"]),
-            f"[{_fmt(c['ci95_low'])}, {_fmt(c['ci95_high'])}]", format_p(c["p_value"]),
-            f"{c['wins']}/{c['n']}"]
+    return [
+        c["target"],
+        METRIC_NAMES.get(c["metric"], c["metric"]),
+        c["method"],
+        baseline,
+        str(c["n"]),
+        _fmt(c["mean_diff"]),
+        f"[{_fmt(c['ci95_low'])}, {_fmt(c['ci95_high'])}]",
+        format_p(c["p_value"]),
+        f"{c['wins']}/{c['n']}",
+    ]
 
 
-COMPARISON_COLUMNS = ("target", "metric", "method", "baseline", "n", "mean diff", "95% CI",
-                      "p (paired t)", "wins")
+COMPARISON_COLUMNS = ("target", "metric", "method", "baseline", "n", "mean diff", "95% CI", "p (paired t)", "wins")
 
 
 def format_comparisons(comparisons: list[dict]) -> str:
@@ -1094,9 +1224,11 @@ def format_comparisons(comparisons: list[dict]) -> str:
     if not comparisons:
         return "no paired comparisons\n"
     body = [comparison_cells(c) for c in comparisons]
-    widths = [max(len(row[i]) for row in [list(COMPARISON_COLUMNS)] + body)
-              for i in range(len(COMPARISON_COLUMNS))]
-    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+    widths = [max(len(row[i]) for row in [list(COMPARISON_COLUMNS)] + body) for i in range(len(COMPARISON_COLUMNS))]
+
+    def fmt(row):
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
     lines = [fmt(COMPARISON_COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
     return "\n".join(lines) + "\n"
 
@@ -1121,8 +1253,7 @@ def _method_rank(name: str) -> tuple:
 # --------------------------------------------------------------------------- cohorts
 
 
-def load_cohort(data: str | Path | Sequence[str | Path], *, tr: float | None = None,
-                orientation: str | None = None):
+def load_cohort(data: str | Path | Sequence[str | Path], *, tr: float | None = None, orientation: str | None = None):
     """A cohort from one path (manifest, folder, prepared store; see
     :func:`brainjepa.data.open_cohort`) or from several time-series files (one per subject,
     subject ids from the file names; no labels)."""
@@ -1140,13 +1271,16 @@ def load_cohort(data: str | Path | Sequence[str | Path], *, tr: float | None = N
 def target_labels(cohort, target: str, task: str = "auto") -> tuple[np.ndarray, np.ndarray, str, list | None]:
     """(subject indices with a label, encoded y, resolved task, classes) for one label column."""
     if target not in cohort.labels:
-        raise DataError(f"target {target!r} is not a column of the data's labels; available: "
-                        f"{sorted(cohort.labels) or 'none (add label columns to the manifest)'}")
+        raise DataError(
+            f"target {target!r} is not a column of the data's labels; available: "
+            f"{sorted(cohort.labels) or 'none (add label columns to the manifest)'}"
+        )
     values = np.asarray(cohort.labels[target])
     keep = np.flatnonzero(present_mask(values))
     if len(keep) < len(values):
-        log.info("target %s: %d of %d subjects have no value and are left out", target,
-                 len(values) - len(keep), len(values))
+        log.info(
+            "target %s: %d of %d subjects have no value and are left out", target, len(values) - len(keep), len(values)
+        )
     task = infer_task(values[keep]) if task == "auto" else task
     y, classes = encode_labels(values[keep], task, target)
     return keep, y, task, classes
@@ -1186,30 +1320,67 @@ def cohort_amplitude(cohort, model=None, progress: bool = True) -> np.ndarray:
     return amplitude_features(list(_progress(items, len(series), "amplitude baseline", progress)))
 
 
-def embed_cohort(model, cohort, *, readout: str = "mean", windows: str = "all",
-                 batch_size: int = 16, device: str | None = None, tokens: bool = False,
-                 progress: bool = True) -> np.ndarray:
+def embed_cohort(
+    model,
+    cohort,
+    *,
+    readout: str = "mean",
+    windows: str = "all",
+    batch_size: int = 16,
+    device: str | None = None,
+    tokens: bool = False,
+    progress: bool = True,
+) -> np.ndarray:
     """Embeddings of every subject of a cohort: (N, F) under ``readout`` averaged over
     ``windows``, or with ``tokens`` the centre window's token features (N, R, P, D)."""
     series = CohortSeries(cohort)
-    return BrainJEPAEmbedder(model, readout=readout, windows=None if tokens else windows,
-                             batch_size=batch_size, device=device, tokens=tokens,
-                             progress=progress).transform(series, tr=series.trs())
+    return BrainJEPAEmbedder(
+        model,
+        readout=readout,
+        windows=None if tokens else windows,
+        batch_size=batch_size,
+        device=device,
+        tokens=tokens,
+        progress=progress,
+    ).transform(series, tr=series.trs())
 
 
-def embed_cohort_readouts(model, cohort, *, readouts: Sequence[str] = READOUTS,
-                          windows: str = "all", batch_size: int = 16, device: str | None = None,
-                          progress: bool = True) -> dict[str, np.ndarray]:
+def embed_cohort_readouts(
+    model,
+    cohort,
+    *,
+    readouts: Sequence[str] = READOUTS,
+    windows: str = "all",
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """{readout: (N, F)} of every subject of a cohort, from one encoding pass."""
     series = CohortSeries(cohort)
-    return encode_readouts({MODEL: model}, series, series.trs(), readouts=readouts,
-                           windows=windows, batch_size=batch_size, device=device,
-                           progress=progress)[MODEL]
+    return encode_readouts(
+        {MODEL: model},
+        series,
+        series.trs(),
+        readouts=readouts,
+        windows=windows,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )[MODEL]
 
 
-def probe_features(model, cohort, *, readouts: Sequence[str] = READOUTS, random_init_seeds=3,
-                   windows: str = "all", batch_size: int = 16, device: str | None = None,
-                   progress: bool = True, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
+def probe_features(
+    model,
+    cohort,
+    *,
+    readouts: Sequence[str] = READOUTS,
+    random_init_seeds=3,
+    windows: str = "all",
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+    skip: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
     """Every feature matrix (N, F) :func:`probe_cohort` probes, keyed by method name (see
     :func:`probe_method_names`), leaving out the names in ``skip``: the pretrained model and
     each random-init seed under every readout (one encoding pass over the cohort for all
@@ -1227,12 +1398,19 @@ def probe_features(model, cohort, *, readouts: Sequence[str] = READOUTS, random_
     if encoders or "fc_window" in wanted:
         if not encoders:  # fc_window alone: the windows still come from the model
             encoders = {MODEL: model}
-        log.info("encoding %d subjects (%s windows) with %s", len(cohort), windows,
-                 ", ".join(encoders))
+        log.info("encoding %d subjects (%s windows) with %s", len(cohort), windows, ", ".join(encoders))
         series = CohortSeries(cohort)
-        out = encode_readouts(encoders, series, series.trs(), readouts=readouts, windows=windows,
-                              batch_size=batch_size, device=device,
-                              fc_window="fc_window" in wanted, progress=progress)
+        out = encode_readouts(
+            encoders,
+            series,
+            series.trs(),
+            readouts=readouts,
+            windows=windows,
+            batch_size=batch_size,
+            device=device,
+            fc_window="fc_window" in wanted,
+            progress=progress,
+        )
         for name, per in out.items():
             for readout, X in per.items():
                 key = "fc_window" if name == "fc_window" else method_name(name, readout)
@@ -1246,20 +1424,34 @@ def probe_features(model, cohort, *, readouts: Sequence[str] = READOUTS, random_
     return features
 
 
-def save_embeddings(model, cohort, path: str | Path, *, readout: str = "mean",
-                    windows: str = "all", tokens: bool = False, batch_size: int = 16,
-                    device: str | None = None, progress: bool = True) -> Path:
+def save_embeddings(
+    model,
+    cohort,
+    path: str | Path,
+    *,
+    readout: str = "mean",
+    windows: str = "all",
+    tokens: bool = False,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Write an .npz: 'subjects' (N,), 'embeddings' (N, F) (``readout`` averaged over
     ``windows``), 'readout' and 'windows' (which ones), 'roi_labels' (R,) when known,
     'label_<name>' (N,) per label column, and with ``tokens`` 'tokens' (N, R, P, D) of the
     centre window. Text is stored as unicode arrays, so ``np.load`` needs no pickle."""
-    arrays = {"subjects": np.array(cohort.subjects, dtype=str),
-              "embeddings": embed_cohort(model, cohort, readout=readout, windows=windows,
-                                         batch_size=batch_size, device=device, progress=progress),
-              "readout": np.array(readout), "windows": np.array(windows)}
+    arrays = {
+        "subjects": np.array(cohort.subjects, dtype=str),
+        "embeddings": embed_cohort(
+            model, cohort, readout=readout, windows=windows, batch_size=batch_size, device=device, progress=progress
+        ),
+        "readout": np.array(readout),
+        "windows": np.array(windows),
+    }
     if tokens:
-        arrays["tokens"] = embed_cohort(model, cohort, batch_size=batch_size, device=device,
-                                        tokens=True, progress=progress)
+        arrays["tokens"] = embed_cohort(
+            model, cohort, batch_size=batch_size, device=device, tokens=True, progress=progress
+        )
     if model.roi_labels is not None:
         arrays["roi_labels"] = np.array(model.roi_labels, dtype=str)
     for name, values in cohort.labels.items():
@@ -1272,13 +1464,25 @@ def save_embeddings(model, cohort, path: str | Path, *, readout: str = "mean",
     return path
 
 
-def probe_cohort(model, cohort, targets: Sequence[str], *, task: str = "auto", seeds=5,
-                 probe: str = "closed-form", split_column: str | None = None,
-                 readouts: Sequence[str] = READOUTS, random_init_seeds=3, windows: str = "all",
-                 class_weight: str | None = None, batch_size: int = 16,
-                 device: str | None = None, progress: bool = True,
-                 features: dict[str, np.ndarray] | None = None,
-                 probe_options: dict | None = None) -> Results:
+def probe_cohort(
+    model,
+    cohort,
+    targets: Sequence[str],
+    *,
+    task: str = "auto",
+    seeds=5,
+    probe: str = "closed-form",
+    split_column: str | None = None,
+    readouts: Sequence[str] = READOUTS,
+    random_init_seeds=3,
+    windows: str = "all",
+    class_weight: str | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+    features: dict[str, np.ndarray] | None = None,
+    probe_options: dict | None = None,
+) -> Results:
     """Linear probing of ``model`` on a cohort's label columns, next to every reference.
 
     Methods (see the module docstring): brainjepa:<readout> and random_init#<k>:<readout> for
@@ -1295,42 +1499,72 @@ def probe_cohort(model, cohort, targets: Sequence[str], *, task: str = "auto", s
     readouts, windows = _check_readouts(readouts), _check_windows(windows)
     init_seeds = _init_seeds(random_init_seeds)
     if len(init_seeds) < 3:
-        log.warning("%d random-init seed(s): initialisations can differ from each other by more "
-                    "than pretraining gains, so random_init(mean) and (best) need at least 3",
-                    len(init_seeds))
+        log.warning(
+            "%d random-init seed(s): initialisations can differ from each other by more "
+            "than pretraining gains, so random_init(mean) and (best) need at least 3",
+            len(init_seeds),
+        )
     names = probe_method_names(readouts, init_seeds)
     features = dict(features or {})
     unknown = sorted(set(features) - set(names))
     if unknown:
-        raise ConfigError(f"features has entries {unknown} that are not methods of this probe; "
-                          f"expected names among {names}")
+        raise ConfigError(
+            f"features has entries {unknown} that are not methods of this probe; expected names among {names}"
+        )
     labels = {t: target_labels(cohort, t, task) for t in targets}  # fail before the slow part
     splits = {t: _user_split(cohort, split_column, labels[t][0]) for t in targets}
     if any(n not in features for n in names):
-        features.update(probe_features(model, cohort, readouts=readouts,
-                                       random_init_seeds=init_seeds, windows=windows,
-                                       batch_size=batch_size, device=device, progress=progress,
-                                       skip=list(features)))
+        features.update(
+            probe_features(
+                model,
+                cohort,
+                readouts=readouts,
+                random_init_seeds=init_seeds,
+                windows=windows,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                skip=list(features),
+            )
+        )
     for name in names:
         if len(features[name]) != len(cohort):
-            raise DataError(f"features[{name!r}] has {len(features[name])} rows for a cohort of "
-                            f"{len(cohort)} subjects")
+            raise DataError(f"features[{name!r}] has {len(features[name])} rows for a cohort of {len(cohort)} subjects")
     results = Results()
     for target in targets:
         keep, y, t_task, classes = labels[target]
         split = splits[target]
-        log.info("probing %s (%s, %d subjects%s) with the %s probe", target, t_task, len(keep),
-                 f", classes {classes}" if classes else "", probe)
+        log.info(
+            "probing %s (%s, %d subjects%s) with the %s probe",
+            target,
+            t_task,
+            len(keep),
+            f", classes {classes}" if classes else "",
+            probe,
+        )
         methods = {
-            name: (lambda seed, baseline=(name in BASELINES):
-                   make_probe("closed-form", t_task, seed, class_weight) if baseline
-                   else make_probe(probe, t_task, seed, class_weight, **(probe_options or {})),
-                   np.asarray(features[name])[keep])
+            name: (
+                lambda seed, baseline=(name in BASELINES): (
+                    make_probe("closed-form", t_task, seed, class_weight)
+                    if baseline
+                    else make_probe(probe, t_task, seed, class_weight, **(probe_options or {}))
+                ),
+                np.asarray(features[name])[keep],
+            )
             for name in names
         }
-        results.extend(run_protocol(y, methods, target=target, task=t_task,
-                                    n_classes=len(classes) if classes else None, seeds=seeds,
-                                    split=split, progress=progress))
+        results.extend(
+            run_protocol(
+                y,
+                methods,
+                target=target,
+                task=t_task,
+                n_classes=len(classes) if classes else None,
+                seeds=seeds,
+                split=split,
+                progress=progress,
+            )
+        )
     results.records += random_init_summaries(results.records, readouts, init_seeds)
     results.records.sort(key=lambda r: _method_rank(r["method"]))  # stable: targets keep order
     results.comparisons = comparison_rows(results.records)
@@ -1346,8 +1580,9 @@ def _user_split(cohort, split_column: str | None, keep: np.ndarray) -> Split | N
     elif split_column == "split":
         values = np.asarray(cohort.splits)
     else:
-        raise DataError(f"split column {split_column!r} is not in the data's labels; available: "
-                        f"{sorted(cohort.labels) + ['split']}")
+        raise DataError(
+            f"split column {split_column!r} is not in the data's labels; available: {sorted(cohort.labels) + ['split']}"
+        )
     return split_from_column(values[keep], split_column)
 
 
@@ -1355,8 +1590,9 @@ def _user_split(cohort, split_column: str | None, keep: np.ndarray) -> Split | N
 
 
 @torch.inference_mode()
-def roi_attention(encoder: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
-                  device: str | None = None, progress: bool = False) -> np.ndarray:
+def roi_attention(
+    encoder: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, device: str | None = None, progress: bool = False
+) -> np.ndarray:
     """Attention each ROI receives, (R,): averaged over heads, queries, layers, time patches
     and subjects, scaled so 1.0 is the uniform share (every token receiving 1 / N of the
     attention). windows: (S, R, T) model inputs (see :meth:`BrainJEPAEmbedder.windows`)."""
@@ -1410,8 +1646,10 @@ def read_networks(path: str | Path, roi_labels: Sequence[str] | None, n_rois: in
             raise DataError(f"{path}: no network for ROI(s) {missing[:5]} of the model")
         return [mapping[r] for r in roi_labels]
     if len(rows) != n_rois:
-        raise DataError(f"{path}: {len(rows)} rows but the model has {n_rois} ROIs (one row per "
-                        "ROI in model order, or add a 'roi' column with the model's ROI labels)")
+        raise DataError(
+            f"{path}: {len(rows)} rows but the model has {n_rois} ROIs (one row per "
+            "ROI in model order, or add a 'roi' column with the model's ROI labels)"
+        )
     return [r["network"] for r in rows]
 
 

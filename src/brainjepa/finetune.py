@@ -23,8 +23,8 @@ from torch import nn
 from .evaluate import (
     METHODS,
     BrainJEPAEmbedder,
-    Results,
     CohortSeries,
+    Results,
     _Probe,
     _progress,
     _user_split,
@@ -75,17 +75,24 @@ def param_groups(model: FineTuneModel, weight_decay: float, layer_decay: float =
         if not p.requires_grad:
             continue
         layer, decay = layer_id(name, depth), p.ndim > 1
-        g = groups.setdefault((layer, decay), {
-            "params": [], "names": [], "layer": layer,
-            "lr_scale": layer_decay ** (depth + 1 - layer),
-            "weight_decay": weight_decay if decay else 0.0})
+        g = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "names": [],
+                "layer": layer,
+                "lr_scale": layer_decay ** (depth + 1 - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         g["params"].append(p)
         g["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
 
-def make_optimizer(model: FineTuneModel, lr: float, weight_decay: float,
-                   layer_decay: float = 0.75) -> torch.optim.AdamW:
+def make_optimizer(
+    model: FineTuneModel, lr: float, weight_decay: float, layer_decay: float = 0.75
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; every group's lr is ``lr * lr_scale`` (see :func:`set_lr`)."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
     set_lr(opt, lr)
@@ -122,11 +129,24 @@ class FineTuner(_Probe):
     (FineTuneModel, eval mode), ``best_epoch_``, ``train_losses_`` and ``val_losses_`` per epoch.
     """
 
-    def __init__(self, model, task: str, *, epochs: int = 50, lr: float = 5e-4,
-                 min_lr: float = 1e-6, warmup_epochs: int = 5, weight_decay: float = 0.05,
-                 layer_decay: float = 0.75, drop_path: float = 0.1, batch_size: int = 16,
-                 class_weight: str | None = None, seed: int = 0, device: str | None = None,
-                 progress: bool = False):
+    def __init__(
+        self,
+        model,
+        task: str,
+        *,
+        epochs: int = 50,
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: int = 5,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.75,
+        drop_path: float = 0.1,
+        batch_size: int = 16,
+        class_weight: str | None = None,
+        seed: int = 0,
+        device: str | None = None,
+        progress: bool = False,
+    ):
         self.model = model
         self.task = task
         self.epochs = epochs
@@ -200,12 +220,27 @@ class FineTuner(_Probe):
         return out.softmax(dim=1).numpy() if self.task == "classification" else out[:, 0].numpy()
 
 
-def finetune_cohort(model, cohort, targets: Sequence[str], *, task: str = "auto", seeds=5,
-                    split_column: str | None = None, fc_input: str = "full",
-                    class_weight: str | None = None, epochs: int = 50, lr: float = 5e-4,
-                    layer_decay: float = 0.75, drop_path: float = 0.1, weight_decay: float = 0.05,
-                    warmup_epochs: int = 5, batch_size: int = 16, device: str | None = None,
-                    random_init_seed: int = 0, progress: bool = True) -> Results:
+def finetune_cohort(
+    model,
+    cohort,
+    targets: Sequence[str],
+    *,
+    task: str = "auto",
+    seeds=5,
+    split_column: str | None = None,
+    fc_input: str = "full",
+    class_weight: str | None = None,
+    epochs: int = 50,
+    lr: float = 5e-4,
+    layer_decay: float = 0.75,
+    drop_path: float = 0.1,
+    weight_decay: float = 0.05,
+    warmup_epochs: int = 5,
+    batch_size: int = 16,
+    device: str | None = None,
+    random_init_seed: int = 0,
+    progress: bool = True,
+) -> Results:
     """Fine-tune ``model`` on a cohort's label columns; the same recipe applied to the randomly
     initialised architecture (``random_init``) and the FC baseline share every split."""
     labels = {t: target_labels(cohort, t, task) for t in targets}  # fail before the slow part
@@ -221,16 +256,41 @@ def finetune_cohort(model, cohort, targets: Sequence[str], *, task: str = "auto"
         log.info("fine-tuning on %s (%s, %d subjects, %d epochs)", target, t_task, len(keep), epochs)
 
         def tuner(start, seed, t_task=t_task):
-            return FineTuner(start, t_task, epochs=epochs, lr=lr, layer_decay=layer_decay,
-                             drop_path=drop_path, weight_decay=weight_decay,
-                             warmup_epochs=warmup_epochs, batch_size=batch_size,
-                             class_weight=class_weight, seed=seed, device=device, progress=progress)
+            return FineTuner(
+                start,
+                t_task,
+                epochs=epochs,
+                lr=lr,
+                layer_decay=layer_decay,
+                drop_path=drop_path,
+                weight_decay=weight_decay,
+                warmup_epochs=warmup_epochs,
+                batch_size=batch_size,
+                class_weight=class_weight,
+                seed=seed,
+                device=device,
+                progress=progress,
+            )
 
-        methods = {name: (lambda seed, start=starts[name]: tuner(start, seed), windows[keep])
-                   for name in METHODS if name != "fc_baseline"}
-        methods["fc_baseline"] = (lambda seed, t_task=t_task: make_probe("closed-form", t_task, seed, class_weight),
-                                  fc[keep])
-        results.extend(run_protocol(y, methods, target=target, task=t_task,
-                                    n_classes=len(classes) if classes else None, seeds=seeds,
-                                    split=split, progress=progress))
+        methods = {
+            name: (lambda seed, start=starts[name]: tuner(start, seed), windows[keep])
+            for name in METHODS
+            if name != "fc_baseline"
+        }
+        methods["fc_baseline"] = (
+            lambda seed, t_task=t_task: make_probe("closed-form", t_task, seed, class_weight),
+            fc[keep],
+        )
+        results.extend(
+            run_protocol(
+                y,
+                methods,
+                target=target,
+                task=t_task,
+                n_classes=len(classes) if classes else None,
+                seeds=seeds,
+                split=split,
+                progress=progress,
+            )
+        )
     return results

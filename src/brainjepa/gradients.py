@@ -20,8 +20,8 @@ exact one, the two agree to about 1e-12 (see tests/test_gradients.py).
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy.linalg import eigh, orthogonal_procrustes
@@ -147,9 +147,7 @@ def affinity(fc: np.ndarray, kernel: str = "normalized_angle", sparsity: float =
     if sparsity > 0:
         k = int(n * (1 - sparsity))
         if k < 1:
-            raise ConfigError(
-                f"sparsity={sparsity} keeps no entry of a {n}-ROI row; lower the sparsity"
-            )
+            raise ConfigError(f"sparsity={sparsity} keeps no entry of a {n}-ROI row; lower the sparsity")
         # same selection call as BrainSpace so that ties at the threshold resolve identically
         top = np.argpartition(x, n - k, axis=1)[:, -k:]
         rows = np.arange(x.shape[0])[:, None]
@@ -324,9 +322,7 @@ class BrainGradients:
 # --------------------------------------------------------------------------- files and plots
 
 
-def save_gradients_csv(
-    gradients: np.ndarray, path: str | Path, roi_labels: Sequence[str] | None = None
-) -> Path:
+def save_gradients_csv(gradients: np.ndarray, path: str | Path, roi_labels: Sequence[str] | None = None) -> Path:
     """Write gradients (R x m) as CSV, one row per ROI, one column per gradient.
 
     With ``roi_labels`` the file has a header ``roi,g1,...,gm`` and the labels in the first
@@ -461,8 +457,12 @@ def plot_gradients(
         else:
             ax.scatter(g[:, a], g[:, b], s=12, c=g[:, 0], cmap="viridis")
         if roi_labels is not None:
-            for i in {int(np.argmin(g[:, a])), int(np.argmax(g[:, a])),
-                      int(np.argmin(g[:, b])), int(np.argmax(g[:, b]))}:
+            for i in {
+                int(np.argmin(g[:, a])),
+                int(np.argmax(g[:, a])),
+                int(np.argmin(g[:, b])),
+                int(np.argmax(g[:, b])),
+            }:
                 ax.annotate(str(roi_labels[i]), (g[i, a], g[i, b]), fontsize=6)
         ax.locator_params(nbins=5)  # keep tick labels of small values from overlapping
         ax.set_xlabel(f"gradient {a + 1}")

@@ -42,8 +42,19 @@ from .errors import BrainJEPAError, DataError, require
 ORIENTATIONS = ("roi-by-time", "time-by-roi")
 # suffixes (lower case, longest first) that read_timeseries understands
 SUFFIXES = (
-    ".tsv.gz", ".csv.gz", ".txt.gz", ".nii.gz",
-    ".tsv", ".csv", ".txt", ".npy", ".npz", ".mat", ".h5", ".hdf5", ".nii",
+    ".tsv.gz",
+    ".csv.gz",
+    ".txt.gz",
+    ".nii.gz",
+    ".tsv",
+    ".csv",
+    ".txt",
+    ".npy",
+    ".npz",
+    ".mat",
+    ".h5",
+    ".hdf5",
+    ".nii",
 )
 # names under which array containers (.npz/.mat/.h5) conventionally keep the series
 _DATA_KEYS = ("timeseries", "time_series", "ts", "data", "X", "bold")
@@ -199,9 +210,11 @@ def _as_float32(data, path) -> np.ndarray:
     if src.dtype.kind == "f" and src.dtype.itemsize > 4:
         lost = np.isinf(arr) & np.isfinite(src)
         if lost.any():
-            raise DataError(f"{path}: {int(lost.sum())} value(s) up to {np.abs(src[lost]).max():.3g} "
-                            "overflow float32 (largest 3.4e38); such values are not a BOLD signal: "
-                            "check the units and the export of this file")
+            raise DataError(
+                f"{path}: {int(lost.sum())} value(s) up to {np.abs(src[lost]).max():.3g} "
+                "overflow float32 (largest 3.4e38); such values are not a BOLD signal: "
+                "check the units and the export of this file"
+            )
     return np.ascontiguousarray(arr)
 
 
@@ -212,9 +225,11 @@ def decode_text(raw: bytes, path, what: str = "file") -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        byte = raw[exc.start: exc.start + 1].hex()
-        raise DataError(f"{path}, line {line}: byte 0x{byte} is not UTF-8 text; save the {what} as "
-                        "UTF-8 (e.g. iconv -f latin1 -t utf-8 OLD > NEW)") from None
+        byte = raw[exc.start : exc.start + 1].hex()
+        raise DataError(
+            f"{path}, line {line}: byte 0x{byte} is not UTF-8 text; save the {what} as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8 OLD > NEW)"
+        ) from None
 
 
 def _labels_or_none(labels, n: int, path) -> list[str] | None:
@@ -269,8 +284,10 @@ def read_timeseries(
     except BrainJEPAError:  # already says what is wrong (a bad file, a missing extra)
         raise
     except Exception as exc:  # any parser failure on a user's file is a data problem
-        raise DataError(f"{path}: cannot read {suffix} file ({type(exc).__name__}: {exc}); "
-                        "the file may be truncated or not in the expected format") from exc
+        raise DataError(
+            f"{path}: cannot read {suffix} file ({type(exc).__name__}: {exc}); "
+            "the file may be truncated or not in the expected format"
+        ) from exc
     if tr is not None:
         ts.tr = _positive_tr(tr, path, "the tr argument")
     elif ts.tr is None:
@@ -405,9 +422,11 @@ def _read_text(path: Path, orientation) -> TimeSeries:
     if body.strip() and "\n" in body.strip() and not body.endswith(("\n", "\r")):
         # writers end every line, the last one too: a missing line break is how a file that was
         # cut short looks, and its last number may be cut (0.3553727 -> 0.3) without any error
-        raise DataError(f"{path}: the last line has no line break, so the file may be truncated "
-                        f"(line {text.count(chr(10)) + 1} cut short); check the file, and if it is "
-                        "complete add a line break at its end")
+        raise DataError(
+            f"{path}: the last line has no line break, so the file may be truncated "
+            f"(line {text.count(chr(10)) + 1} cut short); check the file, and if it is "
+            "complete add a line break at its end"
+        )
     if delimiter == "," and "\t" in text.split("\n", 1)[0] and "," not in text.split("\n", 1)[0]:
         delimiter = "\t"  # a .txt/.csv that is really tab separated
     if ".txt" in name and delimiter == "," and "," not in text.split("\n", 1)[0]:
@@ -419,20 +438,26 @@ def _read_text(path: Path, orientation) -> TimeSeries:
     width = len(rows[0])
     bad = [i + 1 for i, r in enumerate(rows) if len(r) != width]
     if bad:
-        raise DataError(f"{path}: line {bad[0]} has {len(rows[bad[0] - 1])} fields, the first line has "
-                        f"{width}; the file is truncated or malformed")
+        raise DataError(
+            f"{path}: line {bad[0]} has {len(rows[bad[0] - 1])} fields, the first line has "
+            f"{width}; the file is truncated or malformed"
+        )
     header = None
     first = [s.strip() for s in rows[0]]
     headerless_ukb = (  # "name, v1, v2, ..." on every line, no header line
-        first[0].lower() not in _UKB_LABEL_COLUMNS and all(_is_number(s) for s in first[1:])
-        and len(rows) > 1 and not _is_number(rows[1][0])
+        first[0].lower() not in _UKB_LABEL_COLUMNS
+        and all(_is_number(s) for s in first[1:])
+        and len(rows) > 1
+        and not _is_number(rows[1][0])
     )
     if not headerless_ukb and not all(_is_number(s) for s in first):
         header, rows = first, rows[1:]
         _check_header(header, path)
     elif _looks_like_column_numbers(first) and len(rows) > 1:
-        raise DataError(f"{path}: line 1 is {', '.join(first[:3])}, ... (column numbers, not ROI "
-                        "names and not data); replace it with the ROI names or delete the line")
+        raise DataError(
+            f"{path}: line 1 is {', '.join(first[:3])}, ... (column numbers, not ROI "
+            "names and not data); replace it with the ROI names or delete the line"
+        )
     if not rows:
         raise DataError(f"{path}: a header but no data rows")
 
@@ -445,8 +470,10 @@ def _read_text(path: Path, orientation) -> TimeSeries:
         body = [r[1:] for r in rows]
         data = _parse_matrix(body, path, header_offset=1 if header else 0)
         if orientation == "time-by-roi":
-            raise DataError(f"{path}: the first column holds ROI names, so rows are ROIs; "
-                            "orientation='time-by-roi' contradicts the file")
+            raise DataError(
+                f"{path}: the first column holds ROI names, so rows are ROIs; "
+                "orientation='time-by-roi' contradicts the file"
+            )
         return TimeSeries(data, labels, None)
 
     if header is not None:  # XCP-D / fMRIPrep: columns are parcels, rows are volumes
@@ -461,8 +488,10 @@ def _read_text(path: Path, orientation) -> TimeSeries:
             keep = [i for i in range(len(header)) if i != time_idx[0]]
             data, header = data[:, keep], [header[i] for i in keep]
         if orientation == "roi-by-time":
-            raise DataError(f"{path}: the header names the columns, so columns are ROIs and rows are "
-                            "volumes; orientation='roi-by-time' contradicts the file")
+            raise DataError(
+                f"{path}: the header names the columns, so columns are ROIs and rows are "
+                "volumes; orientation='roi-by-time' contradicts the file"
+            )
         censored = np.all(np.isnan(data), axis=1)
         if censored.any() and not censored.all():
             raise DataError(
@@ -481,13 +510,17 @@ def _check_header(header: list[str], path) -> None:
     blank = [i + 1 for i, h in enumerate(header) if not h]
     if blank:
         index = " (a row index written with the table?)" if blank == [1] else ""
-        raise DataError(f"{path}: line 1, column {blank[0]} has no name{index}; every column of the "
-                        "header must name its ROI: name it or drop that column")
+        raise DataError(
+            f"{path}: line 1, column {blank[0]} has no name{index}; every column of the "
+            "header must name its ROI: name it or drop that column"
+        )
     seen: dict[str, int] = {}
     for i, h in enumerate(header):
         if h and h in seen:
-            raise DataError(f"{path}: line 1 names column {seen[h] + 1} and column {i + 1} both {h!r}; "
-                            "two ROIs cannot share a name: fix the header (a parcellation exported twice?)")
+            raise DataError(
+                f"{path}: line 1 names column {seen[h] + 1} and column {i + 1} both {h!r}; "
+                "two ROIs cannot share a name: fix the header (a parcellation exported twice?)"
+            )
         seen[h] = i
 
 
@@ -512,15 +545,18 @@ def _parse_matrix(rows: list[list[str]], path, header_offset: int) -> np.ndarray
                 try:
                     _to_float(s)
                 except ValueError:
-                    raise DataError(f"{path}: line {i + 1 + header_offset}, field {j + 1}: "
-                                    f"{s!r} is not a number") from None
+                    raise DataError(
+                        f"{path}: line {i + 1 + header_offset}, field {j + 1}: {s!r} is not a number"
+                    ) from None
         raise
     big = np.argwhere(np.isfinite(wide) & (np.abs(wide) > np.finfo(np.float32).max))
     if len(big):
         i, j = (int(v) for v in big[0])
-        raise DataError(f"{path}: line {i + 1 + header_offset}, field {j + 1}: {rows[i][j].strip()} "
-                        "overflows float32 (largest 3.4e38); such values are not a BOLD signal: check "
-                        "the units and the export of this file")
+        raise DataError(
+            f"{path}: line {i + 1 + header_offset}, field {j + 1}: {rows[i][j].strip()} "
+            "overflows float32 (largest 3.4e38); such values are not a BOLD signal: check "
+            "the units and the export of this file"
+        )
     return wide.astype(np.float32)
 
 
@@ -545,8 +581,10 @@ def _read_nifti(path: Path, atlas) -> TimeSeries:
     masker = maskers.NiftiLabelsMasker(labels_img=atlas_img, standardize=no_scaling, resampling_target="data")
     data = np.asarray(masker.fit_transform(img), dtype=np.float32).T  # (R, T)
     if data.shape[0] != len(ids):
-        raise DataError(f"{path}: the atlas has {len(ids)} labels but only {data.shape[0]} overlap the "
-                        "image; check that atlas and image are in the same space")
+        raise DataError(
+            f"{path}: the atlas has {len(ids)} labels but only {data.shape[0]} overlap the "
+            "image; check that atlas and image are in the same space"
+        )
     names = _atlas_names(atlas, ids)
     tr = None
     zooms = img.header.get_zooms()

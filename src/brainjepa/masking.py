@@ -117,37 +117,54 @@ class MaskBatch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        return MaskBatch(move(self.context_idx), move(self.context_valid), move(self.target_idx),
-                         move(self.target_valid), self.regions, move(self.observation))
+        return MaskBatch(
+            move(self.context_idx),
+            move(self.context_valid),
+            move(self.target_idx),
+            move(self.target_valid),
+            self.regions,
+            move(self.observation),
+        )
 
     def pin_memory(self) -> MaskBatch:
         """Called by ``DataLoader(pin_memory=True)`` on collated batches."""
-        return MaskBatch(self.context_idx.pin_memory(), self.context_valid.pin_memory(),
-                         self.target_idx.pin_memory(), self.target_valid.pin_memory(), self.regions,
-                         self.observation.pin_memory())
+        return MaskBatch(
+            self.context_idx.pin_memory(),
+            self.context_valid.pin_memory(),
+            self.target_idx.pin_memory(),
+            self.target_valid.pin_memory(),
+            self.regions,
+            self.observation.pin_memory(),
+        )
 
 
 def _check_scale(name: str, scale: tuple[float, float], allow_zero: bool) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in scale)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"SpatiotemporalMasker: {name}={scale!r} must be a pair (low, high) of fractions") from None
+        raise ConfigError(f"SpatiotemporalMasker: {name}={scale!r} must be a pair (low, high) of fractions") from None
     if not ((lo >= 0 if allow_zero else lo > 0) and lo <= hi <= 1):
         bound = "0 <=" if allow_zero else "0 <"
         raise ConfigError(f"SpatiotemporalMasker: {name}={scale!r} must satisfy {bound} low <= high <= 1")
     return lo, hi
 
 
-def _draw_counts(rng: np.random.Generator, low: np.ndarray | float, high: np.ndarray | float, size: int,
-                 most: np.ndarray | int, shape: tuple[int, ...]) -> np.ndarray:
+def _draw_counts(
+    rng: np.random.Generator,
+    low: np.ndarray | float,
+    high: np.ndarray | float,
+    size: int,
+    most: np.ndarray | int,
+    shape: tuple[int, ...],
+) -> np.ndarray:
     """round(U(low, high) * size), clipped to [1, most]; ``low``/``high``/``most`` broadcast to ``shape``."""
     counts = np.rint(rng.uniform(low, high, shape) * size).astype(np.int64)
     return np.clip(counts, 1, most)
 
 
-def _random_subset(rng: np.random.Generator, pool: np.ndarray, k: np.ndarray,
-                   force_from: np.ndarray | None = None) -> np.ndarray:
+def _random_subset(
+    rng: np.random.Generator, pool: np.ndarray, k: np.ndarray, force_from: np.ndarray | None = None
+) -> np.ndarray:
     """Per row, a uniform random subset of ``k`` members of ``pool`` (M x N bool). Where a row of
     ``force_from`` (M x N bool, inside the pool) has members, the subset holds one of them, drawn
     uniformly."""
@@ -226,7 +243,8 @@ class SpatiotemporalMasker:
         if int(n_rois) < 2 or int(n_patches) < 2:
             raise ConfigError(
                 f"SpatiotemporalMasker: n_rois={n_rois}, n_patches={n_patches}; both must be >= 2 so that "
-                "the observation block can leave ROIs and patches out (use T >= 2 * patch_size)")
+                "the observation block can leave ROIs and patches out (use T >= 2 * patch_size)"
+            )
         if int(n_blocks) < 1:
             raise ConfigError(f"SpatiotemporalMasker: n_blocks={n_blocks} must be >= 1")
         self.n_rois = int(n_rois)
@@ -244,7 +262,8 @@ class SpatiotemporalMasker:
         if not 0 <= int(min_context) <= largest_context:
             raise ConfigError(
                 f"SpatiotemporalMasker: min_context={min_context} must be between 0 and {largest_context} "
-                f"(the largest observation block on a {self.n_rois} x {self.n_patches} grid)")
+                f"(the largest observation block on a {self.n_rois} x {self.n_patches} grid)"
+            )
         self.min_context = int(min_context)
         self.seed = seed
         self.regions = tuple(r for r in REGIONS for _ in range(self.n_blocks))
@@ -254,12 +273,20 @@ class SpatiotemporalMasker:
     def describe(self) -> dict:
         """The settings, as plain data (for run configs and logs)."""
         return {
-            "n_rois": self.n_rois, "n_patches": self.n_patches, "n_blocks": self.n_blocks,
-            "obs_roi_scale": self.obs_roi_scale, "obs_time_scale": self.obs_time_scale,
-            "alpha_roi_scale": self.alpha_roi_scale, "alpha_time_scale": self.alpha_time_scale,
-            "beta_roi_scale": self.beta_roi_scale, "beta_time_scale": self.beta_time_scale,
-            "gamma_roi_scale": self.gamma_roi_scale, "gamma_time_scale": self.gamma_time_scale,
-            "min_context": self.min_context, "strategy": self.strategy, "seed": self.seed,
+            "n_rois": self.n_rois,
+            "n_patches": self.n_patches,
+            "n_blocks": self.n_blocks,
+            "obs_roi_scale": self.obs_roi_scale,
+            "obs_time_scale": self.obs_time_scale,
+            "alpha_roi_scale": self.alpha_roi_scale,
+            "alpha_time_scale": self.alpha_time_scale,
+            "beta_roi_scale": self.beta_roi_scale,
+            "beta_time_scale": self.beta_time_scale,
+            "gamma_roi_scale": self.gamma_roi_scale,
+            "gamma_time_scale": self.gamma_time_scale,
+            "min_context": self.min_context,
+            "strategy": self.strategy,
+            "seed": self.seed,
         }
 
     def __repr__(self) -> str:
@@ -278,9 +305,13 @@ class SpatiotemporalMasker:
 
         # Target blocks as n x 3 (alpha, beta, gamma) x K arrays; per-sample values get two new axes.
         n_obs, s, w = n_obs[:, None, None], s[:, None, None], w[:, None, None]
-        scales = np.array([[self.alpha_roi_scale, self.alpha_time_scale],
-                           [self.beta_roi_scale, self.beta_time_scale],
-                           [self.gamma_roi_scale, self.gamma_time_scale]])  # 3 x (roi, time) x (low, high)
+        scales = np.array(
+            [
+                [self.alpha_roi_scale, self.alpha_time_scale],
+                [self.beta_roi_scale, self.beta_time_scale],
+                [self.gamma_roi_scale, self.gamma_time_scale],
+            ]
+        )  # 3 x (roi, time) x (low, high)
         lo, hi = scales[:, :, 0, None], scales[:, :, 1, None]  # 3 x 2 x 1
 
         # ROIs: alpha from all ROIs with one unobserved ROI forced in, beta from the observed ones,
@@ -302,12 +333,14 @@ class SpatiotemporalMasker:
         la, lb, lg = length[:, 0:1], length[:, 1:2], length[:, 2:3]
         fits = lb <= w  # a beta span no longer than the window must start before it or end after it
         n_left = np.maximum(left - lg + 1, 0)
-        n_starts = np.concatenate([w - la + 1, np.where(fits, P - w, P - lb + 1),
-                                   n_left + np.maximum(right - lg + 1, 0)], 1)
+        n_starts = np.concatenate(
+            [w - la + 1, np.where(fits, P - w, P - lb + 1), n_left + np.maximum(right - lg + 1, 0)], 1
+        )
         k = rng.integers(0, n_starts)
         ka, kb, kg = k[:, 0:1], k[:, 1:2], k[:, 2:3]
-        first = np.concatenate([s + ka, np.where(fits & (kb >= s), kb + w - lb + 1, kb),
-                                np.where(kg < n_left, kg, s + w + kg - n_left)], 1)
+        first = np.concatenate(
+            [s + ka, np.where(fits & (kb >= s), kb + w - lb + 1, kb), np.where(kg < n_left, kg, s + w + kg - n_left)], 1
+        )
 
         blocks = _rectangles(rois, first.reshape(-1), length.reshape(-1), P).reshape(n, 3 * K, R * P)
         sizes = np.count_nonzero(rois, axis=1) * length.reshape(-1)
@@ -341,7 +374,8 @@ class SpatiotemporalMasker:
             raise ConfigError(
                 f"SpatiotemporalMasker: could not leave min_context={self.min_context} context tokens in "
                 f"{_MAX_REDRAWS} draws on a {R} x {P} grid with n_blocks={self.n_blocks}; lower min_context, "
-                "n_blocks or the target scales")
+                "n_blocks or the target scales"
+            )
         context_idx, context_valid = _pack(context, n_context)
         target_idx, target_valid = _pack(blocks.reshape(-1, R * P), block_sizes.reshape(-1))
         shape = (B, 3 * self.n_blocks, -1)
@@ -379,5 +413,6 @@ class SpatiotemporalMasker:
             raise DataError(
                 f"SpatiotemporalMasker.collate: samples stack to shape {tuple(x.shape)}, expected "
                 f"(batch, {self.n_rois} ROIs, time); check that the dataset yields R x T arrays with "
-                f"R = {self.n_rois} (transpose T x R files when reading them)")
+                f"R = {self.n_rois} (transpose T x R files when reading them)"
+            )
         return x, self(len(xs), self._collate_rng())

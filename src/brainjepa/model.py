@@ -36,14 +36,16 @@ from .errors import ConfigError, DataError
 # Architecture presets. Encoder sizes follow ViT-S/B/L; predictor widths and depths follow the
 # paper (384 for B and L, 192 for S; depth 6, 12 for L). "tiny" is for CPU tests and demos.
 MODEL_SIZES: dict[str, dict] = {
-    "tiny": dict(embed_dim=192, depth=4, num_heads=3,
-                 predictor_embed_dim=96, predictor_depth=2, predictor_num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6,
-                  predictor_embed_dim=192, predictor_depth=6, predictor_num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12,
-                 predictor_embed_dim=384, predictor_depth=6, predictor_num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16,
-                  predictor_embed_dim=384, predictor_depth=12, predictor_num_heads=16),
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3, predictor_embed_dim=96, predictor_depth=2, predictor_num_heads=3),
+    "small": dict(
+        embed_dim=384, depth=12, num_heads=6, predictor_embed_dim=192, predictor_depth=6, predictor_num_heads=6
+    ),
+    "base": dict(
+        embed_dim=768, depth=12, num_heads=12, predictor_embed_dim=384, predictor_depth=6, predictor_num_heads=12
+    ),
+    "large": dict(
+        embed_dim=1024, depth=24, num_heads=16, predictor_embed_dim=384, predictor_depth=12, predictor_num_heads=16
+    ),
 }
 
 
@@ -83,20 +85,24 @@ class ModelConfig:
         if self.pos_embed not in POS_EMBEDS:
             raise ConfigError(f"model.pos_embed={self.pos_embed!r}: choose one of {POS_EMBEDS}")
         if self.depth < 1 or self.predictor_depth < 1:
-            raise ConfigError(f"model.depth ({self.depth}) and model.predictor_depth "
-                              f"({self.predictor_depth}) must be at least 1")
+            raise ConfigError(
+                f"model.depth ({self.depth}) and model.predictor_depth ({self.predictor_depth}) must be at least 1"
+            )
         if self.n_timepoints % self.patch_size:
             raise ConfigError(
                 f"model.n_timepoints={self.n_timepoints} is not a multiple of "
                 f"model.patch_size={self.patch_size}: choose a window length that is "
                 f"(e.g. {self.n_timepoints // self.patch_size * self.patch_size})"
             )
-        for name, width, heads in [("embed_dim", self.embed_dim, self.num_heads),
-                                   ("predictor_embed_dim", self.predictor_embed_dim,
-                                    self.predictor_num_heads)]:
+        for name, width, heads in [
+            ("embed_dim", self.embed_dim, self.num_heads),
+            ("predictor_embed_dim", self.predictor_embed_dim, self.predictor_num_heads),
+        ]:
             if width % heads or width % 4:
-                raise ConfigError(f"model.{name}={width} must be divisible by its number of "
-                                  f"heads ({heads}) and by 4 (sine-cosine positions)")
+                raise ConfigError(
+                    f"model.{name}={width} must be divisible by its number of "
+                    f"heads ({heads}) and by 4 (sine-cosine positions)"
+                )
 
     @property
     def n_patches(self) -> int:
@@ -107,7 +113,7 @@ class ModelConfig:
         return self.n_rois * self.n_patches
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "ModelConfig":
+    def from_size(cls, size: str, **overrides) -> ModelConfig:
         if size not in MODEL_SIZES:
             raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
         return cls(**{**MODEL_SIZES[size], **overrides})
@@ -116,7 +122,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -139,8 +145,15 @@ class GradientPositions(nn.Module):
     rescaled to [-1, 1] over all ROIs at every forward, as in the authors' code.
     """
 
-    def __init__(self, n_gradients: int, n_patches: int, dim: int, minmax: bool,
-                 kind: str = "gradient", n_rois: int | None = None):
+    def __init__(
+        self,
+        n_gradients: int,
+        n_patches: int,
+        dim: int,
+        minmax: bool,
+        kind: str = "gradient",
+        n_rois: int | None = None,
+    ):
         super().__init__()
         self.n_patches, self.minmax, self.kind = n_patches, minmax, kind
         if kind == "gradient":
@@ -194,9 +207,13 @@ class Attention(nn.Module):
         B, H, N, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(B, N, H * d))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                attention_sink: list | None = None,
-                query_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        attention_sink: list | None = None,
+        query_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: (B, N, C); key_mask: (B, N) bool, True = a real token others may attend to.
         Returns (B, N, C), or (B, M, C) for the queries ``query_idx`` (B, M) only."""
         B, N, C = x.shape
@@ -251,7 +268,7 @@ class _GeluLinear(torch.autograd.Function):
         with torch.enable_grad():
             h_ = h.detach().requires_grad_()
             a = F.gelu(h_)
-        dh, = torch.autograd.grad(a, h_, dy @ weight.to(h.dtype))
+        (dh,) = torch.autograd.grad(a, h_, dy @ weight.to(h.dtype))
         dy2, a2 = dy.reshape(-1, dy.shape[-1]), a.detach().reshape(-1, a.shape[-1])
         return dh, (dy2.t() @ a2).to(weight.dtype), dy2.sum(0).to(bias.dtype)
 
@@ -272,8 +289,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 drop_path: float, eps: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float, eps: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -290,9 +306,14 @@ class Block(nn.Module):
     def _mlp_residual(self, x):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def forward_with_context(self, context: ContextState, t: torch.Tensor,
-                             context_valid: torch.Tensor | None, target_valid: torch.Tensor | None,
-                             context_outputs: bool = True) -> torch.Tensor:
+    def forward_with_context(
+        self,
+        context: ContextState,
+        t: torch.Tensor,
+        context_valid: torch.Tensor | None,
+        target_valid: torch.Tensor | None,
+        context_outputs: bool = True,
+    ) -> torch.Tensor:
         """The block on the tokens [context; t] given the context's own part (``context``, from
         :meth:`BrainPredictor.context_state`): the same numbers as :meth:`forward` on the
         concatenation. t: (B, Nt, C); validity masks (B, Nc) / (B, Nt) or None. Returns
@@ -344,8 +365,7 @@ class ContextState:
 
     def backward(self, leaves: ContextState) -> None:
         """Backpropagate the gradients accumulated on ``leaves`` (from :meth:`detached`)."""
-        pairs = [(t, leaf.grad) for t, leaf in zip(self.tensors(), leaves.tensors())
-                 if leaf.grad is not None]
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.tensors(), leaves.tensors()) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward(*zip(*pairs))
 
@@ -370,8 +390,7 @@ def _cat_valid(a: torch.Tensor | None, b: torch.Tensor | None, na: int, nb: int)
 
 def _blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:
     rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]  # grows with depth
-    return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, cfg.qkv_bias, r, cfg.layernorm_eps)
-                         for r in rates)
+    return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, cfg.qkv_bias, r, cfg.layernorm_eps) for r in rates)
 
 
 def _check_gradients(gradients: torch.Tensor | None, cfg: ModelConfig) -> torch.Tensor:
@@ -416,8 +435,7 @@ class BrainEncoder(nn.Module):
         self.register_buffer("gradients", _check_gradients(gradients, cfg))
         self.patch_embed = nn.Linear(cfg.patch_size, D)
         self.patch_norm = nn.LayerNorm(D, eps=cfg.layernorm_eps) if cfg.patch_norm else nn.Identity()
-        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, D, cfg.pos_minmax,
-                                           cfg.pos_embed, cfg.n_rois)
+        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, D, cfg.pos_minmax, cfg.pos_embed, cfg.n_rois)
         self.blocks = _blocks(cfg, D, cfg.depth, cfg.num_heads)
         self.norm = nn.LayerNorm(D, eps=cfg.layernorm_eps)
         _init_weights(self)
@@ -427,15 +445,21 @@ class BrainEncoder(nn.Module):
         cfg = self.cfg
         B, R, T = x.shape
         if R != cfg.n_rois or T < cfg.n_timepoints:
-            raise DataError(f"input has shape (R={R}, T={T}) per sample but the model expects "
-                            f"(R={cfg.n_rois}, T={cfg.n_timepoints})")
+            raise DataError(
+                f"input has shape (R={R}, T={T}) per sample but the model expects "
+                f"(R={cfg.n_rois}, T={cfg.n_timepoints})"
+            )
         patches = x[:, :, : cfg.n_timepoints].reshape(B, R * cfg.n_patches, cfg.patch_size)
         return self.patch_norm(self.patch_embed(patches)) + self.pos_embed(self.gradients)
 
-    def forward(self, x: torch.Tensor, token_idx: torch.Tensor | None = None,
-                token_valid: torch.Tensor | None = None,
-                attention_sink: list | None = None,
-                output_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_idx: torch.Tensor | None = None,
+        token_valid: torch.Tensor | None = None,
+        attention_sink: list | None = None,
+        output_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x: (B, R, T) -> features (B, N, D) of the tokens in ``token_idx`` (B, N); all if None.
 
         ``token_valid`` (B, N) marks real entries of a padded ``token_idx``; padded tokens are
@@ -466,16 +490,18 @@ class BrainPredictor(nn.Module):
         self.register_buffer("gradients", _check_gradients(gradients, cfg))
         self.embed = nn.Linear(cfg.embed_dim, Dp)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
-        self.pos_embed = GradientPositions(cfg.n_gradients, cfg.n_patches, Dp, cfg.pos_minmax,
-                                           cfg.pos_embed, cfg.n_rois)
+        self.pos_embed = GradientPositions(
+            cfg.n_gradients, cfg.n_patches, Dp, cfg.pos_minmax, cfg.pos_embed, cfg.n_rois
+        )
         self.blocks = _blocks(cfg, Dp, cfg.predictor_depth, cfg.predictor_num_heads)
         self.norm = nn.LayerNorm(Dp, eps=cfg.layernorm_eps)
         self.proj = nn.Linear(Dp, cfg.embed_dim)
         _init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
-    def context_state(self, context: torch.Tensor, context_idx: torch.Tensor,
-                      context_valid: torch.Tensor | None = None) -> ContextState:
+    def context_state(
+        self, context: torch.Tensor, context_idx: torch.Tensor, context_valid: torch.Tensor | None = None
+    ) -> ContextState:
         """The first block's work on the context alone (embedding, projections, the context
         queries' attention over the context keys with its log-sum-exp), which is the same for
         every set of target tokens: pass it as ``forward(..., shared=state)`` to several
@@ -488,10 +514,15 @@ class BrainPredictor(nn.Module):
         out, lse = attention(q, k, v, key_mask, self_attention=True, return_lse=True)
         return ContextState(x, q, k, v, out, lse)
 
-    def forward(self, context: torch.Tensor | None, context_idx: torch.Tensor,
-                target_idx: torch.Tensor, context_valid: torch.Tensor | None = None,
-                target_valid: torch.Tensor | None = None,
-                shared: ContextState | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        context: torch.Tensor | None,
+        context_idx: torch.Tensor,
+        target_idx: torch.Tensor,
+        context_valid: torch.Tensor | None = None,
+        target_valid: torch.Tensor | None = None,
+        shared: ContextState | None = None,
+    ) -> torch.Tensor:
         """context (B, Nc, D) at tokens context_idx (B, Nc); returns predictions (B, Nt, D)
         for the tokens target_idx (B, Nt). Validity masks (B, Nc) / (B, Nt) mark padding.
         ``shared``: the context's part of the first block from :meth:`context_state` (then
@@ -503,8 +534,9 @@ class BrainPredictor(nn.Module):
         if shared is None:
             h = torch.cat([self.embed(context) + _gather(pos, context_idx), tgt], dim=1)
         else:
-            h = blocks.pop(0).forward_with_context(shared, tgt, context_valid, target_valid,
-                                                   context_outputs=bool(blocks))
+            h = blocks.pop(0).forward_with_context(
+                shared, tgt, context_valid, target_valid, context_outputs=bool(blocks)
+            )
             if not blocks:  # a one-block predictor: h holds the target tokens only
                 return self.proj(self.norm(h))
         # only the mask tokens' outputs are used: the last block computes just those queries
@@ -540,21 +572,29 @@ def map_official_state_dict(state: dict, part: str) -> dict:
     """
     if part not in ("encoder", "predictor"):
         raise ValueError(f"part must be 'encoder' or 'predictor', not {part!r}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     if part == "encoder":
-        table = {"patch_embed.proj.weight": "patch_embed.weight",
-                 "patch_embed.proj.bias": "patch_embed.bias",
-                 "pos_embed_proj.predictor_pos_embed_proj.weight": "pos_embed.proj.weight",
-                 "pos_embed_proj.predictor_pos_embed_proj.bias": "pos_embed.proj.bias",
-                 "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+        table = {
+            "patch_embed.proj.weight": "patch_embed.weight",
+            "patch_embed.proj.bias": "patch_embed.bias",
+            "pos_embed_proj.predictor_pos_embed_proj.weight": "pos_embed.proj.weight",
+            "pos_embed_proj.predictor_pos_embed_proj.bias": "pos_embed.proj.bias",
+            "norm.weight": "norm.weight",
+            "norm.bias": "norm.bias",
+        }
         sincos_key, block_prefix = "pos_embed_proj.emb_h", ("blocks.", "blocks.")
     else:
-        table = {"mask_token": "mask_token",
-                 "predictor_embed.weight": "embed.weight", "predictor_embed.bias": "embed.bias",
-                 "predictor_2dpe_proj.predictor_pos_embed_proj.weight": "pos_embed.proj.weight",
-                 "predictor_2dpe_proj.predictor_pos_embed_proj.bias": "pos_embed.proj.bias",
-                 "predictor_norm.weight": "norm.weight", "predictor_norm.bias": "norm.bias",
-                 "predictor_proj.weight": "proj.weight", "predictor_proj.bias": "proj.bias"}
+        table = {
+            "mask_token": "mask_token",
+            "predictor_embed.weight": "embed.weight",
+            "predictor_embed.bias": "embed.bias",
+            "predictor_2dpe_proj.predictor_pos_embed_proj.weight": "pos_embed.proj.weight",
+            "predictor_2dpe_proj.predictor_pos_embed_proj.bias": "pos_embed.proj.bias",
+            "predictor_norm.weight": "norm.weight",
+            "predictor_norm.bias": "norm.bias",
+            "predictor_proj.weight": "proj.weight",
+            "predictor_proj.bias": "proj.bias",
+        }
         sincos_key, block_prefix = "predictor_2dpe_proj.emb_h", ("predictor_blocks.", "blocks.")
     out, unknown = {}, []
     for key, value in state.items():
@@ -563,15 +603,17 @@ def map_official_state_dict(state: dict, part: str) -> dict:
         elif key == sincos_key:
             _check_official_sincos(value)
         elif key.startswith(block_prefix[0]):
-            i, rest = key[len(block_prefix[0]):].split(".", 1)
+            i, rest = key[len(block_prefix[0]) :].split(".", 1)
             if rest.rsplit(".", 1)[0] not in _OFFICIAL_BLOCK_PARTS:
                 unknown.append(key)
             out[f"{block_prefix[1]}{i}.{rest}"] = value
         else:
             unknown.append(key)
     if unknown:
-        raise DataError(f"the authors' {part} state dict has keys this converter does not know: "
-                        f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise DataError(
+            f"the authors' {part} state dict has keys this converter does not know: "
+            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}"
+        )
     if "patch_embed.weight" in out:
         w = out["patch_embed.weight"]
         out["patch_embed.weight"] = w.reshape(w.shape[0], -1)
@@ -586,13 +628,19 @@ def _check_official_sincos(table: torch.Tensor) -> None:
     n_patches = int(zeros[1] - zeros[0]) if len(zeros) > 1 else n_tokens
     ours = sincos_1d(n_patches, half).repeat(n_tokens // n_patches, 1)
     if ours.shape != table.shape or not torch.allclose(ours, table.float(), atol=1e-5):
-        raise DataError("the checkpoint's temporal sine-cosine table differs from brainjepa's; "
-                        "this checkpoint was not made with the Brain-JEPA positional embedding")
+        raise DataError(
+            "the checkpoint's temporal sine-cosine table differs from brainjepa's; "
+            "this checkpoint was not made with the Brain-JEPA positional embedding"
+        )
 
 
-def infer_official_config(encoder_state: dict, predictor_state: dict, n_timepoints: int = 160,
-                          num_heads: int | None = None, predictor_num_heads: int | None = None,
-                          ) -> ModelConfig:
+def infer_official_config(
+    encoder_state: dict,
+    predictor_state: dict,
+    n_timepoints: int = 160,
+    num_heads: int | None = None,
+    predictor_num_heads: int | None = None,
+) -> ModelConfig:
     """Infer the architecture from the authors' tensor shapes (heads are not stored in weights:
     by default 64-dim heads for the encoder as in ViT-S/B/L, and the encoder's head count for
     the predictor, as in the authors' setup)."""
@@ -603,18 +651,26 @@ def infer_official_config(encoder_state: dict, predictor_state: dict, n_timepoin
     n_tokens = enc["pos_embed_proj.emb_h"].shape[0]
     n_patches = n_timepoints // patch
     if n_tokens % n_patches:
-        raise DataError(f"checkpoint has {n_tokens} tokens, not a multiple of {n_patches} patches "
-                        f"(n_timepoints={n_timepoints}): pass the right --n-timepoints")
+        raise DataError(
+            f"checkpoint has {n_tokens} tokens, not a multiple of {n_patches} patches "
+            f"(n_timepoints={n_timepoints}): pass the right --n-timepoints"
+        )
     depth = 1 + max(int(k.split(".")[1]) for k in enc if k.startswith("blocks."))
     pdepth = 1 + max(int(k.split(".")[1]) for k in pred if k.startswith("predictor_blocks."))
     Dp = pred["predictor_embed.weight"].shape[0]
     heads = num_heads or max(1, D // 64)
     return ModelConfig(
-        n_rois=n_tokens // n_patches, n_timepoints=n_timepoints, patch_size=patch,
+        n_rois=n_tokens // n_patches,
+        n_timepoints=n_timepoints,
+        patch_size=patch,
         n_gradients=enc["pos_embed_proj.predictor_pos_embed_proj.weight"].shape[1],
-        embed_dim=D, depth=depth, num_heads=heads,
+        embed_dim=D,
+        depth=depth,
+        num_heads=heads,
         mlp_ratio=enc["blocks.0.mlp.fc1.weight"].shape[0] / D,
         qkv_bias="blocks.0.attn.qkv.bias" in enc,
-        predictor_embed_dim=Dp, predictor_depth=pdepth,
-        predictor_num_heads=predictor_num_heads or heads, pos_minmax=True,
+        predictor_embed_dim=Dp,
+        predictor_depth=pdepth,
+        predictor_num_heads=predictor_num_heads or heads,
+        pos_minmax=True,
     )

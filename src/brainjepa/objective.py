@@ -54,8 +54,7 @@ def context_tokens(masks: MaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_width(masks.context_idx, masks.context_valid, masks.context_idx.shape[1])
 
 
-def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch.Tensor,
-                    center: bool) -> torch.Tensor:
+def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch.Tensor, center: bool) -> torch.Tensor:
     """Targets (B x M x D, float32) at tokens ``token_idx`` (B x M) of input x (B x R x T).
 
     Without ``center`` the encoder's last block computes only those tokens. With ``center`` the
@@ -88,9 +87,17 @@ def masked_block_mean(err: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (err * v).sum(-1) / v.sum(-1).clamp_min(1)
 
 
-def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Tensor,
-                   context_valid: torch.Tensor, target_idx: torch.Tensor, target_valid: torch.Tensor,
-                   targets: torch.Tensor, loss: str = "smooth_l1", shared=None) -> torch.Tensor:
+def block_loss_sum(
+    predictor: nn.Module,
+    z: torch.Tensor,
+    context_idx: torch.Tensor,
+    context_valid: torch.Tensor,
+    target_idx: torch.Tensor,
+    target_valid: torch.Tensor,
+    targets: torch.Tensor,
+    loss: str = "smooth_l1",
+    shared=None,
+) -> torch.Tensor:
     """Predict one group of K target blocks and sum their losses over samples and blocks.
 
     z: B x Nc x D context features at context_idx (B x Nc, validity context_valid);
@@ -104,9 +111,14 @@ def block_loss_sum(predictor: nn.Module, z: torch.Tensor, context_idx: torch.Ten
         z, context_idx, context_valid = (t.repeat_interleave(K, 0) for t in (z, context_idx, context_valid))
         shared = None if shared is None else shared.repeat_interleave(K)
     valid = target_valid.reshape(B * K, w)
-    pred = predictor(z, context_idx, context_valid=context_valid,
-                     target_idx=target_idx.reshape(B * K, w), target_valid=valid,
-                     shared=shared).float()
+    pred = predictor(
+        z,
+        context_idx,
+        context_valid=context_valid,
+        target_idx=target_idx.reshape(B * K, w),
+        target_valid=valid,
+        shared=shared,
+    ).float()
     err = token_loss(pred, targets.reshape(B * K, w, D), loss)
     return masked_block_mean(err, valid).sum()
 

@@ -70,19 +70,45 @@ from torch import nn
 from . import __version__
 from .attention import uses_chunked_attention
 from .bundle import export_run
-from .data import (CohortSeries, WindowDataset, choose_normalization, fit_scaler, open_cohort,
-                   report_scaling, resolve_target_tr)
+from .data import (
+    CohortSeries,
+    WindowDataset,
+    choose_normalization,
+    fit_scaler,
+    open_cohort,
+    report_scaling,
+    resolve_target_tr,
+)
 from .diagnostics import diagnose_batch, ema_init_share, feature_stats, problems
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from .masking import MaskBatch, SpatiotemporalMasker
 from .model import BrainEncoder, BrainPredictor, ModelConfig
-from .objective import (LOSSES, block_groups, block_loss_sum, context_tokens, group_tokens, n_blocks,
-                        split_targets, target_features)
+from .objective import (
+    LOSSES,
+    block_groups,
+    block_loss_sum,
+    context_tokens,
+    group_tokens,
+    n_blocks,
+    split_targets,
+    target_features,
+)
 from .report import plot_diagnostics_history, plot_loss_curve
-from .runs import (Heartbeat, MetricsLog, check_gradient_inputs, dump_config, latest_checkpoint,
-                   list_checkpoints, load_config, load_latest_checkpoint, nonfinite_loss_error,
-                   resolve_config, save_checkpoint, write_text_atomic)
+from .runs import (
+    Heartbeat,
+    MetricsLog,
+    check_gradient_inputs,
+    dump_config,
+    latest_checkpoint,
+    list_checkpoints,
+    load_config,
+    load_latest_checkpoint,
+    nonfinite_loss_error,
+    resolve_config,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .transforms import FITTED_NORMALIZATIONS, normalization_from_dict, normalization_to_dict
 
 __all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "Trainer", "latest_checkpoint"]
@@ -90,9 +116,17 @@ __all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "Trainer", "la
 log = logging.getLogger(__name__)
 
 # config keys that may change when a run is resumed (they do not change the numbers)
-RESUMABLE_CHANGES = {"train.log_every", "train.checkpoint_every", "train.keep_last", "train.device",
-                     "train.precision", "train.compile", "train.collapse_std", "data.num_workers",
-                     "data.on_error"}
+RESUMABLE_CHANGES = {
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.device",
+    "train.precision",
+    "train.compile",
+    "train.collapse_std",
+    "data.num_workers",
+    "data.on_error",
+}
 COLLAPSE_WARN_EVERY = 1000  # steps between repeated collapse warnings
 # Kernels oneDNN keeps compiled (its default, 1,024, is ~600 MB at these shapes); a step uses a
 # few dozen shapes, a miss costs ~0.3 ms. Above it, PyTorch's ideep layer keeps its own cache of
@@ -108,7 +142,7 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # AttributeError outside glibc
+        getattr(libc, "malloc_trim")  # noqa: B009 (AttributeError outside glibc)
         return libc
     except (OSError, AttributeError):
         return None
@@ -156,9 +190,17 @@ class Schedule:
     def from_config(cls, optim: dict, total_steps: int) -> Schedule:
         """Warmup is ``warmup_epochs / epochs`` of the horizon ``total_steps``."""
         warmup = min(round(optim["warmup_epochs"] / optim["epochs"] * total_steps), total_steps)
-        return cls(total_steps, warmup, optim["lr"], optim["start_lr"], optim["final_lr"],
-                   optim["weight_decay"], optim["final_weight_decay"], optim["ema_start"],
-                   optim["ema_end"])
+        return cls(
+            total_steps,
+            warmup,
+            optim["lr"],
+            optim["start_lr"],
+            optim["final_lr"],
+            optim["weight_decay"],
+            optim["final_weight_decay"],
+            optim["ema_start"],
+            optim["ema_end"],
+        )
 
     def _progress(self, step: int, start: int) -> float:
         span = self.total_steps - 1 - start
@@ -225,8 +267,15 @@ class Trainer:
     pass's activations are alive at a time.
     """
 
-    def __init__(self, model_config: ModelConfig, gradients, config: dict, total_steps: int,
-                 device: torch.device | str = "cpu", ddp: bool = False):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        gradients,
+        config: dict,
+        total_steps: int,
+        device: torch.device | str = "cpu",
+        ddp: bool = False,
+    ):
         self.device = torch.device(device)
         self.config = config
         self.model_config = model_config
@@ -236,9 +285,11 @@ class Trainer:
         self.loss = train["loss"]
         self.center_targets = train["center_targets"]
         if self.center_targets and optim["batch_size"] < 2:
-            raise ConfigError("train.center_targets subtracts each position's mean over the "
-                              "micro-batch, which needs optim.batch_size >= 2; raise the batch "
-                              "size or set train.center_targets=false")
+            raise ConfigError(
+                "train.center_targets subtracts each position's mean over the "
+                "micro-batch, which needs optim.batch_size >= 2; raise the batch "
+                "size or set train.center_targets=false"
+            )
         torch.manual_seed(train["seed"])  # same initial weights on every rank
         self.encoder = BrainEncoder(model_config, gradients).to(self.device)
         self.predictor = BrainPredictor(model_config, gradients).to(self.device)
@@ -255,9 +306,13 @@ class Trainer:
         decay = [p for p in self.params if p.ndim > 1]
         no_decay = [p for p in self.params if p.ndim <= 1]  # biases and norm weights
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": optim["weight_decay"], "apply_wd": True},
-             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}],
-            lr=optim["lr"], betas=tuple(optim["betas"]))
+            [
+                {"params": decay, "weight_decay": optim["weight_decay"], "apply_wd": True},
+                {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+            ],
+            lr=optim["lr"],
+            betas=tuple(optim["betas"]),
+        )
         self.schedule = Schedule.from_config(optim, total_steps)
         self.clip_grad = optim["clip_grad"]
         self.bf16 = _use_bf16(train["precision"], self.device)
@@ -287,8 +342,7 @@ class Trainer:
         """DDP: accumulate locally unless ``sync`` (the last backward of the optimizer step)."""
         return module.no_sync() if self.ddp and not sync else nullcontext()
 
-    def step(self, micro_batches: list[tuple[torch.Tensor, MaskBatch]], step: int,
-             monitor: bool = False) -> dict:
+    def step(self, micro_batches: list[tuple[torch.Tensor, MaskBatch]], step: int, monitor: bool = False) -> dict:
         """One optimizer step at schedule step ``step``. Returns lr, wd, momentum (floats) and
         loss (mean over micro-batches), plus grad_norm, target_std, target_cos with ``monitor``
         (tensors, so nothing waits for the device unless asked)."""
@@ -307,8 +361,10 @@ class Trainer:
             last = i == n - 1
             x = x.to(self.device, non_blocking=True)
             ctx_idx, ctx_valid = (t.to(self.device, non_blocking=True) for t in context_tokens(masks))
-            groups = [(idx.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
-                      for idx, valid in block_groups(masks)]
+            groups = [
+                (idx.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
+                for idx, valid in block_groups(masks)
+            ]
             blocks = n_blocks(masks)
             with self._sync(self.encoder_run, last):
                 # 1. targets: the EMA target encoder's (centred) features at the target tokens
@@ -328,8 +384,9 @@ class Trainer:
                 for g, ((idx, valid), targets) in enumerate(zip(groups, split_targets(h, groups))):
                     with self._sync(self.predictor_run, last and g == len(groups) - 1):
                         with self.autocast():
-                            block_sum = block_loss_sum(self.predictor_run, z_in, ctx_idx, ctx_valid,
-                                                       idx, valid, targets, self.loss, shared_in)
+                            block_sum = block_loss_sum(
+                                self.predictor_run, z_in, ctx_idx, ctx_valid, idx, valid, targets, self.loss, shared_in
+                            )
                         (block_sum / (blocks * n)).backward()
                     loss_sum += block_sum.detach() / blocks
                 # 4. backward through the encoder, once
@@ -342,7 +399,8 @@ class Trainer:
             out["grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         elif monitor:
             out["grad_norm"] = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]))
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -359,12 +417,24 @@ class Trainer:
     def diagnose(self, x: torch.Tensor, masks: MaskBatch) -> dict[str, float]:
         """:func:`brainjepa.diagnostics.diagnose_batch` on one micro-batch, with this run's
         modules, loss and target centring."""
-        return diagnose_batch(self.encoder, self.target_encoder, self.predictor, x, masks,
-                              loss=self.loss, center=self.center_targets, autocast=self.autocast())
+        return diagnose_batch(
+            self.encoder,
+            self.target_encoder,
+            self.predictor,
+            x,
+            masks,
+            loss=self.loss,
+            center=self.center_targets,
+            autocast=self.autocast(),
+        )
 
     def state_dict(self) -> dict:
-        return {"encoder": self.encoder.state_dict(), "target_encoder": self.target_encoder.state_dict(),
-                "predictor": self.predictor.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "encoder": self.encoder.state_dict(),
+            "target_encoder": self.target_encoder.state_dict(),
+            "predictor": self.predictor.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.encoder.load_state_dict(state["encoder"])
@@ -433,13 +503,11 @@ def _setup_distributed(device_option: str) -> _Dist:
         try:
             device = torch.device(device_option)
         except RuntimeError:
-            raise ConfigError(f"train.device={device_option!r} is not a device (auto, cpu, cuda, "
-                              "cuda:N)") from None
+            raise ConfigError(f"train.device={device_option!r} is not a device (auto, cpu, cuda, cuda:N)") from None
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device_option!r} but CUDA is not available; use "
-                          "--set train.device=cpu")
+        raise ConfigError(f"train.device={device_option!r} but CUDA is not available; use --set train.device=cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False
@@ -471,8 +539,7 @@ def _config_diff(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_gradients: int,
-                    resume: bool) -> None:
+def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_gradients: int, resume: bool) -> None:
     """Rank 0: write gradients.csv and normalization.json (kept as they are on resume)."""
     grad_file, norm_file = run_dir / "gradients.csv", run_dir / "normalization.json"
     if not (resume and grad_file.is_file()):
@@ -489,8 +556,11 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
         method = cfg["data"]["normalization"]
         if method == "auto":
             method = choose_normalization(cohort, train_idx)
-            log.info("data.normalization auto: %s (%s)", method,
-                     "the scans look like raw BOLD" if method == "psc" else "the scans are centred or scaled")
+            log.info(
+                "data.normalization auto: %s (%s)",
+                method,
+                "the scans look like raw BOLD" if method == "psc" else "the scans are centred or scaled",
+            )
         scaler = None
         if method in FITTED_NORMALIZATIONS:
             stored = cohort.normalization
@@ -504,14 +574,24 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
 def _model_config(cfg: dict, n_rois: int, n_gradients: int) -> ModelConfig:
     m = cfg["model"]
     if m["n_rois"] is not None and m["n_rois"] != n_rois:
-        raise DataError(f"model.n_rois={m['n_rois']} but the data has {n_rois} ROIs; set "
-                        "model.n_rois=null to take it from the data")
+        raise DataError(
+            f"model.n_rois={m['n_rois']} but the data has {n_rois} ROIs; set model.n_rois=null to take it from the data"
+        )
     overrides = {k: v for k, v in m.items() if k not in ("size", "n_rois", "n_gradients") and v is not None}
     return ModelConfig.from_size(m["size"], n_rois=n_rois, n_gradients=n_gradients, **overrides)
 
 
-def pretrain(config, data, out_dir, *, resume: bool = False, max_steps: int | None = None,
-             seed: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+def pretrain(
+    config,
+    data,
+    out_dir,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
     """Pretrain a Brain-JEPA model; see the module docstring for the recipe.
 
     config: a built-in name or YAML path (:func:`load_config`) or a config dict (partial dicts are
@@ -541,32 +621,41 @@ def pretrain(config, data, out_dir, *, resume: bool = False, max_steps: int | No
             dist.destroy_process_group()
 
 
-def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,
-         ctx: _Dist) -> dict:
+def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_after: int | None, ctx: _Dist) -> dict:
     train, optim = cfg["train"], cfg["optim"]
     rank0 = ctx.rank == 0
     seed = train["seed"]
     if not resume and list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                          "or choose a new --out folder")
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose a new --out folder"
+        )
     ckpt = load_latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         if cfg["data"]["target_tr"] == "auto":  # the TR the run resolved when it started
             cfg["data"]["target_tr"] = ckpt["config"].get("data", {}).get("target_tr")
         diff = _config_diff(ckpt["config"], cfg)
         if diff:
-            raise ConfigError(f"--resume: the config differs from the checkpoint's "
-                              f"({'; '.join(diff[:5])}); resume with the run's config.yaml")
+            raise ConfigError(
+                f"--resume: the config differs from the checkpoint's "
+                f"({'; '.join(diff[:5])}); resume with the run's config.yaml"
+            )
         if ckpt["data_state"]["world_size"] != ctx.world_size:
-            raise ConfigError(f"--resume: the checkpoint was written by {ckpt['data_state']['world_size']} "
-                              f"process(es), this run has {ctx.world_size}; resume with the same number")
+            raise ConfigError(
+                f"--resume: the checkpoint was written by {ckpt['data_state']['world_size']} "
+                f"process(es), this run has {ctx.world_size}; resume with the same number"
+            )
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".*.tmp"):
             stale.unlink()
 
-    cohort = open_cohort(data, tr=cfg["data"]["tr"], orientation=cfg["data"]["orientation"],
-                         on_error=cfg["data"]["on_error"], tr_source=cfg["data"]["tr_source"])
+    cohort = open_cohort(
+        data,
+        tr=cfg["data"]["tr"],
+        orientation=cfg["data"]["orientation"],
+        on_error=cfg["data"]["on_error"],
+        tr_source=cfg["data"]["tr_source"],
+    )
     train_idx = cohort.split_indices("train")
     if len(train_idx) == 0:
         raise DataError(f"{data}: the cohort has no training scans (split 'train')")
@@ -577,38 +666,61 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     ctx.from_rank0(lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume))
     gradients, _ = load_gradients_csv(run_dir / "gradients.csv")
     if gradients.shape[1] < n_grad:
-        raise DataError(f"{run_dir / 'gradients.csv'} has {gradients.shape[1]} gradients, "
-                        f"model.n_gradients={n_grad}")
+        raise DataError(f"{run_dir / 'gradients.csv'} has {gradients.shape[1]} gradients, model.n_gradients={n_grad}")
     gradients = gradients[:, :n_grad]  # gradients are ordered by eigenvalue: keep the first
     with open(run_dir / "normalization.json") as f:
         method, scaler = normalization_from_dict(json.load(f))
     model_config = _model_config(cfg, cohort.n_rois, n_grad)
-    dataset = WindowDataset(cohort, model_config.n_timepoints, target_tr=cfg["data"]["target_tr"],
-                            train=True, normalization=method, scaler=scaler, seed=seed, indices=train_idx)
+    dataset = WindowDataset(
+        cohort,
+        model_config.n_timepoints,
+        target_tr=cfg["data"]["target_tr"],
+        train=True,
+        normalization=method,
+        scaler=scaler,
+        seed=seed,
+        indices=train_idx,
+    )
     batch, accum = optim["batch_size"], optim["accum_steps"]
     sampler = ShardSampler(len(dataset), batch, ctx.rank, ctx.world_size, seed)
     steps_per_epoch = sampler.n_batches // accum
     if steps_per_epoch == 0:
         need = batch * accum * ctx.world_size
-        raise DataError(f"{len(dataset)} training scans are too few for one optimizer step of "
-                        f"batch_size {batch} x accum_steps {accum} x {ctx.world_size} process(es) = "
-                        f"{need}; lower optim.batch_size or optim.accum_steps")
+        raise DataError(
+            f"{len(dataset)} training scans are too few for one optimizer step of "
+            f"batch_size {batch} x accum_steps {accum} x {ctx.world_size} process(es) = "
+            f"{need}; lower optim.batch_size or optim.accum_steps"
+        )
     total = train["max_steps"] or optim["epochs"] * steps_per_epoch
     workers = cfg["data"]["num_workers"]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
-                                         num_workers=workers, pin_memory=ctx.device.type == "cuda",
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+    )
     masker = SpatiotemporalMasker(model_config.n_rois, model_config.n_patches, **cfg["mask"])
-    trainer = Trainer(model_config, torch.as_tensor(gradients, dtype=torch.float32), cfg, total,
-                      ctx.device, ddp=ctx.world_size > 1)
-    data_state = {"steps_per_epoch": steps_per_epoch, "n_samples": len(dataset),
-                  "world_size": ctx.world_size, "batch_size": batch, "accum_steps": accum}
+    trainer = Trainer(
+        model_config, torch.as_tensor(gradients, dtype=torch.float32), cfg, total, ctx.device, ddp=ctx.world_size > 1
+    )
+    data_state = {
+        "steps_per_epoch": steps_per_epoch,
+        "n_samples": len(dataset),
+        "world_size": ctx.world_size,
+        "batch_size": batch,
+        "accum_steps": accum,
+    }
     step = 0
     if ckpt is not None:
         saved = {k: ckpt["data_state"][k] for k in data_state}
         if saved != data_state:
-            raise DataError(f"--resume: the data or batching changed since the checkpoint ({saved} "
-                            f"then, {data_state} now); resume with the same data")
+            raise DataError(
+                f"--resume: the data or batching changed since the checkpoint ({saved} "
+                f"then, {data_state} now); resume with the same data"
+            )
         trainer.load_state_dict(ckpt)
         step = int(ckpt["step"])
         del ckpt
@@ -616,11 +728,22 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     if rank0:
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
         n_params = sum(p.numel() for p in trainer.params)
-        log.info("pretraining %s (%s trainable parameters) on %d scans x %d ROIs, %d process(es) "
-                 "on %s, %s; %d steps of %d x %d samples (%d per epoch), from step %d",
-                 cfg["model"]["size"], f"{n_params:,}", len(dataset), cohort.n_rois, ctx.world_size,
-                 ctx.device, "bf16" if trainer.bf16 else "fp32", total, batch, accum,
-                 steps_per_epoch, step)
+        log.info(
+            "pretraining %s (%s trainable parameters) on %d scans x %d ROIs, %d process(es) "
+            "on %s, %s; %d steps of %d x %d samples (%d per epoch), from step %d",
+            cfg["model"]["size"],
+            f"{n_params:,}",
+            len(dataset),
+            cohort.n_rois,
+            ctx.world_size,
+            ctx.device,
+            "bf16" if trainer.bf16 else "fp32",
+            total,
+            batch,
+            accum,
+            steps_per_epoch,
+            step,
+        )
     metrics = MetricsLog(run_dir, step if resume else None) if rank0 else None
     bar = None
     if rank0 and progress:
@@ -632,10 +755,15 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     if rank0 and step == 0:
         final_share = ema_init_share(trainer.schedule.momentum_at, total)
         if final_share > 0.5:
-            log.warning("the EMA schedule (optim.ema_start %g -> ema_end %g over %d steps) leaves "
-                        "%.0f%% of the target encoder's random initialisation in it at the end: "
-                        "lower optim.ema_start / optim.ema_end for a run this short",
-                        optim["ema_start"], optim["ema_end"], total, 100 * final_share)
+            log.warning(
+                "the EMA schedule (optim.ema_start %g -> ema_end %g over %d steps) leaves "
+                "%.0f%% of the target encoder's random initialisation in it at the end: "
+                "lower optim.ema_start / optim.ema_end for a run this short",
+                optim["ema_start"],
+                optim["ema_end"],
+                total,
+                100 * final_share,
+            )
     last_time, last_step, last_warn, final_loss = time.perf_counter(), step, None, None
     first_step = step
     heartbeat = Heartbeat(total) if rank0 and bar is None else None  # a log line every 30 s
@@ -653,10 +781,12 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                 for _ in range(accum):
                     x = next(batches)
                     micro.append((x, masker(x.shape[0], mask_rng)))
-                diagnose = rank0 and train["diagnose_every"] > 0 and (
-                    (step + 1) % train["diagnose_every"] == 0 or step + 1 == end)
-                monitor = (diagnose or (step + 1) % train["log_every"] == 0 or step + 1 == end
-                           or step == first_step)
+                diagnose = (
+                    rank0
+                    and train["diagnose_every"] > 0
+                    and ((step + 1) % train["diagnose_every"] == 0 or step + 1 == end)
+                )
+                monitor = diagnose or (step + 1) % train["log_every"] == 0 or step + 1 == end or step == first_step
                 stats = trainer.step(micro, step, monitor)
                 # one process: check every step and name the batch's scans (several processes
                 # check at the logged steps below, together, so that no rank waits for another)
@@ -665,7 +795,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                     replay.set_epoch(epoch)
                     order = list(replay)
                     first = (step - epoch * steps_per_epoch) * accum * batch
-                    names = [cohort.name(int(dataset.indices[i])) for i in order[first:first + accum * batch]]
+                    names = [cohort.name(int(dataset.indices[i])) for i in order[first : first + accum * batch]]
                     raise nonfinite_loss_error(float(stats["loss"]), step + 1, names)
                 init_share *= stats["momentum"]
                 step += 1
@@ -678,12 +808,20 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                         loss /= ctx.world_size
                     final_loss = float(loss)
                     if not math.isfinite(final_loss):
-                        raise BrainJEPAError(f"the loss became {final_loss} at step {step}; lower "
-                                             "optim.lr or set optim.clip_grad, and resume from the "
-                                             "last checkpoint or restart")
+                        raise BrainJEPAError(
+                            f"the loss became {final_loss} at step {step}; lower "
+                            "optim.lr or set optim.clip_grad, and resume from the "
+                            "last checkpoint or restart"
+                        )
                     now = time.perf_counter()
-                    rate = (step - last_step) * batch * accum * tokens_per_sample * ctx.world_size \
+                    rate = (
+                        (step - last_step)
+                        * batch
+                        * accum
+                        * tokens_per_sample
+                        * ctx.world_size
                         / max(now - last_time, 1e-9)
+                    )
                     last_time, last_step = now, step
                     if rank0:
                         record = _record(step, steps_per_epoch, stats, final_loss, micro, rate, ctx.device)
@@ -695,25 +833,37 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                                 log.warning("diagnostics at step %d: %s", step, message)
                         metrics.write(record)
                         if bar is not None:
-                            bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                            tok_s=f"{rate:,.0f}")
+                            bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{rate:,.0f}")
                         if record["target_std"] < train["collapse_std"] and (
-                                last_warn is None or step - last_warn >= COLLAPSE_WARN_EVERY):
+                            last_warn is None or step - last_warn >= COLLAPSE_WARN_EVERY
+                        ):
                             last_warn = step
-                            log.warning("collapse monitor: target feature std %.4f < %.4f at step %d "
-                                        "(mean token cosine %.3f); the representations may be "
-                                        "collapsing: check optim.lr, the EMA momentum and the masks",
-                                        record["target_std"], train["collapse_std"], step,
-                                        record["target_cos"])
+                            log.warning(
+                                "collapse monitor: target feature std %.4f < %.4f at step %d "
+                                "(mean token cosine %.3f); the representations may be "
+                                "collapsing: check optim.lr, the EMA momentum and the masks",
+                                record["target_std"],
+                                train["collapse_std"],
+                                step,
+                                record["target_cos"],
+                            )
                 if rank0 and (step % train["checkpoint_every"] == 0 or step == end):
-                    state = {"step": step, "epoch": step // steps_per_epoch,
-                             "model_config": model_config.to_dict(), "config": cfg,
-                             **trainer.state_dict(),
-                             "rng": {"scheme": "derived from (seed, rank, step)", "seed": seed},
-                             "data_state": {**data_state, "epoch": step // steps_per_epoch,
-                                            "batches_done": (step % steps_per_epoch) * accum},
-                             "loss_name": train["loss"], "total_steps": total,
-                             "brainjepa_version": __version__}
+                    state = {
+                        "step": step,
+                        "epoch": step // steps_per_epoch,
+                        "model_config": model_config.to_dict(),
+                        "config": cfg,
+                        **trainer.state_dict(),
+                        "rng": {"scheme": "derived from (seed, rank, step)", "seed": seed},
+                        "data_state": {
+                            **data_state,
+                            "epoch": step // steps_per_epoch,
+                            "batches_done": (step % steps_per_epoch) * accum,
+                        },
+                        "loss_name": train["loss"],
+                        "total_steps": total,
+                        "brainjepa_version": __version__,
+                    }
                     save_checkpoint(state, run_dir, train["keep_last"])
                 if heartbeat is not None:  # after the step's loss is known
                     heartbeat(step, final_loss)
@@ -734,23 +884,48 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
         if step >= total and latest_checkpoint(run_dir) is not None:
             bundle = str(export_run(run_dir))
     ctx.barrier()
-    return {"run_dir": str(run_dir), "steps": step, "total_steps": total, "final_loss": final_loss,
-            "bundle": bundle, "world_size": ctx.world_size, "rank": ctx.rank,
-            "models": {"encoder": trainer.encoder, "target_encoder": trainer.target_encoder,
-                       "predictor": trainer.predictor}}
-
-
-def _record(step: int, steps_per_epoch: int, stats: dict, loss: float,
-            micro: list[tuple[torch.Tensor, MaskBatch]], tokens_per_s: float, device) -> dict:
-    counts = [m.counts() for _, m in micro]
-    mean = {k: sum(c[k] for c in counts) / len(counts)
-            for k in ("context", "target", "alpha", "beta", "gamma")}
     return {
-        "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
-        "lr": stats["lr"], "wd": stats["wd"], "momentum": stats["momentum"],
+        "run_dir": str(run_dir),
+        "steps": step,
+        "total_steps": total,
+        "final_loss": final_loss,
+        "bundle": bundle,
+        "world_size": ctx.world_size,
+        "rank": ctx.rank,
+        "models": {
+            "encoder": trainer.encoder,
+            "target_encoder": trainer.target_encoder,
+            "predictor": trainer.predictor,
+        },
+    }
+
+
+def _record(
+    step: int,
+    steps_per_epoch: int,
+    stats: dict,
+    loss: float,
+    micro: list[tuple[torch.Tensor, MaskBatch]],
+    tokens_per_s: float,
+    device,
+) -> dict:
+    counts = [m.counts() for _, m in micro]
+    mean = {k: sum(c[k] for c in counts) / len(counts) for k in ("context", "target", "alpha", "beta", "gamma")}
+    return {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 4),
+        "loss": loss,
+        "lr": stats["lr"],
+        "wd": stats["wd"],
+        "momentum": stats["momentum"],
         "grad_norm": float(stats["grad_norm"]),
-        "target_std": float(stats["target_std"]), "target_cos": float(stats["target_cos"]),
-        "context_tokens": mean["context"], "target_tokens": mean["target"],
-        "alpha_tokens": mean["alpha"], "beta_tokens": mean["beta"], "gamma_tokens": mean["gamma"],
-        "tokens_per_s": round(tokens_per_s, 1), "peak_mem_mb": round(_peak_memory_mb(device), 1),
+        "target_std": float(stats["target_std"]),
+        "target_cos": float(stats["target_cos"]),
+        "context_tokens": mean["context"],
+        "target_tokens": mean["target"],
+        "alpha_tokens": mean["alpha"],
+        "beta_tokens": mean["beta"],
+        "gamma_tokens": mean["gamma"],
+        "tokens_per_s": round(tokens_per_s, 1),
+        "peak_mem_mb": round(_peak_memory_mb(device), 1),
     }

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
         "size": ("tiny", "str", tuple(MODEL_SIZES)),
-        "n_rois": (None, "int", (2, None)),          # null: from the data
+        "n_rois": (None, "int", (2, None)),  # null: from the data
         "n_timepoints": (160, "int", (1, None)),
         "patch_size": (16, "int", (1, None)),
         "n_gradients": (30, "int", (1, None)),
@@ -77,12 +77,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         # auto: the cohort's TR if all scans share one, else the coarsest (see
         # brainjepa.data.resolve_target_tr); a number: resample to it; null: each file's own TR
         "target_tr": ("auto", "tr", (0.0, None)),
-        "tr": (None, "float", (0.0, None)),          # TR of files that do not say
+        "tr": (None, "float", (0.0, None)),  # TR of files that do not say
         "orientation": (None, "str", ORIENTATIONS),
         "normalization": ("auto", "str", ("auto", *NORMALIZATIONS)),  # auto: psc or center
         "on_error": ("fail", "str", ("fail", "skip")),
         "num_workers": (0, "int", (0, None)),
-        "gradients": (None, "str", None),            # CSV path; null: computed from the data
+        "gradients": (None, "str", None),  # CSV path; null: computed from the data
         "tr_source": ("check", "str", ("check", "manifest", "file")),  # manifest tr vs file TR
     },
     "mask": {
@@ -100,7 +100,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "optim": {
         "epochs": (300, "int", (1, None)),
-        "batch_size": (16, "int", (1, None)),        # per process
+        "batch_size": (16, "int", (1, None)),  # per process
         "accum_steps": (1, "int", (1, None)),
         "lr": (1e-3, "float", (0.0, None)),
         "start_lr": (5e-5, "float", (0.0, None)),
@@ -118,14 +118,14 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "precision": ("auto", "str", PRECISIONS),
         "compile": (False, "bool", None),
         "seed": (0, "int", (0, None)),
-        "max_steps": (None, "int", (1, None)),       # null: epochs x steps per epoch
+        "max_steps": (None, "int", (1, None)),  # null: epochs x steps per epoch
         "log_every": (10, "int", (1, None)),
         "checkpoint_every": (500, "int", (1, None)),
         "keep_last": (3, "int", (1, None)),
         "device": ("auto", "str", None),
-        "collapse_std": (0.1, "float", (0.0, None)),   # warn below (token cosine ~0.99)
-        "center_targets": (True, "bool", None),        # subtract the batch mean per position
-        "diagnose_every": (100, "int", (0, None)),     # representation diagnostics; 0: off
+        "collapse_std": (0.1, "float", (0.0, None)),  # warn below (token cosine ~0.99)
+        "center_targets": (True, "bool", None),  # subtract the batch mean per position
+        "diagnose_every": (100, "int", (0, None)),  # representation diagnostics; 0: off
     },
 }
 
@@ -151,8 +151,7 @@ def _check_value(key: str, value, kind: str, bounds, nullable: bool):
         except ConfigError:
             seconds = 0.0
         if not seconds > 0:
-            raise ConfigError(f"config key {key} must be auto, null or a positive number of seconds, "
-                              f"got {value!r}")
+            raise ConfigError(f"config key {key} must be auto, null or a positive number of seconds, got {value!r}")
         return seconds
     if value is None:
         if nullable:
@@ -178,8 +177,7 @@ def _check_value(key: str, value, kind: str, bounds, nullable: bool):
             raise ConfigError(f"config key {key} must be a pair [low, high], got {value!r}")
         return [_check_value(key, v, "float", bounds, False) for v in value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"config key {key} must be a{'n integer' if kind == 'int' else ' number'}, "
-                          f"got {value!r}")
+        raise ConfigError(f"config key {key} must be a{'n integer' if kind == 'int' else ' number'}, got {value!r}")
     if kind == "int":
         if value != int(value):
             raise ConfigError(f"config key {key} must be an integer, got {value!r}")
@@ -188,20 +186,22 @@ def _check_value(key: str, value, kind: str, bounds, nullable: bool):
         value = float(value)
     lo, hi = bounds
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"config key {key} = {value} is outside [{lo if lo is not None else '-inf'}, "
-                          f"{hi if hi is not None else 'inf'}]")
+        raise ConfigError(
+            f"config key {key} = {value} is outside [{lo if lo is not None else '-inf'}, "
+            f"{hi if hi is not None else 'inf'}]"
+        )
     return value
 
 
 def resolve_config(config: dict, source: str = "config") -> dict:
     """Check a (possibly partial) config dict against :data:`SCHEMA` and fill in the defaults."""
     if not isinstance(config, dict):
-        raise ConfigError(f"{source}: a config is a mapping of sections "
-                          f"({', '.join(SCHEMA)}), got {type(config).__name__}")
+        raise ConfigError(
+            f"{source}: a config is a mapping of sections ({', '.join(SCHEMA)}), got {type(config).__name__}"
+        )
     unknown = [s for s in config if s not in SCHEMA]
     if unknown:
-        raise ConfigError(f"{source}: unknown config section {unknown[0]!r}; sections are "
-                          f"{', '.join(SCHEMA)}")
+        raise ConfigError(f"{source}: unknown config section {unknown[0]!r}; sections are {', '.join(SCHEMA)}")
     out = default_config()
     for section, values in config.items():
         if values is None:
@@ -210,8 +210,9 @@ def resolve_config(config: dict, source: str = "config") -> dict:
             raise ConfigError(f"{source}: config section {section} must be a mapping of keys")
         for key, value in values.items():
             if key not in SCHEMA[section]:
-                raise ConfigError(f"{source}: unknown config key {section}.{key}; known keys in "
-                                  f"{section}: {_known(section)}")
+                raise ConfigError(
+                    f"{source}: unknown config key {section}.{key}; known keys in {section}: {_known(section)}"
+                )
             default, kind, bounds = SCHEMA[section][key]
             out[section][key] = _check_value(f"{section}.{key}", value, kind, bounds, default is None)
     return out
@@ -224,11 +225,11 @@ def parse_override(text: str) -> tuple[str, str, object]:
     if not sep or not dot:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. optim.lr=5e-4")
     if section not in SCHEMA:
-        raise ConfigError(f"--set {text!r}: unknown config section {section!r}; sections are "
-                          f"{', '.join(SCHEMA)}")
+        raise ConfigError(f"--set {text!r}: unknown config section {section!r}; sections are {', '.join(SCHEMA)}")
     if name not in SCHEMA[section]:
-        raise ConfigError(f"--set {text!r}: unknown config key {section}.{name}; known keys in "
-                          f"{section}: {_known(section)}")
+        raise ConfigError(
+            f"--set {text!r}: unknown config key {section}.{name}; known keys in {section}: {_known(section)}"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -243,8 +244,10 @@ def load_config(name_or_path: str | Path, overrides=()) -> dict:
     if str(name_or_path) in BUILTIN_CONFIGS and not path.exists():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"config {str(name_or_path)!r} is neither a built-in config "
-                          f"({', '.join(BUILTIN_CONFIGS)}) nor an existing YAML file")
+        raise ConfigError(
+            f"config {str(name_or_path)!r} is neither a built-in config "
+            f"({', '.join(BUILTIN_CONFIGS)}) nor an existing YAML file"
+        )
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -260,11 +263,13 @@ def load_config(name_or_path: str | Path, overrides=()) -> dict:
 
 def dump_config(config: dict) -> str:
     """The resolved config as YAML: one block per section, one line per key."""
+
     def value(v) -> str:
         return yaml.safe_dump(v, default_flow_style=True).replace("\n...", "").strip()
 
-    return "".join(f"{section}:\n" + "".join(f"  {k}: {value(v)}\n" for k, v in keys.items())
-                   for section, keys in config.items())
+    return "".join(
+        f"{section}:\n" + "".join(f"  {k}: {value(v)}\n" for k, v in keys.items()) for section, keys in config.items()
+    )
 
 
 # ------------------------------------------------------------------------------- run folder
@@ -322,8 +327,7 @@ def load_latest_checkpoint(run_dir: str | Path) -> dict:
     """The newest readable checkpoint of a run (``torch.load(weights_only=True)``, on the CPU)."""
     found = list_checkpoints(run_dir)
     if not found:
-        raise ConfigError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/step_*.pt); start the run "
-                          "without --resume")
+        raise ConfigError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/step_*.pt); start the run without --resume")
     for path in reversed(found):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -377,8 +381,15 @@ class Heartbeat:
     (the first call starts the clock). ``clock`` is injectable for tests.
     """
 
-    def __init__(self, total: int, every: float = 30.0, *, what: str = "pretrain", clock=None,
-                 logger: logging.Logger | None = None):
+    def __init__(
+        self,
+        total: int,
+        every: float = 30.0,
+        *,
+        what: str = "pretrain",
+        clock=None,
+        logger: logging.Logger | None = None,
+    ):
         import time
 
         self.total, self.every, self.what = int(total), float(every), what
@@ -396,8 +407,15 @@ class Heartbeat:
         self.last = now
         rate = (step - self.first_step) / max(now - self.start, 1e-9) * 60
         shown = "n/a" if loss is None else f"{loss:.4f}"
-        self.log.info("%s: step %d/%d (%.0f%%), loss %s, %.1f steps/min", self.what, step, self.total,
-                      100.0 * step / max(self.total, 1), shown, rate)
+        self.log.info(
+            "%s: step %d/%d (%.0f%%), loss %s, %.1f steps/min",
+            self.what,
+            step,
+            self.total,
+            100.0 * step / max(self.total, 1),
+            shown,
+            rate,
+        )
         return True
 
 
@@ -409,7 +427,8 @@ def nonfinite_loss_error(loss: float, step: int, names: list[str]) -> BrainJEPAE
     return BrainJEPAError(
         f"the loss became {loss} at step {step}, on a batch of {shown}; check these scans (values, "
         "units, scaling), then lower optim.lr or set optim.clip_grad, and resume from the last "
-        "checkpoint (--resume) or restart")
+        "checkpoint (--resume) or restart"
+    )
 
 
 def check_gradient_inputs(cfg: dict, n_rois: int) -> None:
@@ -419,16 +438,22 @@ def check_gradient_inputs(cfg: dict, n_rois: int) -> None:
     path = cfg["data"]["gradients"]
     if path is None:
         if n_grad > n_rois - 2:
-            raise ConfigError(f"model.n_gradients={n_grad} needs at least {n_grad + 2} ROIs but the data "
-                              f"has {n_rois}; pass --set model.n_gradients=N with N at most "
-                              f"{max(n_rois - 2, 1)}, or a precomputed file with --gradients FILE")
+            raise ConfigError(
+                f"model.n_gradients={n_grad} needs at least {n_grad + 2} ROIs but the data "
+                f"has {n_rois}; pass --set model.n_gradients=N with N at most "
+                f"{max(n_rois - 2, 1)}, or a precomputed file with --gradients FILE"
+            )
         return
     from .gradients import load_gradients_csv
 
     g, _ = load_gradients_csv(path)
     if g.shape[0] != n_rois:
-        raise ConfigError(f"{path}: {g.shape[0]} rows (ROIs) of gradients, but the data has {n_rois} "
-                          "ROIs; use the gradients of this parcellation (brainjepa gradients DATA --out FILE)")
+        raise ConfigError(
+            f"{path}: {g.shape[0]} rows (ROIs) of gradients, but the data has {n_rois} "
+            "ROIs; use the gradients of this parcellation (brainjepa gradients DATA --out FILE)"
+        )
     if g.shape[1] < n_grad:
-        raise ConfigError(f"{path}: {g.shape[1]} gradients, model.n_gradients={n_grad}; pass "
-                          f"--set model.n_gradients={g.shape[1]} or a file with more columns")
+        raise ConfigError(
+            f"{path}: {g.shape[1]} gradients, model.n_gradients={n_grad}; pass "
+            f"--set model.n_gradients={g.shape[1]} or a file with more columns"
+        )

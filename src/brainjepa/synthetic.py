@@ -204,8 +204,13 @@ def simulate_cohort(
     return SimulatedCohort(
         timeseries=[np.ascontiguousarray(d) for d in data],
         labels={"age": np.round(age, 1), "patient": patient, "site": site.astype(np.int64)},
-        networks=networks, network_names=names, roi_labels=roi_labels, coords=coords,
-        connectome=w, tr=float(tr), subjects=subjects,
+        networks=networks,
+        network_names=names,
+        roi_labels=roi_labels,
+        coords=coords,
+        connectome=w,
+        tr=float(tr),
+        subjects=subjects,
         latents={"coupling": g, "network_cut": cut},
     )
 
@@ -243,10 +248,12 @@ def _hopf_bold(g, cut, omega, w, w_net, tr, n_tr, max_dt, burn_in, rng) -> np.nd
             u = z[0]  # neural drive of the hemodynamics (std ~0.05: flow changes of ~10-20 %)
             fv = np.exp(np.log(v) / _ALPHA)
             e = 1 - np.exp(log_e / f)
-            s, f, v, q = (s + dt * (u - _KAPPA * s - _GAMMA * (f - 1)),
-                          f + dt * s,
-                          v + dt * (f - fv) / _TAU,
-                          q + dt * (f * e / _E0 - fv * q / v) / _TAU)
+            s, f, v, q = (
+                s + dt * (u - _KAPPA * s - _GAMMA * (f - 1)),
+                f + dt * s,
+                v + dt * (f - fv) / _TAU,
+                q + dt * (f * e / _E0 - fv * q / v) / _TAU,
+            )
         if t >= n_burn:
             bold[t - n_burn] = _V0 * (_K1 * (1 - q) + _K2 * (1 - q / v) + _K3 * (1 - v))
     return bold.transpose(1, 2, 0)

@@ -239,7 +239,8 @@ def percent_signal_change(x: np.ndarray) -> np.ndarray:
             f"normalization 'psc' needs raw BOLD (every ROI's mean well above its fluctuations), "
             f"but {int(bad.sum())} ROI(s) have a mean near or below zero (typical |mean| "
             f"{float(np.median(np.abs(mean))):.3g}): the series looks centred or scaled already; "
-            "use normalization 'center' or 'zscore' for it")
+            "use normalization 'center' or 'zscore' for it"
+        )
     return (100.0 * (x / mean - 1.0)).astype(np.float32, copy=False)
 
 
@@ -278,8 +279,7 @@ class RobustScaler:
             if reservoir is None:
                 reservoir = np.empty((self.max_timepoints, x.shape[0]), dtype=np.float32)
             elif x.shape[0] != reservoir.shape[1]:
-                raise DataError(f"RobustScaler.fit: a series has {x.shape[0]} ROIs, the first had "
-                                f"{reservoir.shape[1]}")
+                raise DataError(f"RobustScaler.fit: a series has {x.shape[0]} ROIs, the first had {reservoir.shape[1]}")
             frames = x.T
             fill = min(max(self.max_timepoints - seen, 0), len(frames))
             reservoir[seen : seen + fill] = frames[:fill]
@@ -313,8 +313,7 @@ class RobustScaler:
             raise ConfigError("RobustScaler is not fitted: call fit(...) or load it with from_dict(...)")
         x = np.asarray(x, dtype=np.float32)
         if x.shape[-2] != len(self.median_):
-            raise DataError(f"the data has {x.shape[-2]} ROIs but the robust scaler was fitted on "
-                            f"{len(self.median_)}")
+            raise DataError(f"the data has {x.shape[-2]} ROIs but the robust scaler was fitted on {len(self.median_)}")
         return (x - self.median_[:, None]) / self.iqr_[:, None]
 
     def to_dict(self, method: str = "robust") -> dict:
@@ -406,8 +405,10 @@ def raw_bold_problem(x: np.ndarray) -> str | None:
     the caller knows which scaling applies."""
     level, fluct = scan_levels(x)
     if level > RAW_OFFSET_RATIO * max(fluct, 1e-30) and level > 1.0:
-        return (f"looks like unscaled BOLD: typical ROI mean {level:.3g}, {level / max(fluct, 1e-30):.0f}x "
-                f"its fluctuations (std {fluct:.3g})")
+        return (
+            f"looks like unscaled BOLD: typical ROI mean {level:.3g}, {level / max(fluct, 1e-30):.0f}x "
+            f"its fluctuations (std {fluct:.3g})"
+        )
     return None
 
 
@@ -425,9 +426,11 @@ def cohort_offset_problem(levels, fluctuations, names) -> str | None:
     typical = float(np.median(fluct))
     if spread > COHORT_OFFSET_RATIO * max(typical, 1e-30) and spread > 1.0:
         lo, hi = int(np.argmin(levels)), int(np.argmax(levels))
-        return (f"scans differ in intensity offset by {spread / max(typical, 1e-30):.0f}x their "
-                f"fluctuations (typical ROI mean {levels[lo]:.3g} in {names[lo]} vs "
-                f"{levels[hi]:.3g} in {names[hi]}): site or scanner offsets")
+        return (
+            f"scans differ in intensity offset by {spread / max(typical, 1e-30):.0f}x their "
+            f"fluctuations (typical ROI mean {levels[lo]:.3g} in {names[lo]} vs "
+            f"{levels[hi]:.3g} in {names[hi]}): site or scanner offsets"
+        )
     return None
 
 
@@ -436,11 +439,15 @@ def magnitude_problem(x: np.ndarray) -> str | None:
     :data:`MAX_ABS_VALUE`, or offsets so large against the fluctuations that float32 loses them."""
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     if peak > MAX_ABS_VALUE:
-        return (f"values up to {peak:.3g}, beyond any BOLD signal (limit {MAX_ABS_VALUE:.0e}); check "
-                "the units and the export of this file")
+        return (
+            f"values up to {peak:.3g}, beyond any BOLD signal (limit {MAX_ABS_VALUE:.0e}); check "
+            "the units and the export of this file"
+        )
     level, fluct = scan_levels(x)
     if fluct > 0 and level > PRECISION_OFFSET_RATIO * fluct:
-        return (f"offsets {level / fluct:.2g}x the fluctuations (typical ROI mean {level:.3g}, std "
-                f"{fluct:.3g}): float32 keeps about 7 digits, so the fluctuations are lost; remove "
-                "the mean of each ROI before export")
+        return (
+            f"offsets {level / fluct:.2g}x the fluctuations (typical ROI mean {level:.3g}, std "
+            f"{fluct:.3g}): float32 keeps about 7 digits, so the fluctuations are lost; remove "
+            "the mean of each ROI before export"
+        )
     return None

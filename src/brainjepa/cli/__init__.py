@@ -34,21 +34,27 @@ COMMANDS = [
 # runnable examples ending each verb's --help, in pipeline order: the output of one feeds the next
 EXAMPLES = {
     "simulate": ["brainjepa simulate --subjects 40 --rois 50 --out sim"],
-    "prepare": ["brainjepa prepare sim/manifest.csv --out store",
-                "brainjepa prepare sim/manifest.csv --out store --dtype float16 --on-error skip --overwrite"],
-    "gradients": ["brainjepa gradients store --out gradients.csv",
-                  "brainjepa gradients sim/manifest.csv --out gradients.csv --n-components 10"],
-    "pretrain": ["brainjepa pretrain tiny --data store --out runs/tiny --max-steps 40",
-                 "brainjepa pretrain tiny --data store --out runs/tiny2 --gradients gradients.csv "
-                 "--set data.target_tr=2.0 --max-steps 40"],
+    "prepare": [
+        "brainjepa prepare sim/manifest.csv --out store",
+        "brainjepa prepare sim/manifest.csv --out store --dtype float16 --on-error skip --overwrite",
+    ],
+    "gradients": [
+        "brainjepa gradients store --out gradients.csv",
+        "brainjepa gradients sim/manifest.csv --out gradients.csv --n-components 10",
+    ],
+    "pretrain": [
+        "brainjepa pretrain tiny --data store --out runs/tiny --max-steps 40",
+        "brainjepa pretrain tiny --data store --out runs/tiny2 --gradients gradients.csv "
+        "--set data.target_tr=2.0 --max-steps 40",
+    ],
     "export": ["brainjepa export runs/tiny --out tiny-bundle"],
     "embed": ["brainjepa embed --model runs/tiny --data sim/manifest.csv --out emb.npz"],
-    "probe": ["brainjepa probe --model runs/tiny --data sim/manifest.csv --target age --seeds 3 "
-              "--out results.json"],
+    "probe": ["brainjepa probe --model runs/tiny --data sim/manifest.csv --target age --seeds 3 --out results.json"],
     "finetune": ["brainjepa finetune --model runs/tiny --data sim/manifest.csv --target patient --epochs 5"],
     "attention": ["brainjepa attention --model runs/tiny --data sim/manifest.csv --out attention"],
-    "convert-official": ["brainjepa convert-official jepa-ep300.pth.tar --gradients "
-                         "gradient_mapping_450.csv --out vitb-authors"],
+    "convert-official": [
+        "brainjepa convert-official jepa-ep300.pth.tar --gradients gradient_mapping_450.csv --out vitb-authors"
+    ],
     "demo": ["brainjepa demo --quick", "brainjepa demo --out my-demo"],
 }
 
@@ -59,9 +65,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("default" in text.lower() or default is None or default is False
-                or default == argparse.SUPPRESS
-                or not action.option_strings or (isinstance(default, list) and not default)):
+        if (
+            "default" in text.lower()
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+            or (isinstance(default, list) and not default)
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -70,8 +81,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return super()._fill_text(text, width, indent)
         import textwrap
 
-        return "\n".join(textwrap.fill(part, width, initial_indent=indent, subsequent_indent=indent)
-                         for part in text.split("\n"))
+        return "\n".join(
+            textwrap.fill(part, width, initial_indent=indent, subsequent_indent=indent) for part in text.split("\n")
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

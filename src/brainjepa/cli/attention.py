@@ -21,9 +21,12 @@ def register(subparsers) -> None:
     )
     add_model_data_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--networks", metavar="CSV_OR_TSV",
-                   help="ROI -> network table: a 'network' column, matched by a 'roi' (or "
-                        "'name') column to the model's ROI labels, else one row per ROI in order")
+    p.add_argument(
+        "--networks",
+        metavar="CSV_OR_TSV",
+        help="ROI -> network table: a 'network' column, matched by a 'roi' (or "
+        "'name') column to the model's ROI labels, else one row per ROI in order",
+    )
     p.add_argument("--max-subjects", type=int, help="use at most this many subjects (the first ones)")
     p.set_defaults(func=run)
 
@@ -32,9 +35,16 @@ def run(args: argparse.Namespace) -> int:
     from ..report import cohort_attention
 
     model, cohort = load(args)
-    paths = cohort_attention(model, cohort, args.out, networks=args.networks,
-                             max_subjects=args.max_subjects, batch_size=args.batch_size,
-                             device=args.device, progress=not args.quiet)
+    paths = cohort_attention(
+        model,
+        cohort,
+        args.out,
+        networks=args.networks,
+        max_subjects=args.max_subjects,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
     for path in paths.values():
         print(f"wrote {path}")
     return 0

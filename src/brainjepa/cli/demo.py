@@ -19,10 +19,10 @@ def register(subparsers) -> None:
             "extras."
         ),
     )
-    p.add_argument("--out", default="brainjepa-demo", metavar="DIR",
-                   help="report folder (default ./brainjepa-demo)")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller cohort and windows, 20 pretraining steps, 3 seeds (for CI)")
+    p.add_argument("--out", default="brainjepa-demo", metavar="DIR", help="report folder (default ./brainjepa-demo)")
+    p.add_argument(
+        "--quick", action="store_true", help="smaller cohort and windows, 20 pretraining steps, 3 seeds (for CI)"
+    )
     p.add_argument("--seeds", type=int, help="probe seeds (default 5; 3 with --quick)")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in DIR")
     p.set_defaults(func=run)
@@ -31,8 +31,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..report import run_demo
 
-    out = run_demo(args.out, quick=args.quick, seeds=args.seeds, overwrite=args.overwrite,
-                   progress=not args.quiet)
+    out = run_demo(args.out, quick=args.quick, seeds=args.seeds, overwrite=args.overwrite, progress=not args.quiet)
     print()
     print(out["table"])
     print(f"demo finished in {out['wall_time_s']:.0f} s; report: {out['report']}")

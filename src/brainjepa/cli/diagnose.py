@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from ..diagnostics import diagnose_model, format_diagnostics
 
     model, cohort = load(args)
-    result = diagnose_model(model, cohort, batch_size=args.batch_size, n_batches=args.batches,
-                            seed=args.seed, progress=not args.quiet)
+    result = diagnose_model(
+        model, cohort, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, progress=not args.quiet
+    )
     print(format_diagnostics(result), end="")
     if args.out:
         out = Path(args.out)

@@ -7,17 +7,31 @@ import argparse
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --data and the input/compute options shared by embed, probe, finetune, attention."""
-    p.add_argument("--model", required=True, metavar="MODEL",
-                   help="model bundle folder, pretraining run folder, checkpoint (.pt) or hub id")
-    p.add_argument("--data", required=True, nargs="+", metavar="DATA",
-                   help="manifest CSV/TSV, folder, prepared store, or several time-series files")
-    p.add_argument("--tr", type=float, metavar="SECONDS",
-                   help="repetition time of files that do not carry one")
-    p.add_argument("--orientation", choices=("roi-by-time", "time-by-roi"),
-                   help="layout of files where it cannot be read from them")
-    p.add_argument("--tr-source", choices=("check", "manifest", "file"), default="check",
-                   help="when a manifest's tr column and a file disagree: 'check' refuses, "
-                        "'manifest' or 'file' uses that one")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="model bundle folder, pretraining run folder, checkpoint (.pt) or hub id",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="DATA",
+        help="manifest CSV/TSV, folder, prepared store, or several time-series files",
+    )
+    p.add_argument("--tr", type=float, metavar="SECONDS", help="repetition time of files that do not carry one")
+    p.add_argument(
+        "--orientation",
+        choices=("roi-by-time", "time-by-roi"),
+        help="layout of files where it cannot be read from them",
+    )
+    p.add_argument(
+        "--tr-source",
+        choices=("check", "manifest", "file"),
+        default="check",
+        help="when a manifest's tr column and a file disagree: 'check' refuses, 'manifest' or 'file' uses that one",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="subjects per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="auto (default: GPU when available), cpu, cuda, cuda:1, ...")
 
@@ -32,8 +46,7 @@ def load(args: argparse.Namespace):
     if len(args.data) == 1 and getattr(args, "tr_source", "check") != "check":
         from ..data import open_cohort
 
-        cohort = open_cohort(args.data[0], tr=args.tr, orientation=args.orientation,
-                             tr_source=args.tr_source)
+        cohort = open_cohort(args.data[0], tr=args.tr, orientation=args.orientation, tr_source=args.tr_source)
     else:
         cohort = load_cohort(args.data, tr=args.tr, orientation=args.orientation)
     check_cohort_for_model(model, cohort)  # names the scan before any slow work
@@ -53,8 +66,9 @@ def check_finite_npz(path, subjects) -> None:
                 bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
                 if len(bad):
                     names = ", ".join(str(subjects[i]) for i in bad[:5])
-                    raise DataError(f"{key} of {len(bad)} subject(s) are NaN/Inf ({names}); nothing "
-                                    "was written: check those scans")
+                    raise DataError(
+                        f"{key} of {len(bad)} subject(s) are NaN/Inf ({names}); nothing was written: check those scans"
+                    )
 
 
 def register(subparsers) -> None:
@@ -76,29 +90,43 @@ def register(subparsers) -> None:
     )
     add_model_data_arguments(p)
     p.add_argument("--out", required=True, metavar="EMB_NPZ", help="output .npz file")
-    p.add_argument("--readout", choices=READOUTS, default="mean",
-                   help=f"readout of the token features, one of {', '.join(READOUTS)} (default mean)")
-    p.add_argument("--windows", choices=WINDOWS, default="all",
-                   help="all (default): average over windows covering each scan; center: the "
-                        "centre window only")
-    p.add_argument("--tokens", action="store_true",
-                   help="also save the centre window's token features (N x R x P x D)")
+    p.add_argument(
+        "--readout",
+        choices=READOUTS,
+        default="mean",
+        help=f"readout of the token features, one of {', '.join(READOUTS)} (default mean)",
+    )
+    p.add_argument(
+        "--windows",
+        choices=WINDOWS,
+        default="all",
+        help="all (default): average over windows covering each scan; center: the centre window only",
+    )
+    p.add_argument("--tokens", action="store_true", help="also save the centre window's token features (N x R x P x D)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import save_embeddings
-
     import os
     from pathlib import Path
+
+    from ..evaluate import save_embeddings
 
     model, cohort = load(args)
     final = Path(args.out)
     tmp = final.with_name(f".{final.name}.incomplete")  # renamed when complete and checked
     try:
-        save_embeddings(model, cohort, tmp, readout=args.readout, windows=args.windows,
-                        tokens=args.tokens, batch_size=args.batch_size, device=args.device,
-                        progress=not args.quiet)
+        save_embeddings(
+            model,
+            cohort,
+            tmp,
+            readout=args.readout,
+            windows=args.windows,
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.quiet,
+        )
         check_finite_npz(tmp, cohort.subjects)
         os.replace(tmp, final)
     finally:
@@ -108,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
 
     n_dims = np.load(out)["embeddings"].shape[1]
     cfg = model.config
-    print(f"wrote {out}: {len(cohort)} subjects x {n_dims} dimensions ({args.readout} readout, "
-          f"{args.windows} windows)"
-          + (f", tokens {len(cohort)} x {cfg.n_rois} x {cfg.n_patches} x {cfg.embed_dim}"
-             if args.tokens else ""))
+    print(
+        f"wrote {out}: {len(cohort)} subjects x {n_dims} dimensions ({args.readout} readout, "
+        f"{args.windows} windows)"
+        + (f", tokens {len(cohort)} x {cfg.n_rois} x {cfg.n_patches} x {cfg.embed_dim}" if args.tokens else "")
+    )
     return 0

@@ -18,8 +18,12 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="pretraining run folder")
     p.add_argument("--step", type=int, help="export this step's checkpoint (default: the latest)")
     p.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle)")
-    p.add_argument("--encoder", choices=("target", "context"), default="target",
-                   help="EMA target encoder (default) or context encoder")
+    p.add_argument(
+        "--encoder",
+        choices=("target", "context"),
+        default="target",
+        help="EMA target encoder (default) or context encoder",
+    )
     p.add_argument("--no-predictor", action="store_true", help="leave the predictor out")
     p.set_defaults(func=run)
 
@@ -27,7 +31,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bundle import export_run
 
-    out = export_run(args.run_dir, step=args.step, out=args.out, encoder=args.encoder,
-                     predictor=not args.no_predictor)
+    out = export_run(args.run_dir, step=args.step, out=args.out, encoder=args.encoder, predictor=not args.no_predictor)
     print(f"wrote {out}")
     return 0

@@ -23,28 +23,45 @@ def register(subparsers) -> None:
             "gradient, and a PNG of the ROIs in gradient space next to it."
         ),
     )
-    p.add_argument("timeseries", nargs="*", metavar="DATA",
-                   help="one file per subject (.npy/.npz/.csv/.tsv/.mat/.h5/.nii.gz), or one "
-                        "manifest CSV/TSV, folder or prepared store (its training split is used)")
-    p.add_argument("--fc", metavar="FC_FILE",
-                   help="use this R x R connectivity matrix (.npy or header-less CSV) instead")
+    p.add_argument(
+        "timeseries",
+        nargs="*",
+        metavar="DATA",
+        help="one file per subject (.npy/.npz/.csv/.tsv/.mat/.h5/.nii.gz), or one "
+        "manifest CSV/TSV, folder or prepared store (its training split is used)",
+    )
+    p.add_argument(
+        "--fc", metavar="FC_FILE", help="use this R x R connectivity matrix (.npy or header-less CSV) instead"
+    )
     p.add_argument("--out", required=True, help="output CSV (the PNG gets the same stem)")
     p.add_argument("--n-components", type=int, default=30, help="number of gradients m (default 30)")
-    p.add_argument("--sparsity", type=float, default=0.9,
-                   help="fraction of each FC row zeroed before the affinity (default 0.9)")
+    p.add_argument(
+        "--sparsity", type=float, default=0.9, help="fraction of each FC row zeroed before the affinity (default 0.9)"
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="diffusion-map anisotropy alpha (default 0.5)")
-    p.add_argument("--kernel", choices=("normalized_angle", "cosine"), default="normalized_angle",
-                   help="affinity between thresholded FC rows (default normalized_angle)")
-    p.add_argument("--diffusion-time", type=float, default=0,
-                   help="0 (default): multi-scale lambda/(1-lambda) scaling; t > 0: lambda^t")
-    p.add_argument("--no-fisher-z", action="store_true",
-                   help="average raw correlations instead of Fisher-z values")
-    p.add_argument("--orientation", choices=("roi-by-time", "time-by-roi"),
-                   help="layout of the time series files when it cannot be read from them")
+    p.add_argument(
+        "--kernel",
+        choices=("normalized_angle", "cosine"),
+        default="normalized_angle",
+        help="affinity between thresholded FC rows (default normalized_angle)",
+    )
+    p.add_argument(
+        "--diffusion-time",
+        type=float,
+        default=0,
+        help="0 (default): multi-scale lambda/(1-lambda) scaling; t > 0: lambda^t",
+    )
+    p.add_argument("--no-fisher-z", action="store_true", help="average raw correlations instead of Fisher-z values")
+    p.add_argument(
+        "--orientation",
+        choices=("roi-by-time", "time-by-roi"),
+        help="layout of the time series files when it cannot be read from them",
+    )
     p.add_argument("--variable", help="array name inside .npz/.mat/.h5 files")
     p.add_argument("--atlas", help="label image for NIfTI input")
-    p.add_argument("--align-to", metavar="REFERENCE_CSV",
-                   help="Procrustes-align the gradients to this reference gradient CSV")
+    p.add_argument(
+        "--align-to", metavar="REFERENCE_CSV", help="Procrustes-align the gradients to this reference gradient CSV"
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.set_defaults(func=run)
 
@@ -68,23 +85,19 @@ def run(args: argparse.Namespace) -> int:
     elif len(args.timeseries) == 1 and _is_cohort(args.timeseries[0]):
         from ..data import CohortSeries, open_cohort
 
-        cohort = open_cohort(args.timeseries[0], orientation=args.orientation, variable=args.variable,
-                             atlas=args.atlas)
+        cohort = open_cohort(args.timeseries[0], orientation=args.orientation, variable=args.variable, atlas=args.atlas)
         index = cohort.split_indices("train")
         if len(index) == 0:
-            raise DataError(f"{args.timeseries[0]}: no training scans (split 'train') to compute "
-                            "gradients from")
+            raise DataError(f"{args.timeseries[0]}: no training scans (split 'train') to compute gradients from")
         series = CohortSeries(cohort, index)
-        fc = connectivity(series, fisher_z=not args.no_fisher_z,
-                          names=[cohort.name(int(i)) for i in index])
+        fc = connectivity(series, fisher_z=not args.no_fisher_z, names=[cohort.name(int(i)) for i in index])
         labels = cohort.roi_labels
         source = f"{len(index)} training scans of {args.timeseries[0]}"
     else:
         from ..io import read_timeseries
 
         series = [
-            read_timeseries(path, orientation=args.orientation, variable=args.variable,
-                            atlas=args.atlas)
+            read_timeseries(path, orientation=args.orientation, variable=args.variable, atlas=args.atlas)
             for path in args.timeseries
         ]
         labels = series[0].roi_labels
@@ -94,20 +107,27 @@ def run(args: argparse.Namespace) -> int:
                     f"{ts.path}: ROI labels differ from {series[0].path}'s; all subjects must "
                     "use the same parcellation in the same ROI order"
                 )
-        fc = connectivity([ts.data for ts in series], fisher_z=not args.no_fisher_z,
-                          names=[str(p) for p in args.timeseries])
+        fc = connectivity(
+            [ts.data for ts in series], fisher_z=not args.no_fisher_z, names=[str(p) for p in args.timeseries]
+        )
         source = f"{len(series)} subjects"
 
-    bg = BrainGradients(n_components=args.n_components, kernel=args.kernel, sparsity=args.sparsity,
-                        alpha=args.alpha, diffusion_time=args.diffusion_time).fit(fc)
+    bg = BrainGradients(
+        n_components=args.n_components,
+        kernel=args.kernel,
+        sparsity=args.sparsity,
+        alpha=args.alpha,
+        diffusion_time=args.diffusion_time,
+    ).fit(fc)
     gradients = bg.gradients_
     if args.align_to:
         gradients = bg.align_to(load_gradients_csv(args.align_to)[0])
 
     out = save_gradients_csv(gradients, args.out, labels)
     shown = ", ".join(f"{v:.4f}" for v in bg.lambdas_[:3])
-    print(f"wrote {out}: {gradients.shape[0]} ROIs x {gradients.shape[1]} gradients from {source} "
-          f"(lambdas {shown}, ...)")
+    print(
+        f"wrote {out}: {gradients.shape[0]} ROIs x {gradients.shape[1]} gradients from {source} (lambdas {shown}, ...)"
+    )
     if not args.no_plot and gradients.shape[1] >= 2:
         png = plot_gradients(gradients, Path(args.out).with_suffix(".png"), roi_labels=labels)
         print(f"wrote {png}")

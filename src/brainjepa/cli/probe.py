@@ -11,22 +11,42 @@ from .embed import add_model_data_arguments, load
 def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) -> None:
     """Target, task, seeds, splits, baselines and output options shared by probe and finetune
     (``fc_input``: offer --fc-input, the choice of fine-tuning's single FC baseline)."""
-    p.add_argument("--target", required=True, action="append", metavar="COLUMN",
-                   help="label column to predict (repeat for several targets)")
-    p.add_argument("--task", choices=("auto", "classification", "regression"), default="auto",
-                   help="auto (default): classification for text or <= 10 distinct integer values")
+    p.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        metavar="COLUMN",
+        help="label column to predict (repeat for several targets)",
+    )
+    p.add_argument(
+        "--task",
+        choices=("auto", "classification", "regression"),
+        default="auto",
+        help="auto (default): classification for text or <= 10 distinct integer values",
+    )
     p.add_argument("--seeds", type=int, default=5, help="number of seeds / random splits (default 5)")
-    p.add_argument("--split-column", metavar="COLUMN",
-                   help="use this column's train/val/test values instead of random 60/20/20 splits "
-                        "('split' reads the manifest's split column)")
+    p.add_argument(
+        "--split-column",
+        metavar="COLUMN",
+        help="use this column's train/val/test values instead of random 60/20/20 splits "
+        "('split' reads the manifest's split column)",
+    )
     if fc_input:
-        p.add_argument("--fc-input", choices=("full", "window"), default="full",
-                       help="FC baseline from each subject's full series (default) or from exactly "
-                            "the window the model sees")
-    p.add_argument("--class-weight", choices=("balanced",), default=None,
-                   help="weight classes by inverse frequency in the training loss")
-    p.add_argument("--out", metavar="RESULTS_JSON",
-                   help="write the results as JSON (summary rows and, for probe, the comparisons)")
+        p.add_argument(
+            "--fc-input",
+            choices=("full", "window"),
+            default="full",
+            help="FC baseline from each subject's full series (default) or from exactly the window the model sees",
+        )
+    p.add_argument(
+        "--class-weight",
+        choices=("balanced",),
+        default=None,
+        help="weight classes by inverse frequency in the training loss",
+    )
+    p.add_argument(
+        "--out", metavar="RESULTS_JSON", help="write the results as JSON (summary rows and, for probe, the comparisons)"
+    )
 
 
 def register(subparsers) -> None:
@@ -51,18 +71,33 @@ def register(subparsers) -> None:
     )
     add_model_data_arguments(p)
     add_protocol_arguments(p, fc_input=False)
-    p.add_argument("--readout", action="append", choices=READOUTS,
-                   help=f"readout of the token features, one of {', '.join(READOUTS)}; repeat "
-                        f"for several (default: all of {', '.join(READOUTS)})")
-    p.add_argument("--random-init-seeds", type=int, default=3, metavar="N",
-                   help="randomly initialised copies of the architecture, seeds 0..N-1 "
-                        "(default 3; 0 leaves them out)")
-    p.add_argument("--windows", choices=WINDOWS, default="all",
-                   help="all (default): average over evenly spaced windows covering each scan; "
-                        "center: the centre window only")
-    p.add_argument("--probe", choices=PROBES, default="closed-form",
-                   help="closed-form (default): ridge / logistic regression on standardised "
-                        "embeddings; bn-linear: the paper's BatchNorm + linear head (AdamW)")
+    p.add_argument(
+        "--readout",
+        action="append",
+        choices=READOUTS,
+        help=f"readout of the token features, one of {', '.join(READOUTS)}; repeat "
+        f"for several (default: all of {', '.join(READOUTS)})",
+    )
+    p.add_argument(
+        "--random-init-seeds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="randomly initialised copies of the architecture, seeds 0..N-1 (default 3; 0 leaves them out)",
+    )
+    p.add_argument(
+        "--windows",
+        choices=WINDOWS,
+        default="all",
+        help="all (default): average over evenly spaced windows covering each scan; center: the centre window only",
+    )
+    p.add_argument(
+        "--probe",
+        choices=PROBES,
+        default="closed-form",
+        help="closed-form (default): ridge / logistic regression on standardised "
+        "embeddings; bn-linear: the paper's BatchNorm + linear head (AdamW)",
+    )
     p.add_argument("--epochs", type=int, default=50, help="bn-linear probe epochs (default 50)")
     p.set_defaults(func=run)
 
@@ -72,12 +107,22 @@ def run(args: argparse.Namespace) -> int:
 
     model, cohort = load(args)
     results = probe_cohort(
-        model, cohort, args.target, task=args.task, seeds=args.seeds, probe=args.probe,
-        split_column=args.split_column, readouts=args.readout or READOUTS,
-        random_init_seeds=args.random_init_seeds, windows=args.windows,
-        class_weight=args.class_weight, batch_size=args.batch_size, device=args.device,
+        model,
+        cohort,
+        args.target,
+        task=args.task,
+        seeds=args.seeds,
+        probe=args.probe,
+        split_column=args.split_column,
+        readouts=args.readout or READOUTS,
+        random_init_seeds=args.random_init_seeds,
+        windows=args.windows,
+        class_weight=args.class_weight,
+        batch_size=args.batch_size,
+        device=args.device,
         progress=not args.quiet,
-        probe_options={"epochs": args.epochs} if args.probe == "bn-linear" else None)
+        probe_options={"epochs": args.epochs} if args.probe == "bn-linear" else None,
+    )
     print(results.table())
     print("paired over split seeds: brainjepa minus each reference\n")
     print(results.comparison_table())

@@ -23,8 +23,12 @@ def register(subparsers) -> None:
     p.add_argument("--networks", type=int, default=7, help="number of functional networks (default 7)")
     p.add_argument("--sites", type=int, default=3, help="number of acquisition sites (default 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=FORMATS, default="tsv",
-                   help="file format: XCP-D tsv (default), UKB csv, npy, npz, mat, h5, nifti, or mixed")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="tsv",
+        help="file format: XCP-D tsv (default), UKB csv, npy, npz, mat, h5, nifti, or mixed",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 
@@ -33,10 +37,19 @@ def run(args: argparse.Namespace) -> int:
     from ..synthetic import simulate_cohort, write_cohort
 
     t0 = time.perf_counter()
-    sim = simulate_cohort(args.subjects, args.rois, tr=args.tr, minutes=args.minutes, seed=args.seed,
-                          n_networks=args.networks, n_sites=args.sites)
+    sim = simulate_cohort(
+        args.subjects,
+        args.rois,
+        tr=args.tr,
+        minutes=args.minutes,
+        seed=args.seed,
+        n_networks=args.networks,
+        n_sites=args.sites,
+    )
     manifest = write_cohort(sim, args.out, fmt=args.format)
     t = sim.timeseries[0].shape[1]
-    print(f"simulated {args.subjects} subjects x {args.rois} ROIs x {t} volumes (TR {args.tr} s) in "
-          f"{time.perf_counter() - t0:.1f} s; manifest: {manifest}")
+    print(
+        f"simulated {args.subjects} subjects x {args.rois} ROIs x {t} volumes (TR {args.tr} s) in "
+        f"{time.perf_counter() - t0:.1f} s; manifest: {manifest}"
+    )
     return 0
