@@ -56,7 +56,6 @@ from brainjepa.evaluate import (  # noqa: E402
 )
 from brainjepa.finetune import (  # noqa: E402
     FineTuner,
-    cosine_lr,
     finetune_cohort,
     layer_id,
     make_optimizer,
@@ -64,6 +63,7 @@ from brainjepa.finetune import (  # noqa: E402
     set_drop_path,
 )
 from brainjepa.model import ModelConfig  # noqa: E402
+from brainjepa.schedules import warmup_cosine  # noqa: E402
 from brainjepa.synthetic import simulate_cohort  # noqa: E402
 from brainjepa.transforms import zscore  # noqa: E402
 
@@ -775,11 +775,13 @@ def test_drop_path_changes_training_outputs_only():
     torch.testing.assert_close(net(x), net(x))
 
 
-def test_cosine_schedule():
-    assert cosine_lr(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
-    assert cosine_lr(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert cosine_lr(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert cosine_lr(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 101, 10, 1.0, 0.1, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine(5, 101, 10, 1.0, 0.0, 0.0) == pytest.approx(0.5)  # linear warmup
+    assert warmup_cosine(10, 101, 10, 1.0, 0.1, 0.0) == pytest.approx(1.0)  # the peak ends the warmup
+    assert warmup_cosine(55, 101, 10, 1.0, 0.1, 0.0) == pytest.approx(0.5)  # half way down the cosine
+    assert warmup_cosine(100, 101, 10, 1.0, 0.1, 0.01) == pytest.approx(0.01)  # final at the last step
+    assert warmup_cosine(500, 101, 10, 1.0, 0.1, 0.01) == pytest.approx(0.01)  # and after it
 
 
 def test_finetuner_trains_and_finetune_cohort_runs(sim):

@@ -34,7 +34,8 @@ from brainjepa.errors import BrainJEPAError, ConfigError, DataError
 from brainjepa.io import read_timeseries, write_timeseries
 from brainjepa.model import ModelConfig
 from brainjepa.pretrain import Trainer, pretrain
-from brainjepa.runs import Heartbeat, load_config
+from brainjepa.runio import Heartbeat
+from brainjepa.runs import load_config
 from brainjepa.transforms import cohort_offset_problem, raw_bold_problem
 
 R = 16
@@ -396,7 +397,7 @@ def test_an_interrupted_prepare_is_recognised_and_rerun_with_overwrite(tmp_path)
     with pytest.raises(DataError, match="interrupted .*--overwrite"):
         prepare_store(m, store)
     prepare_store(m, store, overwrite=True)
-    assert len(open_cohort(store)) == 4 and not (tmp_path / "store.incomplete").exists()
+    assert len(open_cohort(store)) == 4 and not (tmp_path / ".store.incomplete").exists()
 
 
 def test_embed_writes_nothing_when_embeddings_are_not_finite(tmp_path, monkeypatch, capsys):
@@ -430,17 +431,17 @@ def test_an_interrupted_bundle_save_is_recognised(tmp_path, monkeypatch):
     import brainjepa.bundle as bundle_module
 
     model = tiny_model()
-    real = bundle_module._write_json
+    real = bundle_module.write_json_atomic
 
-    def failing(path, value):
+    def failing(path, value, **kwargs):
         if path.name == "config.json":
             raise KeyboardInterrupt
-        real(path, value)
+        real(path, value, **kwargs)
 
-    monkeypatch.setattr(bundle_module, "_write_json", failing)
+    monkeypatch.setattr(bundle_module, "write_json_atomic", failing)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path / "b")
-    monkeypatch.setattr(bundle_module, "_write_json", real)
+    monkeypatch.setattr(bundle_module, "write_json_atomic", real)
     assert not (tmp_path / "b").exists()
     with pytest.raises(BrainJEPAError, match="not completed .*interrupted"):
         BrainJEPA.from_pretrained(tmp_path / "b")

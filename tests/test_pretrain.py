@@ -20,16 +20,9 @@ from brainjepa.errors import ConfigError
 from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
 from brainjepa.objective import block_loss_sum
-from brainjepa.pretrain import Schedule, ShardSampler, Trainer, latest_checkpoint, load_config, pretrain
-from brainjepa.runs import (
-    MetricsLog,
-    dump_config,
-    list_checkpoints,
-    load_latest_checkpoint,
-    parse_override,
-    resolve_config,
-    save_checkpoint,
-)
+from brainjepa.pretrain import Schedule, ShardSampler, Trainer, load_config, pretrain
+from brainjepa.runio import MetricsLog, checkpoint_path, find_checkpoints, load_latest_checkpoint, save_checkpoint
+from brainjepa.runs import dump_config, parse_override, resolve_config
 from brainjepa.synthetic import simulate_cohort
 
 # a model small enough for a 2-core CI machine: 16 ROIs x 3 patches, width 32
@@ -325,7 +318,7 @@ def test_bf16_autocast_on_cpu_matches_fp32_loss():
 def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     for step in (1, 2, 3):
         save_checkpoint({"step": step, "w": torch.full((3,), float(step))}, tmp_path, keep_last=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
+    assert [p.name for p in find_checkpoints(tmp_path).values()] == ["step_00000002.pt", "step_00000003.pt"]
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -334,7 +327,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
         save_checkpoint({"step": 4}, tmp_path, keep_last=2)
-    assert latest_checkpoint(tmp_path).name == "step_00000003.pt"  # never a half-written latest
+    assert checkpoint_path(tmp_path).name == "step_00000003.pt"  # never a half-written latest
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000003.pt"]
     monkeypatch.undo()
     (tmp_path / "checkpoints" / "step_00000009.pt").write_bytes(b"damaged")  # e.g. a copy cut short
@@ -419,8 +412,8 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     for name in ("config.yaml", "metrics.jsonl", "gradients.csv", "normalization.json", "loss.png"):
         assert (run / name).is_file(), name
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert [p.name for p in list_checkpoints(run)] == ["step_00000020.pt", "step_00000036.pt"]
-    ckpt = torch.load(latest_checkpoint(run), weights_only=True)
+    assert [p.name for p in find_checkpoints(run).values()] == ["step_00000020.pt", "step_00000036.pt"]
+    ckpt = torch.load(checkpoint_path(run), weights_only=True)
     assert ckpt["step"] == 36 and ckpt["loss_name"] == "smooth_l1"
     assert ModelConfig.from_dict(ckpt["model_config"]).n_rois == 16
     assert {"encoder", "target_encoder", "predictor", "optimizer", "rng", "data_state", "config"} <= set(ckpt)
@@ -471,7 +464,7 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
     pretrain(cfg, data_dir, full, progress=False)
     first = pretrain(cfg, data_dir, part, progress=False, stop_after=5)  # mid-epoch 1
     assert first["steps"] == 5 and first["bundle"] is None
-    assert latest_checkpoint(part).name == "step_00000005.pt"
+    assert checkpoint_path(part).name == "step_00000005.pt"
     with pytest.raises(ConfigError, match="--resume"):
         pretrain(cfg, data_dir, part, progress=False)
     with pytest.raises(ConfigError, match=r"optim\.lr"):
@@ -486,8 +479,8 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
     assert resumed["steps"] == 12
     assert _losses(part) == _losses(full)  # exactly equal, step by step
     assert [json.loads(line)["step"] for line in open(part / "metrics.jsonl")] == list(range(1, 13))
-    a = torch.load(latest_checkpoint(full), weights_only=True)
-    b = torch.load(latest_checkpoint(part), weights_only=True)
+    a = torch.load(checkpoint_path(full), weights_only=True)
+    b = torch.load(checkpoint_path(part), weights_only=True)
     for part_name in ("encoder", "target_encoder", "predictor"):
         for k in a[part_name]:
             assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
@@ -531,7 +524,7 @@ def test_cli_pretrain_and_errors(data_dir, tmp_path, capsys, caplog):
     assert "pretrained 3/3 steps" in capsys.readouterr().out
     for name in ("config.yaml", "metrics.jsonl", "gradients.csv", "normalization.json", "loss.png"):
         assert (run / name).is_file(), name
-    assert latest_checkpoint(run).name == "step_00000003.pt"
+    assert checkpoint_path(run).name == "step_00000003.pt"
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["model"]["n_timepoints"] == 32 and resolved["train"]["max_steps"] == 3
     # a collapse monitor below its threshold warns, once
@@ -583,7 +576,7 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(data_dir, tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, data_dir, run, tmp_path), nprocs=2)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    ckpt = torch.load(latest_checkpoint(run), weights_only=True)
+    ckpt = torch.load(checkpoint_path(run), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["data_state"]["world_size"] == 2
     init = BrainEncoder(SMALL_MODEL).state_dict()  # only for key names
     for name in ("encoder", "target_encoder", "predictor"):

@@ -40,12 +40,12 @@ from torch import nn
 
 from .errors import BrainJEPAError, ConfigError, DataError, require
 from .model import BrainEncoder, BrainPredictor, ModelConfig, infer_official_config, map_official_state_dict
+from .runio import checkpoint_path, incomplete_path, write_json_atomic
 from .transforms import FITTED_NORMALIZATIONS, NORMALIZATIONS
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-INCOMPLETE_SUFFIX = ".incomplete"  # a bundle being written: .NAME.incomplete next to NAME
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GRADIENTS_FILE = "gradients.csv"
@@ -325,7 +325,7 @@ class BrainJEPA(nn.Module):
         final.parent.mkdir(parents=True, exist_ok=True)
         # built in a sibling folder, then moved into place: an interrupted save leaves that
         # folder (recognised by from_pretrained), never a half-written bundle
-        out = final.with_name(f".{final.name}{INCOMPLETE_SUFFIX}")
+        out = incomplete_path(final)
         if out.exists():
             import shutil
 
@@ -338,12 +338,12 @@ class BrainJEPA(nn.Module):
             save_safetensors(tensors, metadata={"format": "pt", "brainjepa_format": str(FORMAT_VERSION)})
         )
         save_gradients_csv(self.encoder.gradients.cpu().numpy(), out / GRADIENTS_FILE, self.roi_labels)
-        _write_json(out / NORMALIZATION_FILE, self.normalization)
+        write_json_atomic(out / NORMALIZATION_FILE, self.normalization, allow_nan=False)
         prov = {**self.provenance, **(provenance or {})}
         prov.setdefault("config_sha256", _sha256_json(config["architecture"]))
         prov["model_sha256"] = _sha256_file(out / WEIGHTS_FILE)
-        _write_json(out / PROVENANCE_FILE, prov)
-        _write_json(out / CONFIG_FILE, config)
+        write_json_atomic(out / PROVENANCE_FILE, prov, allow_nan=False)
+        write_json_atomic(out / CONFIG_FILE, config, allow_nan=False)
         if not final.exists() or (final.is_dir() and not any(final.iterdir())):
             if final.exists():
                 final.rmdir()
@@ -486,7 +486,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> Br
         if (p / "bundle" / CONFIG_FILE).exists():
             return BrainJEPA.from_pretrained(p / "bundle", device)
         if (p / "checkpoints").is_dir():
-            model = BrainJEPA.from_checkpoint(_checkpoint_path(p, None))
+            model = BrainJEPA.from_checkpoint(checkpoint_path(p, None))
             return model.to(device) if device is not None else model
         raise BrainJEPAError(
             f"{p}: neither a model bundle (no {CONFIG_FILE}) nor a pretraining run folder (no bundle/ or checkpoints/)"
@@ -505,7 +505,7 @@ def export_run(
     """Bundle a pretraining run's checkpoint (the latest, or ``step``) into ``out``
     (default RUN_DIR/bundle); returns the bundle folder."""
     run_dir = Path(run_dir)
-    checkpoint = _checkpoint_path(run_dir, step)
+    checkpoint = checkpoint_path(run_dir, step)
     model = BrainJEPA.from_checkpoint(checkpoint, encoder=encoder, predictor=predictor)
     out = Path(out) if out is not None else run_dir / "bundle"
     model.save_pretrained(out)
@@ -674,28 +674,9 @@ def _unpickling_reason(exc: Exception) -> str:
     return detail[0] if detail else (lines[0] if lines else type(exc).__name__)
 
 
-def _checkpoint_path(run_dir: Path, step: int | None) -> Path:
-    folder = run_dir / "checkpoints"
-    found = {}
-    for p in folder.glob("step_*.pt"):
-        try:
-            found[int(p.stem.split("_", 1)[1])] = p
-        except ValueError:
-            continue
-    if not found:
-        raise BrainJEPAError(
-            f"{folder}: no checkpoints (step_*.pt) found; is {run_dir} a brainjepa pretraining run folder?"
-        )
-    if step is None:
-        return found[max(found)]
-    if step not in found:
-        raise BrainJEPAError(f"{folder}: no checkpoint for step {step}; available steps: {sorted(found)}")
-    return found[step]
-
-
 def _resolve_bundle(path: str | Path) -> Path:
     p = Path(path)
-    partial = p.with_name(f".{p.name}{INCOMPLETE_SUFFIX}")
+    partial = incomplete_path(p)
     if not (p / CONFIG_FILE).exists() and partial.is_dir():
         raise BrainJEPAError(
             f"{p}: the bundle was not completed (an interrupted save or export left {partial}); save or export it again"
@@ -744,10 +725,6 @@ def _read_yaml(path: Path) -> dict:
 
     with open(path) as f:
         return yaml.safe_load(f) or {}
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
 def _sha256_json(value) -> str:

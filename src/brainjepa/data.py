@@ -47,6 +47,7 @@ from .io import (
     read_sidecar,
     read_timeseries,
 )
+from .runio import INCOMPLETE_SUFFIX, incomplete_path, move_into_place, write_json_atomic
 from .transforms import (
     FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
@@ -76,7 +77,6 @@ ON_ERROR = ("fail", "skip")
 # give one: 'check' (default) refuses a disagreement, 'manifest' or 'file' picks that source
 TR_SOURCES = ("check", "manifest", "file")
 # suffix of the folder a store is built in before it is renamed into place
-INCOMPLETE_SUFFIX = ".incomplete"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -818,13 +818,13 @@ def interrupted_store(path) -> str | None:
     finish, else None."""
     path = Path(path)
     name = path.name
-    if name.endswith(INCOMPLETE_SUFFIX) and path.is_dir():
-        final = path.with_name(name[: -len(INCOMPLETE_SUFFIX)])
+    if name.startswith(".") and name.endswith(INCOMPLETE_SUFFIX) and path.is_dir():
+        final = path.with_name(name[1 : -len(INCOMPLETE_SUFFIX)])
         return (
             f"{path}: a store that 'brainjepa prepare' was still writing when it stopped; use "
             f"{final} once prepared, or prepare it again with --out {final} --overwrite"
         )
-    partial = path.with_name(name + INCOMPLETE_SUFFIX)
+    partial = incomplete_path(path)
     if partial.is_dir() and not (path / "store.json").is_file():
         return (
             f"{path}: not prepared: 'brainjepa prepare' was interrupted while writing it (the "
@@ -1035,7 +1035,7 @@ def pack_store(
         raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     skipped = skipped if skipped is not None else []
     final = Path(out_dir)
-    out = final.with_name(final.name + INCOMPLETE_SUFFIX)
+    out = incomplete_path(final)
     if out.exists():
         if not overwrite:
             raise DataError(
@@ -1120,13 +1120,13 @@ def _pack(
         "scan_levels": [[float(v) for v in r.levels] for r in kept],
         "normalization": None,
     }
-    _write_json(out / "store.json", meta)
+    write_json_atomic(out / "store.json", meta)
     if "train" in splits:
         scaler = fit_scaler(Store(out), max_timepoints=max_scaler_timepoints, seed=seed)
         meta["normalization"] = normalization_to_dict("robust", scaler)
-        _write_json(out / "store.json", meta)
+        write_json_atomic(out / "store.json", meta)
     n_bytes = (out / "data.bin").stat().st_size
-    _move_into_place(out, final)
+    move_into_place(out, final)
     counts = {s: splits.count(s) for s in SPLITS if s in splits}
     return PrepareReport(
         str(final),
@@ -1141,34 +1141,12 @@ def _pack(
     )
 
 
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``final``; an existing ``final`` (checked by the
-    caller to be replaceable) is moved aside first and deleted only after the rename."""
-    old = None
-    if final.exists():
-        if final.is_dir() and not any(final.iterdir()):
-            final.rmdir()
-        else:
-            old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
-            os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _json_value(v):
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (np.floating, float)):
         return None if not np.isfinite(v) else float(v)
     return v
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- windows

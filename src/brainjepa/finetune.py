@@ -36,6 +36,7 @@ from .evaluate import (
     run_protocol,
     target_labels,
 )
+from .schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,6 @@ def set_drop_path(encoder: nn.Module, rate: float) -> None:
         block.drop_path.p = rate * i / max(depth - 1, 1)
 
 
-def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from 0 to ``lr`` over ``warmup`` steps, then cosine down to ``min_lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 class FineTuner(_Probe):
     """Fine-tune a copy of ``model``'s encoder (a BrainJEPA or a BrainEncoder) with a new head.
 
@@ -191,7 +184,7 @@ class FineTuner(_Probe):
                 net.train()
                 running = 0.0
                 for idx in torch.randperm(len(X), generator=gen).tensor_split(n_batches):
-                    set_lr(opt, cosine_lr(step, total, warmup, self.lr, self.min_lr))
+                    set_lr(opt, warmup_cosine(step, total, warmup, self.lr, self.lr / max(warmup, 1), self.min_lr))
                     loss = loss_fn(net(X[idx].to(device)), t[idx].to(device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.linalg import eigh, orthogonal_procrustes
 
-from .errors import ConfigError, DataError, require
+from .errors import ConfigError, DataError
+from .plotting import pyplot, save_figure
 
 KERNELS = ("normalized_angle", "cosine")
 
@@ -443,10 +444,7 @@ def plot_gradients(
     for name, seq in (("roi_labels", roi_labels), ("networks", networks)):
         if seq is not None and len(seq) != g.shape[0]:
             raise DataError(f"{name} has {len(seq)} entries for {g.shape[0]} ROIs")
-    matplotlib = require("matplotlib", "viz", "plotting gradients")
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plotting gradients")
     pairs = [(0, 1), (0, 2), (1, 2)] if g.shape[1] >= 3 else [(0, 1)]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4.0), squeeze=False)
     for ax, (a, b) in zip(axes[0], pairs):
@@ -472,9 +470,4 @@ def plot_gradients(
     if networks is not None:
         axes[0][-1].legend(fontsize=6, markerscale=0.8, loc="best")
     fig.suptitle(f"{g.shape[0]} ROIs in gradient space")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

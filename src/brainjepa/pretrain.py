@@ -95,23 +95,12 @@ from .objective import (
     target_features,
 )
 from .report import plot_diagnostics_history, plot_loss_curve
-from .runs import (
-    Heartbeat,
-    MetricsLog,
-    check_gradient_inputs,
-    dump_config,
-    latest_checkpoint,
-    list_checkpoints,
-    load_config,
-    load_latest_checkpoint,
-    nonfinite_loss_error,
-    resolve_config,
-    save_checkpoint,
-    write_text_atomic,
-)
+from .runio import Heartbeat, MetricsLog, find_checkpoints, load_latest_checkpoint, save_checkpoint, write_text_atomic
+from .runs import check_gradient_inputs, dump_config, load_config, nonfinite_loss_error, resolve_config
+from .schedules import warmup_cosine
 from .transforms import FITTED_NORMALIZATIONS, normalization_from_dict, normalization_to_dict
 
-__all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "Trainer", "latest_checkpoint"]
+__all__ = ["pretrain", "load_config", "Schedule", "ShardSampler", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +152,6 @@ def _free_memory_to_os() -> None:
 # ------------------------------------------------------------------------------- schedules
 
 
-def _cosine(start: float, end: float, t: float) -> float:
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
 @dataclass
 class Schedule:
     """Learning rate, weight decay and EMA momentum at optimizer step s = 0 .. total_steps-1.
@@ -202,20 +187,16 @@ class Schedule:
             optim["ema_end"],
         )
 
-    def _progress(self, step: int, start: int) -> float:
-        span = self.total_steps - 1 - start
-        return 1.0 if span <= 0 else min(max((step - start) / span, 0.0), 1.0)
-
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start_lr + (self.lr - self.start_lr) * step / self.warmup_steps
-        return _cosine(self.lr, self.final_lr, self._progress(step, self.warmup_steps))
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.lr, self.start_lr, self.final_lr)
 
     def weight_decay_at(self, step: int) -> float:
-        return _cosine(self.weight_decay, self.final_weight_decay, self._progress(step, 0))
+        return warmup_cosine(step, self.total_steps, 0, self.weight_decay, self.weight_decay, self.final_weight_decay)
 
     def momentum_at(self, step: int) -> float:
-        return self.ema_start + (self.ema_end - self.ema_start) * self._progress(step, 0)
+        span = self.total_steps - 1
+        t = 1.0 if span <= 0 else min(max(step / span, 0.0), 1.0)
+        return self.ema_start + (self.ema_end - self.ema_start) * t
 
 
 # ------------------------------------------------------------------------------- data order
@@ -625,7 +606,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     train, optim = cfg["train"], cfg["optim"]
     rank0 = ctx.rank == 0
     seed = train["seed"]
-    if not resume and list_checkpoints(run_dir):
+    if not resume and find_checkpoints(run_dir):
         raise ConfigError(
             f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose a new --out folder"
         )
@@ -881,7 +862,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                     plot_diagnostics_history(run_dir / "metrics.jsonl", run_dir / "diagnostics.png")
             except BrainJEPAError as exc:  # matplotlib missing must not fail a finished run
                 log.warning("no loss.png / diagnostics.png: %s", exc)
-        if step >= total and latest_checkpoint(run_dir) is not None:
+        if step >= total and find_checkpoints(run_dir):
             bundle = str(export_run(run_dir))
     ctx.barrier()
     return {

@@ -29,6 +29,8 @@ from .evaluate import (
     infer_task,
     result_grid,
 )
+from .plotting import pyplot, save_figure
+from .runio import read_metrics
 
 # by the method's base name (before ':<readout>'); fine-tuning's names included
 METHOD_COLORS = {
@@ -49,40 +51,13 @@ ALPHA = 0.05
 HEADLINE = {"balanced_acc": 0.5, "auroc": 0.5, "pearson_r": 0.0, "r2": 0.0}
 
 
-def _pyplot():
-    matplotlib = require("matplotlib", "viz", "plotting")
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (one JSON object per line)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist (is this a pretraining run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_loss_curve(metrics: str | Path | Sequence[dict], path: str | Path) -> Path:
     """Pretraining loss (and learning rate, when logged) against optimizer step."""
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     records = [r for r in records if "loss" in r and "step" in r]
     if not records:
         raise DataError("no (step, loss) records to plot")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], color="#1f77b4", lw=1.4)
     ax.set_xlabel("optimizer step")
@@ -92,7 +67,7 @@ def plot_loss_curve(metrics: str | Path | Sequence[dict], path: str | Path) -> P
         ax2.plot([r["step"] for r in records], [r["lr"] for r in records], color="0.6", lw=1, ls="--")
         ax2.set_ylabel("learning rate", color="0.45")
     ax.set_title("pretraining")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pca(X: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +86,7 @@ def plot_embedding_pca(
     classification labels, a colour bar for continuous ones)."""
     X = np.asarray(embeddings, dtype=np.float64)
     scores, ratio = pca((X - X.mean(axis=0)) / np.maximum(X.std(axis=0), 1e-12))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(labels), figsize=(4.3 * len(labels), 3.8), squeeze=False)
     for ax, (name, values) in zip(axes[0], labels.items()):
         values = np.asarray(values)
@@ -126,7 +101,7 @@ def plot_embedding_pca(
         ax.set_xlabel(f"PC1 ({ratio[0]:.0%})")
         ax.set_ylabel(f"PC2 ({ratio[1]:.0%})")
         ax.set_title(f"{title}: {name}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_results(rows: list[dict], path: str | Path) -> Path:
@@ -141,7 +116,7 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
     ]
     if not panels:
         raise DataError("no headline metrics (balanced_acc, auroc, pearson_r, r2) in the results")
-    plt = _pyplot()
+    plt = pyplot()
     n_bars = max(len({r["method"] for r in rows if SEED_MARK not in r["method"]}), 3)
     fig, axes = plt.subplots(1, len(panels), figsize=((0.25 * n_bars + 1.2) * len(panels), 4.2), squeeze=False)
     for ax, (target, metric) in zip(axes[0], panels):
@@ -163,14 +138,14 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
         ax.set_xticks(range(len(methods)), [m.replace(":", "\n") for m in methods], fontsize=6, rotation=90)
         ax.set_title(f"{target}: {METRIC_NAMES[metric]}", fontsize=9)
     fig.suptitle(f"test metrics, mean ± std over {max(r['n_seeds'] for r in rows)} seeds", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention(
     names: Sequence[str], values: Sequence[float], path: str | Path, title: str = "attention received per network"
 ) -> Path:
     """Bar plot of attention per network (or ROI); 1.0 (dashed) is the uniform share."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.4))
     ax.bar(range(len(names)), values, color="#1f77b4")
     ax.axhline(1.0, color="k", ls="--", lw=0.8)
@@ -186,7 +161,7 @@ def plot_attention(
     ax.set_ylim(max(0.0, lo - pad), hi + pad)  # differences are small; zoom in on them
     ax.set_ylabel("attention received (1 = uniform)")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_attention(
@@ -741,7 +716,7 @@ def plot_diagnostics(result: dict, path: str | Path) -> Path:
     """Bars of :func:`brainjepa.diagnostics.diagnose_model`'s predictor losses and the variance
     shares of the target features."""
     m = result["mean"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [2, 1]})
     ax.bar(range(4), [m[k] for k, _, _ in _DIAG_LOSSES], color=[c for _, _, c in _DIAG_LOSSES])
     ax.set_xticks(range(4), [label for _, label, _ in _DIAG_LOSSES], rotation=15, fontsize=8)
@@ -751,7 +726,7 @@ def plot_diagnostics(result: dict, path: str | Path) -> Path:
     ax2.set_xticks([0, 1], ["position", "subject"])
     ax2.set_ylim(0, 1)
     ax2.set_title("target variance share")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diagnostics_history(metrics: str | Path | Sequence[dict], path: str | Path) -> Path:
@@ -760,7 +735,7 @@ def plot_diagnostics_history(metrics: str | Path | Sequence[dict], path: str | P
     records = [r for r in records if "diag_loss_own" in r]
     if not records:
         raise DataError("no diagnostics records (train.diagnose_every was 0)")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [r["step"] for r in records]
     for key, label, color in _DIAG_LOSSES:
@@ -778,4 +753,4 @@ def plot_diagnostics_history(metrics: str | Path | Sequence[dict], path: str | P
     ax2.set_ylim(0, 1.02)
     ax2.set_xlabel("optimizer step")
     ax2.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

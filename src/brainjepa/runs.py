@@ -24,12 +24,9 @@ half-written checkpoint or config behind.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 from pathlib import Path
 
-import torch
 import yaml
 
 from .errors import BrainJEPAError, ConfigError
@@ -37,13 +34,11 @@ from .io import ORIENTATIONS
 from .masking import STRATEGIES
 from .model import MODEL_SIZES, POS_EMBEDS
 from .objective import LOSSES
-from .report import read_metrics
 from .transforms import NORMALIZATIONS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUILTIN_CONFIGS = (*MODEL_SIZES, "authors")  # the sizes with the default recipe; the authors' ViT-B recipe
 
-CHECKPOINTS = "checkpoints"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 log = logging.getLogger(__name__)
@@ -270,153 +265,6 @@ def dump_config(config: dict) -> str:
     return "".join(
         f"{section}:\n" + "".join(f"  {k}: {value(v)}\n" for k, v in keys.items()) for section, keys in config.items()
     )
-
-
-# ------------------------------------------------------------------------------- run folder
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """RUN_DIR/checkpoints/step_*.pt, oldest first."""
-    found = []
-    for p in (Path(run_dir) / CHECKPOINTS).glob("step_*.pt"):
-        try:
-            found.append((int(p.stem.split("_", 1)[1]), p))
-        except ValueError:
-            continue
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:
-    """Write ``state`` (with an int ``"step"``) as RUN_DIR/checkpoints/step_NNNNNNNN.pt through a
-    temp file, fsync and rename (a crash leaves the previous checkpoints intact), then delete all
-    but the ``keep_last`` newest."""
-    folder = Path(run_dir) / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{int(state['step']):08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink()
-    return path
-
-
-def load_latest_checkpoint(run_dir: str | Path) -> dict:
-    """The newest readable checkpoint of a run (``torch.load(weights_only=True)``, on the CPU)."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise ConfigError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/step_*.pt); start the run without --resume")
-    for path in reversed(found):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a damaged file: fall back to the previous checkpoint
-            log.warning("cannot read checkpoint %s (%s); trying the previous one", path, exc)
-    raise BrainJEPAError(f"{Path(run_dir) / CHECKPOINTS}: no readable checkpoint")
-
-
-class MetricsLog:
-    """Appends records to RUN_DIR/metrics.jsonl, and to TensorBoard when it is installed.
-
-    ``keep_until``: None starts a new file; a step keeps the records up to it (a resumed run
-    drops what the interrupted one logged after its last checkpoint).
-    """
-
-    def __init__(self, run_dir: str | Path, keep_until: int | None = None):
-        run_dir = Path(run_dir)
-        self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if keep_until is not None and self.path.is_file():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= keep_until]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self.file = open(self.path, "a")
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.debug("tensorboard is not installed: metrics go to metrics.jsonl only")
-        else:
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"pretrain/{key}", value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Heartbeat:
-    """A log line at most every ``every`` seconds, for runs without a progress bar.
-
-    Call it after each step with the step number and the latest known loss; it logs "step
-    k/total" with the loss and the rate when ``every`` seconds have passed since the last line
-    (the first call starts the clock). ``clock`` is injectable for tests.
-    """
-
-    def __init__(
-        self,
-        total: int,
-        every: float = 30.0,
-        *,
-        what: str = "pretrain",
-        clock=None,
-        logger: logging.Logger | None = None,
-    ):
-        import time
-
-        self.total, self.every, self.what = int(total), float(every), what
-        self.clock = clock or time.monotonic
-        self.log = logger or log
-        self.start = self.last = self.clock()
-        self.first_step: int | None = None
-
-    def __call__(self, step: int, loss: float | None = None) -> bool:
-        now = self.clock()
-        if self.first_step is None:
-            self.first_step = step - 1
-        if now - self.last < self.every:
-            return False
-        self.last = now
-        rate = (step - self.first_step) / max(now - self.start, 1e-9) * 60
-        shown = "n/a" if loss is None else f"{loss:.4f}"
-        self.log.info(
-            "%s: step %d/%d (%.0f%%), loss %s, %.1f steps/min",
-            self.what,
-            step,
-            self.total,
-            100.0 * step / max(self.total, 1),
-            shown,
-            rate,
-        )
-        return True
 
 
 def nonfinite_loss_error(loss: float, step: int, names: list[str]) -> BrainJEPAError:

@@ -111,10 +111,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..evaluate import save_embeddings
+    from ..runio import incomplete_path
 
     model, cohort = load(args)
     final = Path(args.out)
-    tmp = final.with_name(f".{final.name}.incomplete")  # renamed when complete and checked
+    tmp = incomplete_path(final)  # renamed when complete and checked
     try:
         save_embeddings(
             model,

@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing store in --out, or the partial store (OUT.incomplete) an interrupted run left",
+        help="replace an existing store in --out, or the partial store (.OUT.incomplete) an interrupted run left",
     )
     p.set_defaults(func=run)
 
