@@ -22,12 +22,12 @@ from brainjepa.bundle import (
     BrainJEPA,
     InputWarning,
     _sha256_json,
-    convert_official,
     export_run,
     load_model,
     load_torch_file,
 )
 from brainjepa.cli import main
+from brainjepa.convert import convert_official
 from brainjepa.errors import BrainJEPAError, ConfigError, DataError
 from brainjepa.gradients import save_gradients_csv
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig

@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from brainjepa.convert import infer_official_config, map_official_state_dict
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.model import (
     BrainEncoder,
     BrainPredictor,
     ModelConfig,
     count_parameters,
-    infer_official_config,
-    map_official_state_dict,
     sincos_1d,
 )
 

@@ -14,7 +14,7 @@ BUNDLE/ config.json          architecture (ModelConfig), target TR, normalisatio
 Loading reads JSON, CSV and safetensors only, so it never executes code. Pickle (``torch.load``)
 is read in two places, always with ``weights_only=True``: checkpoints of our own runs
 (:func:`export_run`, :meth:`BrainJEPA.from_checkpoint`) and the authors' released checkpoint
-(:func:`convert_official`), where full unpickling is possible only with ``trust_pickle=True``.
+(:func:`brainjepa.convert.convert_official`), where full unpickling is possible only with ``trust_pickle=True``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .errors import BrainJEPAError, ConfigError, DataError, require
-from .model import BrainEncoder, BrainPredictor, ModelConfig, infer_official_config, map_official_state_dict
+from .model import BrainEncoder, BrainPredictor, ModelConfig
 from .runio import checkpoint_path, incomplete_path, write_json_atomic
 from .transforms import FITTED_NORMALIZATIONS, NORMALIZATIONS
 
@@ -341,7 +341,7 @@ class BrainJEPA(nn.Module):
         write_json_atomic(out / NORMALIZATION_FILE, self.normalization, allow_nan=False)
         prov = {**self.provenance, **(provenance or {})}
         prov.setdefault("config_sha256", _sha256_json(config["architecture"]))
-        prov["model_sha256"] = _sha256_file(out / WEIGHTS_FILE)
+        prov["model_sha256"] = sha256_file(out / WEIGHTS_FILE)
         write_json_atomic(out / PROVENANCE_FILE, prov, allow_nan=False)
         write_json_atomic(out / CONFIG_FILE, config, allow_nan=False)
         if not final.exists() or (final.is_dir() and not any(final.iterdir())):
@@ -402,7 +402,7 @@ class BrainJEPA(nn.Module):
             predictor=bool(config.get("predictor", False)),
             info={k: config.get(k) for k in ("loss", "encoder_weights", "brainjepa_version", "format_version")},
         )
-        _load_tensors(model, tensors, folder / WEIGHTS_FILE)
+        load_tensors(model, tensors, folder / WEIGHTS_FILE)
         model.provenance = provenance
         return model.to(device).eval() if device is not None else model.eval()
 
@@ -458,7 +458,7 @@ class BrainJEPA(nn.Module):
         tensors = {f"encoder.{k}": v for k, v in enc_state.items()}
         if predictor:
             tensors.update({f"predictor.{k}": v for k, v in _strip_wrappers(ckpt["predictor"]).items()})
-        _load_tensors(model, tensors, path)
+        load_tensors(model, tensors, path)
         model.provenance = {
             "source": "brainjepa pretrain",
             "run_dir": str(run_dir.resolve()),
@@ -510,101 +510,6 @@ def export_run(
     out = Path(out) if out is not None else run_dir / "bundle"
     model.save_pretrained(out)
     logger.info("exported %s (step %s) to %s", checkpoint, model.provenance.get("step"), out)
-    return out
-
-
-def convert_official(
-    checkpoint: str | Path,
-    gradients_csv: str | Path,
-    out: str | Path,
-    *,
-    trust_pickle: bool = False,
-    n_timepoints: int = 160,
-    num_heads: int | None = None,
-    predictor_num_heads: int | None = None,
-    encoder: str = "target",
-    predictor: bool = True,
-    roi_labels: Sequence[str] | None = None,
-    target_tr: float | None = None,
-) -> Path:
-    """Convert the authors' released checkpoint (e.g. jepa-ep300.pth.tar) into a bundle.
-
-    The checkpoint is read with ``torch.load(weights_only=True)``; only ``trust_pickle=True``
-    allows full unpickling (which can run arbitrary code) when that fails. Keys are mapped with
-    :func:`brainjepa.model.map_official_state_dict`, the size is inferred from tensor shapes
-    (heads are not stored: ``num_heads`` defaults to 64-dim heads, 12 for ViT-B), and the
-    bundle records the authors' min-max rescaled positional embedding. ``encoder``: "target"
-    (EMA target encoder, default) or "context". ``gradients_csv`` is their (R, 30) matrix.
-    """
-    from .gradients import load_gradients_csv
-
-    checkpoint = Path(checkpoint)
-    if encoder not in ENCODERS:
-        raise ConfigError(f"encoder must be one of {sorted(ENCODERS)}, not {encoder!r}")
-    ckpt = load_torch_file(checkpoint, trust_pickle=trust_pickle)
-    key = ENCODERS[encoder]
-    missing = [k for k in (key, "predictor") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise DataError(f"{checkpoint}: not an authors' Brain-JEPA checkpoint (missing {missing}; found {found})")
-    cfg = infer_official_config(
-        ckpt[key],
-        ckpt["predictor"],
-        n_timepoints=n_timepoints,
-        num_heads=num_heads,
-        predictor_num_heads=predictor_num_heads,
-    )
-    gradients, csv_labels = load_gradients_csv(gradients_csv)
-    if gradients.shape != (cfg.n_rois, cfg.n_gradients):
-        raise DataError(
-            f"{gradients_csv}: gradients have shape {gradients.shape} but the "
-            f"checkpoint expects (n_rois={cfg.n_rois}, n_gradients={cfg.n_gradients}); "
-            "use the gradient file released with this checkpoint"
-        )
-    model = BrainJEPA(
-        cfg,
-        gradients,
-        normalization={"method": "unknown", "expected": "robust", "note": OFFICIAL_NORMALIZATION_NOTE},
-        roi_labels=roi_labels if roi_labels is not None else csv_labels,
-        target_tr=target_tr,
-        predictor=predictor,
-        # the authors' code trains with Smooth-L1 (the paper writes L2)
-        info={"loss": "smooth_l1", "encoder_weights": key},
-    )
-    g = model.encoder.gradients
-    tensors = {f"encoder.{k}": v for k, v in map_official_state_dict(ckpt[key], "encoder").items()}
-    tensors["encoder.gradients"] = g
-    if predictor:
-        tensors.update(
-            {f"predictor.{k}": v for k, v in map_official_state_dict(ckpt["predictor"], "predictor").items()}
-        )
-        tensors["predictor.gradients"] = g
-    _load_tensors(model, tensors, checkpoint)
-    model.provenance = {
-        "source": "authors' released Brain-JEPA checkpoint, converted by brainjepa convert-official",
-        "checkpoint": checkpoint.name,
-        "checkpoint_sha256": _sha256_file(checkpoint),
-        "gradients_file": Path(gradients_csv).name,
-        "epoch": ckpt.get("epoch"),
-        "steps": None,
-        "authors_training": {
-            k: ckpt[k] for k in ("batch_size", "world_size", "lr", "loss") if isinstance(ckpt.get(k), (int, float))
-        },
-        "training_data": "not stored in the checkpoint; the paper pretrains on UK Biobank (about "
-        "32k subjects; Tian Scale III subcortex 50 ROIs first, then Schaefer-400 "
-        "in 17-network order; 160 frames at about 2 s)",
-        "pos_embed": "spatial half min-max rescaled to [-1, 1] over all tokens (authors' code)",
-        "converter": {
-            "encoder": encoder,
-            "n_timepoints": n_timepoints,
-            "num_heads": cfg.num_heads,
-            "predictor_num_heads": cfg.predictor_num_heads,
-            "heads_given": num_heads is not None,
-            "trust_pickle": trust_pickle,
-        },
-    }
-    out = model.save_pretrained(out)
-    logger.info("converted %s -> %s (R=%d, D=%d, depth=%d)", checkpoint, out, cfg.n_rois, cfg.embed_dim, cfg.depth)
     return out
 
 
@@ -732,7 +637,7 @@ def _sha256_json(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -750,7 +655,7 @@ def _read_safetensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]
             f"{path}: not a valid safetensors file, it is truncated or corrupted "
             f"({exc}); download or export the bundle again"
         ) from exc
-    if sha256 is not None and _sha256_file(path) != sha256:
+    if sha256 is not None and sha256_file(path) != sha256:
         raise BrainJEPAError(
             f"{path}: contents do not match the sha256 recorded in "
             f"{PROVENANCE_FILE} (corrupted or replaced); download or export the "
@@ -798,7 +703,7 @@ def _state_tensors(model: BrainJEPA) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _load_tensors(model: BrainJEPA, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def load_tensors(model: BrainJEPA, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Load a flat {"encoder.*", "predictor.*"} dict, naming any tensor that does not fit."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

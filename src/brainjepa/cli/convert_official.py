@@ -67,7 +67,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import BrainJEPA, convert_official
+    from ..bundle import BrainJEPA
+    from ..convert import convert_official
 
     labels = None
     if args.roi_labels:
