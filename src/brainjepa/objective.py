@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast import FastEncoder
 from .masking import MaskBatch
 
 # Padded token lists are rounded up to a multiple of this (extra entries invalid). Sequence
@@ -57,11 +58,15 @@ def context_tokens(masks: MaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
 def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch.Tensor, center: bool) -> torch.Tensor:
     """Targets (B x M x D, float32) at tokens ``token_idx`` (B x M) of input x (B x R x T).
 
-    Without ``center`` the encoder's last block computes only those tokens. With ``center`` the
-    full grid is encoded, layer-normed, and each position's mean over the batch is subtracted.
+    The target encoder's features, layer-normed; with ``center`` each position's mean over the
+    batch is subtracted (which needs the full grid). Without it a
+    :class:`~brainjepa.fast.FastEncoder` computes only the requested tokens in its last block.
     """
     if not center:
-        h = target_encoder(x, output_idx=token_idx)
+        if isinstance(target_encoder, FastEncoder):
+            h = target_encoder(x, output_idx=token_idx)
+        else:
+            h = gather_tokens(target_encoder(x), token_idx)
         return F.layer_norm(h.float(), h.shape[-1:])
     full = target_encoder(x)
     full = F.layer_norm(full.float(), full.shape[-1:])
@@ -103,7 +108,8 @@ def block_loss_sum(
     z: B x Nc x D context features at context_idx (B x Nc, validity context_valid);
     target_idx/valid: B x K x w; targets: B x K x w x D target features at target_idx.
     Each block gets its own predictor pass (z repeated K times). A block without valid tokens
-    adds 0. ``shared``: the predictor's context state for z (``predictor.context_state``), reused.
+    adds 0. ``shared``: the context state of a :class:`~brainjepa.fast.FastPredictor` for z
+    (``predictor.context_state``), reused by every pass.
     """
     B, K, w = target_idx.shape
     D = targets.shape[-1]
@@ -111,14 +117,8 @@ def block_loss_sum(
         z, context_idx, context_valid = (t.repeat_interleave(K, 0) for t in (z, context_idx, context_valid))
         shared = None if shared is None else shared.repeat_interleave(K)
     valid = target_valid.reshape(B * K, w)
-    pred = predictor(
-        z,
-        context_idx,
-        context_valid=context_valid,
-        target_idx=target_idx.reshape(B * K, w),
-        target_valid=valid,
-        shared=shared,
-    ).float()
+    extra = {} if shared is None else {"shared": shared}
+    pred = predictor(z, context_idx, target_idx.reshape(B * K, w), context_valid, valid, **extra).float()
     err = token_loss(pred, targets.reshape(B * K, w, D), loss)
     return masked_block_mean(err, valid).sum()
 

@@ -81,9 +81,10 @@ from .data import (
 )
 from .diagnostics import diagnose_batch, ema_init_share, feature_stats, problems
 from .errors import BrainJEPAError, ConfigError, DataError
+from .fast import FastEncoder, FastPredictor
 from .gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from .masking import MaskBatch, SpatiotemporalMasker
-from .model import BrainEncoder, BrainPredictor, ModelConfig
+from .model import ModelConfig
 from .objective import (
     LOSSES,
     block_groups,
@@ -272,8 +273,8 @@ class Trainer:
                 "size or set train.center_targets=false"
             )
         torch.manual_seed(train["seed"])  # same initial weights on every rank
-        self.encoder = BrainEncoder(model_config, gradients).to(self.device)
-        self.predictor = BrainPredictor(model_config, gradients).to(self.device)
+        self.encoder = FastEncoder(model_config, gradients).to(self.device)
+        self.predictor = FastPredictor(model_config, gradients).to(self.device)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False).eval()
         self.ddp = ddp
         self.encoder_run: nn.Module = self.encoder

@@ -1,0 +1,229 @@
+"""Exact shortcuts for training: the same numbers as :mod:`brainjepa.model`, for less work.
+
+:class:`FastEncoder` and :class:`FastPredictor` subclass the reference networks (same
+parameters, same state dict) and override only ``forward``; every shortcut is tested equal to
+the reference (tests/test_model.py). The training step builds these classes; everything else
+uses the reference ones.
+
+- **Query pruning** (``output_idx``, the predictor's last block): when only some outputs are
+  used (the target tokens of an un-centred target encoder, the mask tokens of the predictor),
+  the last block computes queries, attention and MLP for those tokens only.
+- **Recomputed GELU** (:class:`GeluLinear`): the MLP keeps only its hidden pre-activation for
+  the backward pass and recomputes the GELU, a fifth less activation memory per block.
+- **Padding last**: the predictor reorders each row's tokens so that padding comes last
+  (attention does not depend on token order); the CPU attention kernel then simply uses fewer
+  keys instead of an additive mask.
+- **Shared context** (:meth:`FastPredictor.context_state`): the predictor's passes for several
+  target blocks from one context share the first block's context-only part. The context
+  queries' attention over the context keys is computed once with its log-sum-exp and merged
+  per pass with their attention over that pass's target keys
+  (:func:`brainjepa.attention.merge_attention`), which is exactly the attention over both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention, merge_attention
+from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, gather, padding_mask
+
+
+class GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight, bias), keeping only h for the backward pass.
+
+    Autograd would keep both h and gelu(h) (4 x width per token each); gelu is cheap to
+    recompute, so this saves a fifth of a block's activation memory for ~1% more time. Works
+    under autocast: the matmuls run in h's dtype, the weight gradients come back in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight, bias)
+        return F.linear(F.gelu(h), weight.to(h.dtype), bias.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, weight, bias = ctx.saved_tensors
+        dy = dy.to(h.dtype)
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_()
+            a = F.gelu(h_)
+        (dh,) = torch.autograd.grad(a, h_, dy @ weight.to(h.dtype))
+        dy2, a2 = dy.reshape(-1, dy.shape[-1]), a.detach().reshape(-1, a.shape[-1])
+        return dh, (dy2.t() @ a2).to(weight.dtype), dy2.sum(0).to(bias.dtype)
+
+
+def mlp(module: MLP, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, recomputing the GELU in the backward pass when gradients are needed."""
+    h = module.fc1(x)
+    if torch.is_grad_enabled() and h.requires_grad:
+        return GeluLinear.apply(h, module.fc2.weight, module.fc2.bias)
+    return module.fc2(F.gelu(h))
+
+
+def project(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, N, C) -> queries, keys, values, each (B, H, N, C / H)."""
+    B, N, C = x.shape
+    return attn.qkv(x).view(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+
+
+def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
+    """Per-head outputs (B, H, N, d) -> the output projection of the merged heads (B, N, H*d)."""
+    B, H, N, d = out.shape
+    return attn.proj(out.transpose(1, 2).reshape(B, N, H * d))
+
+
+def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx: torch.Tensor | None = None):
+    """``blk(x, key_mask)``, or only its outputs at ``query_idx`` (B, M) -> (B, M, C)."""
+    a = blk.norm1(x)
+    if query_idx is None:
+        q, k, v = project(blk.attn, a)
+        residual = x
+    else:
+        B, N, C = a.shape
+        H = blk.attn.num_heads
+        w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+        q = F.linear(gather(a, query_idx), w[:C], None if b is None else b[:C]).view(B, -1, H, C // H).transpose(1, 2)
+        k, v = F.linear(a, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+        residual = gather(x, query_idx)
+    out = attention(q, k, v, key_mask, self_attention=query_idx is None)
+    x = residual + blk.drop_path(merge_heads(blk.attn, out))
+    return x + blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
+
+
+def valid_first(valid: torch.Tensor) -> torch.Tensor:
+    """The order (B, N) that puts each row's valid tokens first, in their order (a stable sort),
+    and its padding last."""
+    return torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+
+
+def cat_valid(a: torch.Tensor | None, b: torch.Tensor | None, na: int, nb: int) -> torch.Tensor | None:
+    """Validity of the concatenation of two token lists (B, na) and (B, nb); None = all valid."""
+    if a is None and b is None:
+        return None
+    ref = a if a is not None else b
+    a = a if a is not None else ref.new_ones(ref.shape[0], na)
+    b = b if b is not None else ref.new_ones(ref.shape[0], nb)
+    return padding_mask(torch.cat([a, b], dim=1))
+
+
+class FastEncoder(BrainEncoder):
+    """:class:`~brainjepa.model.BrainEncoder` with query pruning and recomputed GELU."""
+
+    def forward(self, x, token_idx=None, token_valid=None, output_idx: torch.Tensor | None = None):
+        """As :meth:`BrainEncoder.forward`; ``output_idx`` (B, M) returns only these positions
+        of the encoded sequence, (B, M, D), and the last block works on those queries alone."""
+        h = self.tokens(x)
+        if token_idx is not None:
+            h = gather(h, token_idx)
+        key_mask = padding_mask(token_valid)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            h = block(blk, h, key_mask, output_idx if i == last else None)
+        return self.norm(h)
+
+
+@dataclass
+class ContextState:
+    """The context tokens' part of the predictor's first block, which does not depend on the
+    target tokens. x: (B, Nc, C) the embedded context tokens; q, k, v: (B, H, Nc, d) their
+    projections; out, lse: (B, H, Nc, d) / (B, H, Nc) the context queries' attention over the
+    context keys and its log-sum-exp."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def detached(self) -> ContextState:
+        """Leaf copies that collect the gradients of several passes (see :meth:`backward`)."""
+        return ContextState(*(t.detach().requires_grad_() for t in self.tensors()))
+
+    def repeat_interleave(self, k: int) -> ContextState:
+        return ContextState(*(t.repeat_interleave(k, 0) for t in self.tensors()))
+
+    def backward(self, leaves: ContextState) -> None:
+        """Backpropagate the gradients accumulated on ``leaves`` (from :meth:`detached`)."""
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.tensors(), leaves.tensors()) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward(*zip(*pairs))
+
+
+def block_with_context(
+    blk: Block,
+    context: ContextState,
+    t: torch.Tensor,
+    context_valid: torch.Tensor | None,
+    target_valid: torch.Tensor | None,
+    context_outputs: bool = True,
+) -> torch.Tensor:
+    """``blk`` on the tokens [context; t] given the context's own part: the same numbers as
+    :func:`block` on the concatenation. t: (B, Nt, C). Returns (B, Nc + Nt, C), or (B, Nt, C)
+    (the t tokens only) without ``context_outputs``."""
+    qt, kt, vt = project(blk.attn, blk.norm1(t))
+    k, v = torch.cat([context.k, kt], 2), torch.cat([context.v, vt], 2)
+    key_mask = cat_valid(context_valid, target_valid, context.k.shape[2], t.shape[1])
+    if key_mask is not None:  # padding keys last (their order does not matter)
+        order = valid_first(key_mask)
+        key_mask = torch.gather(key_mask, 1, order)
+        order = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        k, v = torch.gather(k, 2, order), torch.gather(v, 2, order)
+    out = attention(qt, k, v, key_mask)
+    residual = t
+    if context_outputs:
+        # the context queries over the t keys, merged with their attention over the context
+        out_ct, lse_ct = attention(context.q, kt, vt, target_valid, return_lse=True)
+        out_c = merge_attention(context.out, context.lse, out_ct, lse_ct)
+        out, residual = torch.cat([out_c, out], 2), torch.cat([context.x, t], 1)
+    x = residual + blk.drop_path(merge_heads(blk.attn, out))
+    return x + blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
+
+
+class FastPredictor(BrainPredictor):
+    """:class:`~brainjepa.model.BrainPredictor` with padding last, query pruning, recomputed
+    GELU and the shared context state."""
+
+    def context_state(self, context, context_idx, context_valid=None) -> ContextState:
+        """The first block's work on the context alone (embedding, projections, the context
+        queries' attention over the context keys with its log-sum-exp), the same for every set
+        of target tokens: pass it as ``forward(..., shared=state)``."""
+        pos = self.pos_embed(self.gradients)
+        x = self.embed(context) + gather(pos, context_idx)
+        first = self.blocks[0]
+        q, k, v = project(first.attn, first.norm1(x))
+        out, lse = attention(q, k, v, padding_mask(context_valid), self_attention=True, return_lse=True)
+        return ContextState(x, q, k, v, out, lse)
+
+    def forward(self, context, context_idx, target_idx, context_valid=None, target_valid=None, shared=None):
+        """As :meth:`BrainPredictor.forward`; ``shared`` is the context's part of the first block
+        from :meth:`context_state` (then ``context`` is not used)."""
+        B, Nc = context_idx.shape
+        blocks = list(self.blocks)
+        if shared is None:
+            h = torch.cat(self.inputs(context, context_idx, target_idx), dim=1)
+        else:
+            tgt = self.mask_token + gather(self.pos_embed(self.gradients), target_idx)
+            h = block_with_context(
+                blocks.pop(0), shared, tgt, context_valid, target_valid, context_outputs=bool(blocks)
+            )
+            if not blocks:  # a one-block predictor: h holds the target tokens only
+                return self.proj(self.norm(h))
+        # only the mask tokens' outputs are used: the last block computes just those queries
+        queries = torch.arange(Nc, h.shape[1], device=h.device).expand(B, -1)
+        key_mask = cat_valid(context_valid, target_valid, Nc, target_idx.shape[1])
+        if key_mask is not None:  # padding last: the CPU kernel then just uses fewer keys
+            order = valid_first(key_mask)
+            h, key_mask = gather(h, order), torch.gather(key_mask, 1, order)
+            queries = torch.argsort(order, dim=1)[:, Nc:]
+        last = len(blocks) - 1
+        for i, blk in enumerate(blocks):
+            h = block(blk, h, key_mask, queries if i == last else None)
+        return self.proj(self.norm(h))
