@@ -136,7 +136,7 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
     from brainjepa.masking import SpatiotemporalMasker
     from brainjepa.model import ModelConfig
     from brainjepa.pretrain import Trainer
-    from brainjepa.runs import resolve_config
+    from brainjepa.pretrain.config import resolve_config
 
     # target centring needs two samples per micro-batch: the batch-1 rows measure un-centred
     # targets (the target encoder's last block then computes only the target tokens)
@@ -165,7 +165,7 @@ def worker(size: str, precision: str, batch: int, accum: int, mask_mode: str, st
         if i >= warmup:
             times.append(dt)
             flops.append(
-                sum(step_flops(model_cfg, m, trainer._share_context(), trainer.center_targets) for _, m in micro)
+                sum(step_flops(model_cfg, m, trainer.share_context(), trainer.center_targets) for _, m in micro)
             )
             counts.extend(m.counts() for _, m in micro)
     with torch.no_grad(), trainer.autocast():

@@ -13,12 +13,12 @@ pytest.importorskip("matplotlib")
 
 from brainjepa.cli import main  # noqa: E402
 from brainjepa.evaluate import comparison_rows  # noqa: E402
+from brainjepa.pretrain.plots import plot_loss_curve  # noqa: E402
 from brainjepa.report import (  # noqa: E402
     comparisons_markdown,
     paired_differences,
     pca,
     plot_embedding_pca,
-    plot_loss_curve,
     plot_results,
     reading,
     results_markdown,

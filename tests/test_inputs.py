@@ -34,8 +34,8 @@ from brainjepa.errors import BrainJEPAError, ConfigError, DataError
 from brainjepa.io import read_timeseries, write_timeseries
 from brainjepa.model import ModelConfig
 from brainjepa.pretrain import Trainer, pretrain
+from brainjepa.pretrain.config import load_config
 from brainjepa.runio import Heartbeat
-from brainjepa.runs import load_config
 from brainjepa.transforms import cohort_offset_problem, raw_bold_problem
 
 R = 16

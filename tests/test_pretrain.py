@@ -21,8 +21,8 @@ from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
 from brainjepa.objective import block_loss_sum
 from brainjepa.pretrain import Schedule, ShardSampler, Trainer, load_config, pretrain
+from brainjepa.pretrain.config import default_config, dump_config, parse_override, resolve_config
 from brainjepa.runio import MetricsLog, checkpoint_path, find_checkpoints, load_latest_checkpoint, save_checkpoint
-from brainjepa.runs import dump_config, parse_override, resolve_config
 from brainjepa.synthetic import simulate_cohort
 
 # a model small enough for a 2-core CI machine: 16 ROIs x 3 patches, width 32
@@ -38,7 +38,16 @@ TINY = {
         "predictor_depth": 1,
         "predictor_num_heads": 2,
     },
-    "optim": {"batch_size": 4, "epochs": 10, "warmup_epochs": 1, "lr": 1e-3, "start_lr": 1e-4},
+    "optim": {
+        "batch_size": 4,
+        "epochs": 10,
+        "warmup_epochs": 1,
+        "lr": 1e-3,
+        "start_lr": 1e-4,
+        "final_lr": 1e-6,
+        "ema_start": 0.996,
+        "clip_grad": None,
+    },
     "train": {"log_every": 1, "checkpoint_every": 4, "keep_last": 2},
 }
 SMALL_MODEL = ModelConfig.from_size(
@@ -96,8 +105,15 @@ def test_builtin_configs_and_authors_recipe():
     assert {k: v for k, v in base["optim"].items() if k != "ema_end"} == {k: v for k, v in o.items() if k != "ema_end"}
     assert base["optim"]["ema_end"] == 0.999 and base["data"]["normalization"] == "auto"
     assert base["model"]["patch_norm"] and base["train"]["center_targets"]
-    for name in ("tiny", "small", "large"):
-        assert load_config(name)["model"]["size"] == name
+    for name in ("small", "large"):  # the full-scale recipe at another size
+        sized = load_config(name)
+        assert sized["model"]["size"] == name and {**sized, "model": base["model"]} == base
+    # the defaults are the tiny preset: an empty config, or one with only some keys, is tiny plus them
+    assert load_config("tiny") == resolve_config({}) == default_config()
+    assert resolve_config({"optim": {"lr": 5e-4}}) == load_config("tiny", ["optim.lr=5e-4"])
+    # the schema takes the architecture and masking defaults from the model and the masker
+    assert default_config()["model"]["n_timepoints"] == ModelConfig().n_timepoints
+    assert default_config()["mask"]["alpha_roi_scale"] == list(SpatiotemporalMasker(4, 4).alpha_roi_scale)
     # the resolved config round-trips through config.yaml with its types
     assert resolve_config(yaml.safe_load(dump_config(base))) == base
 
@@ -135,7 +151,12 @@ def test_overrides_types_and_unknown_keys(tmp_path):
     path.write_text("model:\n  size: small\noptim:\n  lr: 1e-4\n  betas: [0.9, 0.95]\n")
     mine = load_config(path)
     assert mine["optim"]["lr"] == 1e-4 and mine["optim"]["betas"] == [0.9, 0.95]
-    assert mine["optim"]["epochs"] == 300  # defaults fill the rest
+    assert mine["optim"]["epochs"] == default_config()["optim"]["epochs"]  # defaults fill the rest
+    path.write_text("extends: base\noptim:\n  lr: 1e-4\n")  # or those of another config
+    assert load_config(path) == load_config("base", ["optim.lr=1e-4"])
+    path.write_text(f"extends: {path}\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(path)
     path.write_text("optim:\n  wamup_epochs: 3\n")
     with pytest.raises(ConfigError, match=r"optim\.wamup_epochs"):
         load_config(path)
@@ -145,7 +166,7 @@ def test_overrides_types_and_unknown_keys(tmp_path):
 
 
 def test_schedule_endpoints_and_shape():
-    optim = resolve_config({"optim": {"epochs": 100, "warmup_epochs": 10, "ema_end": 1.0}})["optim"]
+    optim = resolve_config({"optim": {"epochs": 100, "warmup_epochs": 10, "ema_start": 0.996, "ema_end": 1.0}})["optim"]
     s = Schedule.from_config(optim, 100)
     assert s.warmup_steps == 10
     assert s.lr_at(0) == optim["start_lr"] and s.lr_at(10) == pytest.approx(optim["lr"])
@@ -217,7 +238,7 @@ def test_step_loss_and_update_match_the_plain_joint_loss(loss, backend, center):
 def _check_step_against_plain_loss(loss, shares_context, center):
     tr = _trainer(loss=loss, center_targets=center)
     # with the chunked kernel the predictor's context part is computed once for all blocks
-    assert tr._share_context() == shares_context
+    assert tr.share_context() == shares_context
     masks = SpatiotemporalMasker(16, 3, n_blocks=2)(3, np.random.default_rng(1))
     assert masks.target_valid.sum(-1).min() < masks.target_idx.shape[-1]  # there is padding
     x = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(3))
@@ -267,14 +288,13 @@ def test_feature_stats_detects_collapse():
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
-    import brainjepa.pretrain as P
+    import brainjepa.pretrain.runtime as P
 
-    assert isinstance(P._cpu_has_bf16_units(), bool)
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(P, "_cpu_has_bf16_units", lambda native=native: native)
-        assert P._use_bf16("auto", cpu) is native
-        assert P._use_bf16("bf16", cpu) and not P._use_bf16("fp32", cpu)  # forced either way
+        monkeypatch.setattr(P, "cpu_has_bf16_units", lambda native=native: native)
+        assert P.use_bf16("auto", cpu) is native
+        assert P.use_bf16("bf16", cpu) and not P.use_bf16("fp32", cpu)  # forced either way
 
 
 def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, **optim):

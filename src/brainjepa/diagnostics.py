@@ -24,6 +24,7 @@ and cohort); docs/method.md ("Diagnostics") explains each number and its thresho
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from .objective import (
     split_targets,
     token_loss,
 )
+from .plotting import pyplot, save_figure
 
 # thresholds behind the warnings (docs/method.md, "Diagnostics")
 MIN_CONTEXT_GAIN = 0.10  # loss with another sample's context at least 10% above its own
@@ -279,3 +281,29 @@ def format_diagnostics(result: dict) -> str:
     ]
     verdict = result["problems"] or ["healthy: the predictor uses its context and neither encoder collapses"]
     return "\n".join(lines + [""] + [f"- {p}" for p in verdict]) + "\n"
+
+
+# the predictor losses of a diagnosis, with their labels and colours in plots
+DIAGNOSTIC_LOSSES = (
+    ("loss_own", "own context", "#1f77b4"),
+    ("loss_other", "another sample's context", "#d62728"),
+    ("loss_zero", "all-zero input", "#9e9e9e"),
+    ("loss_position", "position-only floor", "#2ca02c"),
+)
+
+
+def plot_diagnostics(result: dict, path: str | Path) -> Path:
+    """Bars of :func:`brainjepa.diagnostics.diagnose_model`'s predictor losses and the variance
+    shares of the target features."""
+    m = result["mean"]
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    ax.bar(range(4), [m[k] for k, _, _ in DIAGNOSTIC_LOSSES], color=[c for _, _, c in DIAGNOSTIC_LOSSES])
+    ax.set_xticks(range(4), [label for _, label, _ in DIAGNOSTIC_LOSSES], rotation=15, fontsize=8)
+    ax.set_ylabel("predictor loss")
+    ax.set_title(f"context reliance (gain {100 * m['context_gain']:+.1f}%)")
+    ax2.bar([0, 1], [m["position_share"], m["subject_share"]], color=["#8c564b", "#1f77b4"])
+    ax2.set_xticks([0, 1], ["position", "subject"])
+    ax2.set_ylim(0, 1)
+    ax2.set_title("target variance share")
+    return save_figure(fig, path)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnostics.json").write_text(json.dumps(result, indent=1) + "\n")
-        from ..report import plot_diagnostics
+        from ..diagnostics import plot_diagnostics
 
         plot_diagnostics(result, out / "diagnostics.png")
         print(f"wrote {out / 'diagnostics.json'} and {out / 'diagnostics.png'}")
