@@ -142,7 +142,7 @@ def test_random_masking_keeps_every_count_and_loses_the_structure():
 
 
 def test_per_scan_statistics_read_at_most_max_scaler_scans(monkeypatch):
-    import brainjepa.data as data
+    import brainjepa.data.scaling as data
 
     raw, _ = _raw(n_scans=6)
     cohort = open_cohort(raw)

@@ -1,0 +1,75 @@
+"""Cohorts, manifests, validation, the packed memory-mapped store, and the window Dataset.
+
+A :class:`Cohort` is a list of subjects' (R, T_i) series with their TRs, labels and ROI names,
+whatever it was read from: a list of arrays, a folder of files, a manifest, or a prepared store.
+:func:`open_cohort` opens any of them; :func:`prepare_store` packs a manifest into a store;
+:class:`WindowDataset` turns a cohort into (R, n_timepoints) training or evaluation windows.
+
+Modules, lowest first: ``manifest`` (the CSV/TSV cohort description, :class:`Record`),
+``validate`` (checks of each scan), ``cohort`` (the :class:`Cohort` classes and views),
+``store`` (the memory-mapped :class:`Store` and its layout), ``sources`` (:func:`open_cohort`),
+``scaling`` (scaling statistics, the ``auto`` normalisation, scale reports), ``timing`` (the TR
+to train at, checks against a model), ``prepare`` (writing a store), ``windows``
+(:class:`WindowDataset`). Every public name is importable from ``brainjepa.data``.
+"""
+
+from __future__ import annotations
+
+from .cohort import ArrayCohort, Cohort, CohortSeries, FileCohort, NamedSeries
+from .manifest import SPLITS, TR_SOURCES, Record, read_manifest, sidecar_or_file, subject_from_path
+from .manifest import _looks_like_manifest as _looks_like_manifest  # used by the gradients command
+from .prepare import PrepareReport, pack_store, prepare_store
+from .scaling import (
+    DEFAULT_NORMALIZATION,
+    MAX_SCALER_SCANS,
+    PER_SCAN_METHODS,
+    choose_normalization,
+    cohort_levels,
+    fit_scaler,
+    per_scan_method,
+    report_scaling,
+    scaling_report,
+)
+from .sources import open_cohort
+from .store import STORE_FORMAT, STORE_VERSION, Store, interrupted_store, open_store
+from .timing import check_cohort_for_model, resolve_target_tr
+from .validate import ON_ERROR, iter_valid, validate_timeseries
+from .windows import WindowDataset
+
+__all__ = [
+    "DEFAULT_NORMALIZATION",
+    "MAX_SCALER_SCANS",
+    "ON_ERROR",
+    "PER_SCAN_METHODS",
+    "SPLITS",
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "TR_SOURCES",
+    "ArrayCohort",
+    "Cohort",
+    "CohortSeries",
+    "FileCohort",
+    "NamedSeries",
+    "PrepareReport",
+    "Record",
+    "Store",
+    "WindowDataset",
+    "check_cohort_for_model",
+    "choose_normalization",
+    "cohort_levels",
+    "fit_scaler",
+    "interrupted_store",
+    "iter_valid",
+    "open_cohort",
+    "open_store",
+    "pack_store",
+    "per_scan_method",
+    "prepare_store",
+    "read_manifest",
+    "report_scaling",
+    "resolve_target_tr",
+    "scaling_report",
+    "sidecar_or_file",
+    "subject_from_path",
+    "validate_timeseries",
+]

@@ -1,0 +1,184 @@
+"""The window Dataset: (R, n_timepoints) training or evaluation windows of a cohort, resampled to
+one TR and normalised (:class:`WindowDataset`)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from ..transforms import (
+    FITTED_NORMALIZATIONS,
+    NORMALIZATIONS,
+    RobustScaler,
+    WindowResampler,
+    normalization_from_dict,
+    normalization_to_dict,
+    normalize,
+    resampled_length,
+    same_tr,
+)
+from .scaling import _first_report, fit_scaler, scaling_report
+from .sources import open_cohort
+
+log = logging.getLogger(__name__)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """(R, n_timepoints) windows of a cohort, resampled to ``target_tr`` and normalised.
+
+    Item i is scan ``indices[i]``: its series is resampled to ``target_tr`` (when given; every
+    scan then needs a TR), a window of ``n_timepoints`` is cut (random when ``train``, else
+    centred) and normalised (the fitted methods 'psc', 'center', 'robust' with ``scaler``, the
+    store's stored statistics, or a scaler fitted on the cohort's training split; 'zscore' per
+    window; 'none'). The random window of item i depends only on (seed, epoch, i), so a resumed
+    run sees the same windows: call ``set_epoch(epoch)`` at the start of each epoch. Windows are
+    read through :meth:`~brainjepa.data.Cohort.read`, so a store streams from disk and only the
+    window (plus the resampling filter's margins) is ever loaded.
+
+    Args:
+        cohort: a :class:`~brainjepa.data.Cohort` or anything
+            :func:`~brainjepa.data.open_cohort` opens.
+        n_timepoints: the window's length in frames (at ``target_tr``).
+        target_tr: the TR in seconds to resample every scan to, or None for each scan's own.
+        train: random windows (True) or centred ones (False).
+        normalization: one of :data:`brainjepa.transforms.NORMALIZATIONS`.
+        scaler: fitted statistics for a fitted method (default: the store's, else fitted on the
+            cohort's training split).
+        seed: seed of the random windows and of a scaler fitted here.
+        indices: the scans to use (default: all).
+
+    Raises:
+        ConfigError: an unknown normalisation.
+        DataError: a scan shorter than the window or without the TR that resampling needs, or
+            a scaler with another number of ROIs.
+    """
+
+    def __init__(
+        self,
+        cohort,
+        n_timepoints: int = 160,
+        *,
+        target_tr: float | None = None,
+        train: bool = True,
+        normalization: str = "robust",
+        scaler: RobustScaler | None = None,
+        seed: int = 0,
+        indices=None,
+    ):
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.cohort = open_cohort(cohort)
+        self.n_timepoints = int(n_timepoints)
+        self.target_tr = None if target_tr is None else float(target_tr)
+        self.train = bool(train)
+        self.normalization = normalization
+        self.seed = int(seed)
+        self.epoch = 0
+        self.indices = np.arange(len(self.cohort)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self._resamplers: dict[float, WindowResampler] = {}
+        self._max_start = np.empty(len(self.indices), dtype=np.int64)
+        for k, i in enumerate(self.indices):
+            self._max_start[k] = self._check_scan(int(i))
+        severity, message = scaling_report(self.cohort, normalization, self.indices, what="dataset")
+        if severity in ("error", "warning") and _first_report(self.cohort, normalization, self.indices):
+            log.warning(message)  # a dataset built by hand: say it, do not refuse
+        self.scaler = None
+        if normalization in FITTED_NORMALIZATIONS:
+            self.scaler = scaler if scaler is not None else self._default_scaler()
+            if len(self.scaler.median_) != self.cohort.n_rois:
+                raise DataError(
+                    f"the {normalization} scaler has {len(self.scaler.median_)} ROIs, the cohort {self.cohort.n_rois}"
+                )
+
+    def _check_scan(self, i: int) -> int:
+        """Validate scan i against the window; return the last valid raw start frame."""
+        n = self.cohort.length(i)
+        name = self.cohort.name(i)
+        if self.target_tr is None:
+            if n < self.n_timepoints:
+                raise DataError(f"{name}: {n} time points, shorter than the window of {self.n_timepoints}")
+            return n - self.n_timepoints
+        tr = self.cohort.tr(i)
+        if tr is None:
+            raise DataError(
+                f"{name}: no TR known (no RepetitionTime sidecar, tr column or --tr), but "
+                f"target_tr={self.target_tr} needs one"
+            )
+        if resampled_length(n, tr, self.target_tr) < self.n_timepoints:
+            raise DataError(
+                f"{name}: {n} frames at TR {tr} s give "
+                f"{resampled_length(n, tr, self.target_tr)} at TR {self.target_tr} s, "
+                f"shorter than the window of {self.n_timepoints}"
+            )
+        if same_tr(tr, self.target_tr):
+            return n - self.n_timepoints
+        return n - self._resampler(tr).raw_extent()
+
+    def _resampler(self, tr: float) -> WindowResampler:
+        key = round(tr, 9)
+        if key not in self._resamplers:
+            self._resamplers[key] = WindowResampler(tr, self.target_tr, self.n_timepoints)
+        return self._resamplers[key]
+
+    def _default_scaler(self) -> RobustScaler:
+        stored = self.cohort.normalization
+        if stored and stored.get("method") == self.normalization:
+            return normalization_from_dict(stored)[1]
+        log.info("fitting %s scaling statistics on the cohort's training split", self.normalization)
+        return fit_scaler(self.cohort, method=self.normalization, seed=self.seed)
+
+    def normalization_dict(self) -> dict:
+        """The JSON description of this dataset's normalisation (for normalization.json).
+
+        Returns:
+            The method and its fitted statistics (see
+            :func:`brainjepa.transforms.normalization_to_dict`).
+        """
+        return normalization_to_dict(self.normalization, self.scaler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose random windows the items are."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def start(self, idx: int) -> int:
+        """The raw start frame of an item's window for the current epoch.
+
+        Args:
+            idx: the item.
+
+        Returns:
+            A random start when training, else the centred one.
+        """
+        hi = int(self._max_start[idx])
+        if not self.train:
+            return hi // 2
+        rng = np.random.default_rng((self.seed, self.epoch, int(idx)))
+        return int(rng.integers(0, hi + 1))
+
+    def window(self, idx: int) -> np.ndarray:
+        """An item as a NumPy array.
+
+        Args:
+            idx: the item.
+
+        Returns:
+            Its resampled, normalised window, float32 (R, n_timepoints).
+        """
+        i = int(self.indices[idx])
+        s = self.start(idx)
+        tr = self.cohort.tr(i)
+        if self.target_tr is None or same_tr(tr, self.target_tr):
+            x = self.cohort.read(i, s, s + self.n_timepoints)
+        else:
+            rs = self._resampler(tr)
+            x = rs.apply(self.cohort.read(i, s - rs.margin, s - rs.margin + rs.span))
+        return normalize(x, self.normalization, self.scaler)
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.window(idx), dtype=np.float32))
