@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking import MaskBatch
+from .data import CohortSeries
+from .errors import DataError
+from .masking import MaskBatch, SpatiotemporalMasker
 from .objective import (
     block_groups,
     block_loss_sum,
@@ -210,9 +212,6 @@ def diagnose_model(
     encoder) plays both encoders. Returns {"mean": {name: value}, "batches": [...],
     "problems": [message, ...], "settings": {...}}.
     """
-    from .data import CohortSeries
-    from .errors import DataError
-    from .masking import SpatiotemporalMasker
 
     if model.predictor is None:
         raise DataError(

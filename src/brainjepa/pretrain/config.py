@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data import DEFAULT_NORMALIZATION
 from ..errors import ConfigError, DataError
 from ..io import ORIENTATIONS
 from ..masking import STRATEGIES, SpatiotemporalMasker
@@ -78,7 +79,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "target_tr": ("auto", "tr", (0.0, None)),
         "tr": (None, "float", (0.0, None)),  # TR of files that do not say
         "orientation": (None, "str", ORIENTATIONS),
-        "normalization": ("auto", "str", ("auto", *NORMALIZATIONS)),  # auto: psc or center
+        "normalization": (DEFAULT_NORMALIZATION, "str", ("auto", *NORMALIZATIONS)),  # auto: psc or center
         "on_error": ("fail", "str", ("fail", "skip")),
         "num_workers": (0, "int", (0, None)),
         "gradients": (None, "str", None),  # CSV path; null: computed from the data

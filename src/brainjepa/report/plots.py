@@ -12,8 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import CohortSeries
 from ..errors import DataError
-from ..evaluate import METRIC_NAMES, _method_rank, infer_task
+from ..evaluate import (
+    METRIC_NAMES,
+    BrainJEPAEmbedder,
+    _method_rank,
+    infer_task,
+    network_attention,
+    network_labels_from_roi_names,
+    read_networks,
+    roi_attention,
+)
 from ..plotting import pyplot, save_figure
 
 # by the method's base name (before ':<readout>'); fine-tuning's names included
@@ -132,7 +142,6 @@ def save_attention(
 ) -> dict[str, Path]:
     """Write roi_attention.csv (roi, network, attention), and with networks
     network_attention.csv + network_attention.png, else roi_attention.png."""
-    from .evaluate import network_attention
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +181,6 @@ def cohort_attention(
     """Attention received per ROI over a cohort's evaluation windows, aggregated per network
     (``networks``: a file for :func:`~brainjepa.evaluate.read_networks`, one name per ROI, or
     None to parse Schaefer-style ROI names), written with :func:`save_attention`."""
-    from .evaluate import BrainJEPAEmbedder, CohortSeries, network_labels_from_roi_names, read_networks, roi_attention
 
     roi_labels = model.roi_labels or cohort.roi_labels
     if isinstance(networks, (str, Path)):
