@@ -1,4 +1,4 @@
-"""Write the inputs of the before/after table in docs/inputs.md: python make_cases.py FOLDER."""
+"""Write the inputs of the before/after table in docs/data-formats.md: python make_cases.py FOLDER."""
 
 import csv
 import json

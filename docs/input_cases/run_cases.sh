@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the cases of docs/inputs.md: run_cases.sh IN OUT [PYTHON]
+# Run the cases of docs/data-formats.md: run_cases.sh IN OUT [PYTHON]
 #   IN: the folder make_cases.py wrote; OUT: a new folder for the outputs; PYTHON: the interpreter
 #   whose brainjepa is tested (default python3). Prints per case: name, exit code, first line of
 #   stdout, first warning/error line of stderr.

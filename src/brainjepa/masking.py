@@ -209,8 +209,14 @@ class SpatiotemporalMasker:
         n_patches: P, number of time patches per ROI (>= 2).
         n_blocks: K, target blocks per region; a batch has 3K blocks ordered [alpha x K, beta x K,
             gamma x K].
-        obs_roi_scale, obs_time_scale: ranges of the observation block's ROI and patch fractions.
-        alpha_roi_scale, ..., gamma_time_scale: ranges of the target blocks' fractions of R and P.
+        obs_roi_scale: range of the observation block's fraction of the ROIs.
+        obs_time_scale: range of the observation block's fraction of the patches.
+        alpha_roi_scale: range of an alpha target block's fraction of R.
+        alpha_time_scale: range of an alpha target block's fraction of P.
+        beta_roi_scale: range of a beta target block's fraction of R.
+        beta_time_scale: range of a beta target block's fraction of P.
+        gamma_roi_scale: range of a gamma target block's fraction of R.
+        gamma_time_scale: range of a gamma target block's fraction of P.
         min_context: fewest context tokens a sample may have; samples below it are redrawn.
         strategy: "spatiotemporal" (the method) or "random" (same counts, tokens shuffled).
         seed: seed of the masker's own generator, used by ``__call__`` without ``rng`` and by
