@@ -22,6 +22,7 @@ from brainjepa.evaluate import (  # noqa: E402
     ClosedFormProbe,
     Results,
     amplitude_features,
+    attention_received,
     binary_logistic,
     class_weights,
     classification_metrics,
@@ -31,6 +32,7 @@ from brainjepa.evaluate import (  # noqa: E402
     embed_cohort_readouts,
     encode_labels,
     encode_windows,
+    encode_with_attention,
     fc_features,
     format_comparisons,
     format_table,
@@ -54,7 +56,7 @@ from brainjepa.evaluate import (  # noqa: E402
     token_index,
     window_fc,
 )
-from brainjepa.finetune import (  # noqa: E402
+from brainjepa.evaluate.finetune import (  # noqa: E402
     FineTuner,
     finetune_cohort,
     layer_id,
@@ -62,7 +64,7 @@ from brainjepa.finetune import (  # noqa: E402
     param_groups,
     set_drop_path,
 )
-from brainjepa.model import ModelConfig  # noqa: E402
+from brainjepa.model import BrainEncoder, ModelConfig  # noqa: E402
 from brainjepa.schedules import warmup_cosine  # noqa: E402
 from brainjepa.synthetic import simulate_cohort  # noqa: E402
 from brainjepa.transforms import zscore  # noqa: E402
@@ -701,10 +703,9 @@ def test_roi_attention_and_networks(sim, tmp_path):
     assert att.shape == (R,)
     assert att.mean() == pytest.approx(1.0, abs=1e-5)  # every query's weights sum to 1
     # by hand for one subject: per layer (N,) received attention -> ROI means -> average
-    sink = []
     with torch.no_grad():
-        model.encoder(windows[:1], attention_sink=sink)
-    by_hand = torch.stack(sink).mean(0)[0].reshape(R, -1).mean(1) * R * (T_MODEL // 16)
+        maps = attention_received(model.encoder, windows[:1])
+    by_hand = torch.stack(maps).mean(0)[0].reshape(R, -1).mean(1) * R * (T_MODEL // 16)
     np.testing.assert_allclose(roi_attention(model.encoder, windows[:1]), by_hand.numpy(), rtol=1e-5)
 
     nets = ["A", "B", "A", "C"] * 4
@@ -722,6 +723,75 @@ def test_roi_attention_and_networks(sim, tmp_path):
         read_networks(g, None, R)
     assert network_labels_from_roi_names(["7Networks_LH_Vis_1", "7Networks_RH_Default_PFC_2"]) == ["Vis", "Default"]
     assert network_labels_from_roi_names(["roi1", "roi2"]) is None
+
+
+def test_attention_received_equals_the_models_attention_sink():
+    enc = small_model().encoder
+    x = torch.randn(3, R, T_MODEL)
+    sink: list = []
+    with torch.no_grad():
+        enc(x, attention_sink=sink)
+        maps = attention_received(enc, x)
+    assert len(maps) == len(sink) == 3
+    for mine, theirs in zip(maps, sink):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
+
+
+def test_attention_received_follows_the_encoder():
+    enc = small_model().encoder
+    x = torch.randn(3, R, T_MODEL)
+    n_tokens = R * (T_MODEL // 16)
+    with torch.no_grad():
+        features, maps = encode_with_attention(enc, x)
+        # the explicit path computes the features the encoder computes
+        torch.testing.assert_close(features, enc(x), rtol=1e-5, atol=1e-5)
+        assert [m.shape for m in maps] == [(3, n_tokens)] * 3
+        for m in maps:  # each query's weights sum to 1, so their mean over queries does too
+            assert (m >= 0).all()
+            torch.testing.assert_close(m.sum(-1), torch.ones(3), rtol=0, atol=1e-5)
+        assert not torch.allclose(maps[0], torch.full_like(maps[0], 1 / n_tokens), atol=1e-4)
+        for a, b in zip(attention_received(enc, x), maps):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_attention_received_by_hand_on_one_block():
+    cfg = ModelConfig(
+        n_rois=4,
+        n_timepoints=32,
+        embed_dim=8,
+        depth=1,
+        num_heads=2,
+        predictor_embed_dim=4,
+        predictor_depth=1,
+        predictor_num_heads=1,
+        n_gradients=2,
+    )
+    torch.manual_seed(3)
+    enc = BrainEncoder(cfg, torch.randn(4, 2)).eval()
+    x = torch.randn(2, 4, 32)
+    n_tokens, d = 4 * 2, 4  # 4 ROIs x 2 time patches; 8 features in 2 heads of 4
+    block = enc.blocks[0]
+    with torch.no_grad():
+        h = enc.tokens(x).double().numpy()
+        z = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + cfg.layernorm_eps)
+        a = z * block.norm1.weight.double().numpy() + block.norm1.bias.double().numpy()
+        qkv = a @ block.attn.qkv.weight.double().numpy().T + block.attn.qkv.bias.double().numpy()
+        expected = np.zeros((2, n_tokens))
+        for b in range(2):
+            for head in range(2):
+                cols = slice(head * d, (head + 1) * d)
+                q, k = qkv[b, :, cols], qkv[b, :, 8:16][:, cols]
+                scores = q @ k.T / np.sqrt(d)
+                w = np.exp(scores - scores.max(1, keepdims=True))
+                w /= w.sum(1, keepdims=True)  # row i: how query i spreads its attention
+                expected[b] += w.mean(0) / 2  # mean over queries, then over the 2 heads
+        (got,) = attention_received(enc, x)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+        # queries of zero: every score is 0, so every token receives exactly 1 / N
+        block.attn.qkv.weight[:8] = 0.0
+        block.attn.qkv.bias[:8] = 0.0
+        (uniform,) = attention_received(enc, x)
+        torch.testing.assert_close(uniform, torch.full((2, n_tokens), 1 / n_tokens), rtol=0, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- fine-tuning
