@@ -725,18 +725,6 @@ def test_roi_attention_and_networks(sim, tmp_path):
     assert network_labels_from_roi_names(["roi1", "roi2"]) is None
 
 
-def test_attention_received_equals_the_models_attention_sink():
-    enc = small_model().encoder
-    x = torch.randn(3, R, T_MODEL)
-    sink: list = []
-    with torch.no_grad():
-        enc(x, attention_sink=sink)
-        maps = attention_received(enc, x)
-    assert len(maps) == len(sink) == 3
-    for mine, theirs in zip(maps, sink):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
-
-
 def test_attention_received_follows_the_encoder():
     enc = small_model().encoder
     x = torch.randn(3, R, T_MODEL)
