@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from brainjepa.bundle import BrainJEPA  # noqa: E402
 from brainjepa.errors import ConfigError, DataError  # noqa: E402
 from brainjepa.evaluate import (  # noqa: E402
     BASELINES,
+    COMPARISON_COLUMNS,
     READOUTS,
     BNLinearProbe,
     BrainJEPAEmbedder,
@@ -64,6 +66,7 @@ from brainjepa.evaluate.finetune import (  # noqa: E402
     param_groups,
     set_drop_path,
 )
+from brainjepa.evaluate.training import make_loss, predict_batches, train_keep_best  # noqa: E402
 from brainjepa.model import BrainEncoder, ModelConfig  # noqa: E402
 from brainjepa.schedules import warmup_cosine  # noqa: E402
 from brainjepa.synthetic import simulate_cohort  # noqa: E402
@@ -275,6 +278,33 @@ def test_bn_linear_probe_learns_and_selects_on_validation():
     assert abs(reg.predict(X[80:]).mean() - yr[80:].mean()) < 10
 
 
+def test_train_keep_best_restores_the_best_epoch():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    X, X_val = torch.randn(40, 3), torch.randn(20, 3)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    t, t_val = X @ w, X_val @ w
+    loss_fn = make_loss("regression", t.numpy(), 1, None)
+    steps = []
+
+    def lr_at(step):  # a sane rate for 3 epochs, then one that makes SGD diverge
+        steps.append(step)
+        return 0.1 if step < 12 else 3.0
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    history = train_keep_best(
+        net, opt, loss_fn, X, t, X_val, t_val, epochs=6, n_batches=4, lr_at=lr_at, generator=torch.Generator()
+    )
+    assert steps == list(range(24))  # the rate is set before every step, counted over epochs
+    assert len(history.train_losses) == len(history.val_losses) == 6
+    assert history.val_losses[5] > history.val_losses[2]  # diverged: the last epoch is not the best
+    assert history.best_epoch == int(np.argmin(history.val_losses)) <= 2
+    assert not net.training
+    # the weights kept are those of the best epoch: its validation loss, recomputed
+    val = float(loss_fn(predict_batches(net, X_val, batch_size=7), t_val, weighted=False))
+    assert val == pytest.approx(history.val_losses[history.best_epoch], rel=1e-6)
+
+
 def test_class_weights_balanced():
     w = class_weights(np.array([0, 0, 0, 1]), 2)
     np.testing.assert_allclose(w, [4 / 6, 2.0])
@@ -347,8 +377,10 @@ def test_results_json_and_table(tmp_path):
             "n_seeds": 2,
         }
     ]
-    table = format_table(res.rows)
-    assert "age (n_seeds=2)" in table and "brainjepa" in table and "0.600 ± 0.141" in table
+    # one block per target: the NaN seed left out of n_seeds, mean and sample std
+    assert format_table(res.rows) == (
+        "age (n_seeds=2)  r\n---------------  -------------\nbrainjepa        0.600 ± 0.141\n"
+    )
 
 
 # --------------------------------------------------------------------------- embedder and baselines
@@ -592,8 +624,21 @@ def test_random_init_summaries_and_comparisons_from_records():
     assert all(c["metric"] == "auroc" for c in rows)
     assert rows[0]["mean_diff"] == pytest.approx(np.mean([0.8 - 0.9, 0.8 - 0.5]))
     assert rows[0]["baseline_source"] == "random_init#1:fc" and "baseline_source" not in rows[1]
-    text = format_comparisons(rows)
-    assert "random_init(best):fc (#1)" in text and "p (paired t)" in text and "1/2" in text
+    lines = [re.split(r"\s{2,}", line) for line in format_comparisons(rows).splitlines()]
+    assert lines[0] == list(COMPARISON_COLUMNS) and len(lines) == 2 + len(rows)
+    # differences -0.1 and +0.3: mean 0.1, t interval 0.1 +- 12.706 * 0.283 / sqrt(2), p 0.705
+    assert lines[2] == [
+        "dx",
+        "AUROC",
+        "brainjepa:fc",
+        "random_init(best):fc (#1)",
+        "2",
+        "+0.100",
+        "[-2.441, +2.641]",
+        "0.705",
+        "1/2",
+    ]
+    assert [line[3] for line in lines[3:]] == ["random_init(mean):fc", "fc_window"]
 
 
 def test_probe_cohort_end_to_end(sim):
@@ -905,9 +950,9 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     assert all(r["n_seeds"] == 2 and np.isfinite(r["mean"]) and np.isfinite(r["std"]) for r in saved["rows"])
     assert len(saved["comparisons"]) == len(READOUTS) * 5
     assert all(c["n"] == 2 and np.isfinite(c["mean_diff"]) for c in saved["comparisons"])
+    # what is printed is what is saved: the results table, then the comparisons
     printed = capsys.readouterr().out
-    assert "age (n_seeds=2)" in printed and "p (paired t)" in printed
-    assert "random_init(best):roi" in printed
+    assert format_table(saved["rows"]) in printed and format_comparisons(saved["comparisons"]) in printed
 
     assert (
         main(
@@ -924,13 +969,19 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
                 "1",
                 "--windows",
                 "center",
+                "--out",
+                str(tmp_path / "patient.json"),
             ]
         )
         == 0
     )
-    printed = capsys.readouterr().out
-    assert "patient (n_seeds=2)" in printed and "AUROC" in printed
-    assert "brainjepa:mean" not in printed and "random_init#1" not in printed and "amplitude" in printed
+    rows = json.loads((tmp_path / "patient.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        f"{base}:fc" for base in ("brainjepa", "random_init#0", "random_init(best)", "random_init(mean)")
+    } | set(BASELINES)
+    assert {r["metric"] for r in rows} == {"acc", "balanced_acc", "f1", "auroc"}
+    assert all(r["n_seeds"] == 2 and 0 <= r["mean"] <= 1 for r in rows)
+    assert format_table(rows) in capsys.readouterr().out
 
     assert (
         main(
@@ -951,11 +1002,18 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
                 "mean",
                 "--random-init-seeds",
                 "0",
+                "--out",
+                str(tmp_path / "site.json"),
             ]
         )
         == 0
     )
-    assert "MSE" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "site.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"brainjepa:mean", *BASELINES}
+    assert {r["metric"] for r in rows} == {"mse", "mae", "pearson_r", "r2"}
+    assert all(r["n_seeds"] == 1 and np.isfinite(r["mean"]) for r in rows)
+    assert all(r["mean"] > 0 for r in rows if r["metric"] in ("mse", "mae"))
+    assert format_table(rows) in capsys.readouterr().out
 
     assert (
         main(
@@ -972,11 +1030,17 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
                 "0",
                 "--class-weight",
                 "balanced",
+                "--out",
+                str(tmp_path / "finetune.json"),
             ]
         )
         == 0
     )
-    assert "random_init" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "finetune.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"brainjepa", "random_init", "fc_baseline"}
+    assert {r["metric"] for r in rows} == {"acc", "balanced_acc", "f1", "auroc"}
+    assert all(r["n_seeds"] == 1 and 0 <= r["mean"] <= 1 for r in rows)
+    assert format_table(rows) in capsys.readouterr().out
 
     assert (
         main(
@@ -995,6 +1059,9 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     )
     nets = (tmp_path / "att" / "network_attention.csv").read_text().splitlines()
     assert nets[0] == "network,attention,n_rois" and len(nets) == 1 + len(set(sim.networks))
+    rois = [line.split(",") for line in (tmp_path / "att" / "roi_attention.csv").read_text().splitlines()[1:]]
+    assert [r[1] for r in rois] == [sim.network_names[k] for k in sim.networks]
+    assert np.mean([float(r[2]) for r in rois]) == pytest.approx(1.0, abs=1e-5)  # 1.0: the uniform share
 
     assert main(["probe", *data, "--target", "iq"]) == 1
     assert "'iq' is not a column" in capsys.readouterr().err
