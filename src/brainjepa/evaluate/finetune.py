@@ -163,18 +163,8 @@ class FineTuner(ProbeBase):
             return FineTuneModel(encoder, n_outputs)
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> FineTuner:
-        """Fine-tune on (X, y) and keep the best epoch on (X_val, y_val).
-
-        Args:
-            X: (n, R, T) training inputs.
-            y: (n,) training labels (class indices or values).
-            X_val: (m, R, T) validation inputs.
-            y_val: (m,) validation labels.
-            n_classes: K (default: the largest training class index + 1).
-
-        Returns:
-            self.
-        """
+        """Fine-tune on inputs X (n, R, T) and labels y, keep the best epoch on (X_val, y_val);
+        ``n_classes``: K (default: the largest training class index + 1)."""
         device = resolve_device(self.device)
         y = np.asarray(y)
         t, t_val = torch.as_tensor(self._fit_labels(y, n_classes)), torch.as_tensor(self._labels(y_val))
@@ -206,8 +196,7 @@ class FineTuner(ProbeBase):
         return self
 
     def _output(self, X) -> np.ndarray:
-        out = predict_batches(self.model_, X, self.batch_size).double().cpu()
-        return out.softmax(dim=1).numpy() if self.task == "classification" else out[:, 0].numpy()
+        return self._from_head(predict_batches(self.model_, X, self.batch_size))
 
 
 def finetune_cohort(

@@ -53,6 +53,11 @@ class ProbeBase:
         y = np.asarray(y)
         return y if self.task == "classification" else (y - self.y_mean_) / self.y_std_
 
+    def _from_head(self, out: torch.Tensor) -> np.ndarray:
+        """A trained head's outputs (n, K) as ``_output`` returns them: softmax, or column 0."""
+        out = out.double().cpu()
+        return out.softmax(dim=1).numpy() if self.task == "classification" else out[:, 0].numpy()
+
     def _finish(self, out: np.ndarray) -> np.ndarray:
         if self.task == "classification":
             return out.argmax(axis=1)
@@ -87,18 +92,8 @@ class ClosedFormProbe(ProbeBase):
         self.max_iter = max_iter
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> ClosedFormProbe:
-        """Fit on (X, y) at every grid strength and keep the best on (X_val, y_val).
-
-        Args:
-            X: (n, F) training features.
-            y: (n,) training labels (class indices or values).
-            X_val: (m, F) validation features.
-            y_val: (m,) validation labels.
-            n_classes: K (default: the largest training class index + 1).
-
-        Returns:
-            self.
-        """
+        """Fit on features X (n, F) and labels y at every grid strength, keep the best on
+        (X_val, y_val); ``n_classes``: K (default: the largest training class index + 1)."""
         X, X_val = np.asarray(X, dtype=np.float64), np.asarray(X_val, dtype=np.float64)
         self.mean_, self.scale_ = _standardize_fit(X)
         Xs, Xv = (X - self.mean_) / self.scale_, (X_val - self.mean_) / self.scale_
@@ -251,18 +246,8 @@ class BNLinearProbe(ProbeBase):
         self.seed = seed
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> BNLinearProbe:
-        """Train the head on (X, y) and keep its best epoch on (X_val, y_val).
-
-        Args:
-            X: (n, F) training features.
-            y: (n,) training labels (class indices or values).
-            X_val: (m, F) validation features.
-            y_val: (m,) validation labels.
-            n_classes: K (default: the largest training class index + 1).
-
-        Returns:
-            self.
-        """
+        """Train the head on features X (n, F) and labels y, keep its best epoch on (X_val, y_val);
+        ``n_classes``: K (default: the largest training class index + 1)."""
         y = np.asarray(y)
         t, t_val = torch.as_tensor(self._fit_labels(y, n_classes)), torch.as_tensor(self._labels(y_val))
         X, Xv = (
@@ -293,8 +278,7 @@ class BNLinearProbe(ProbeBase):
         return self
 
     def _output(self, X) -> np.ndarray:
-        out = predict_batches(self.head_, torch.as_tensor(np.asarray(X), dtype=torch.float32)).double()
-        return out.softmax(dim=1).numpy() if self.task == "classification" else out[:, 0].numpy()
+        return self._from_head(predict_batches(self.head_, torch.as_tensor(np.asarray(X), dtype=torch.float32)))
 
 
 def make_probe(kind: str, task: str, seed: int = 0, class_weight: str | None = None, **kwargs):
