@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,12 +17,14 @@ from brainjepa.bundle import BrainJEPA  # noqa: E402
 from brainjepa.errors import ConfigError, DataError  # noqa: E402
 from brainjepa.evaluate import (  # noqa: E402
     BASELINES,
+    COMPARISON_COLUMNS,
     READOUTS,
     BNLinearProbe,
     BrainJEPAEmbedder,
     ClosedFormProbe,
     Results,
     amplitude_features,
+    attention_received,
     binary_logistic,
     class_weights,
     classification_metrics,
@@ -31,6 +34,7 @@ from brainjepa.evaluate import (  # noqa: E402
     embed_cohort_readouts,
     encode_labels,
     encode_windows,
+    encode_with_attention,
     fc_features,
     format_comparisons,
     format_table,
@@ -54,7 +58,7 @@ from brainjepa.evaluate import (  # noqa: E402
     token_index,
     window_fc,
 )
-from brainjepa.finetune import (  # noqa: E402
+from brainjepa.evaluate.finetune import (  # noqa: E402
     FineTuner,
     finetune_cohort,
     layer_id,
@@ -62,7 +66,8 @@ from brainjepa.finetune import (  # noqa: E402
     param_groups,
     set_drop_path,
 )
-from brainjepa.model import ModelConfig  # noqa: E402
+from brainjepa.evaluate.training import make_loss, predict_batches, train_keep_best  # noqa: E402
+from brainjepa.model import BrainEncoder, ModelConfig  # noqa: E402
 from brainjepa.schedules import warmup_cosine  # noqa: E402
 from brainjepa.synthetic import simulate_cohort  # noqa: E402
 from brainjepa.transforms import zscore  # noqa: E402
@@ -273,6 +278,33 @@ def test_bn_linear_probe_learns_and_selects_on_validation():
     assert abs(reg.predict(X[80:]).mean() - yr[80:].mean()) < 10
 
 
+def test_train_keep_best_restores_the_best_epoch():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    X, X_val = torch.randn(40, 3), torch.randn(20, 3)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    t, t_val = X @ w, X_val @ w
+    loss_fn = make_loss("regression", t.numpy(), 1, None)
+    steps = []
+
+    def lr_at(step):  # a sane rate for 3 epochs, then one that makes SGD diverge
+        steps.append(step)
+        return 0.1 if step < 12 else 3.0
+
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    history = train_keep_best(
+        net, opt, loss_fn, X, t, X_val, t_val, epochs=6, n_batches=4, lr_at=lr_at, generator=torch.Generator()
+    )
+    assert steps == list(range(24))  # the rate is set before every step, counted over epochs
+    assert len(history.train_losses) == len(history.val_losses) == 6
+    assert history.val_losses[5] > history.val_losses[2]  # diverged: the last epoch is not the best
+    assert history.best_epoch == int(np.argmin(history.val_losses)) <= 2
+    assert not net.training
+    # the weights kept are those of the best epoch: its validation loss, recomputed
+    val = float(loss_fn(predict_batches(net, X_val, batch_size=7), t_val, weighted=False))
+    assert val == pytest.approx(history.val_losses[history.best_epoch], rel=1e-6)
+
+
 def test_class_weights_balanced():
     w = class_weights(np.array([0, 0, 0, 1]), 2)
     np.testing.assert_allclose(w, [4 / 6, 2.0])
@@ -345,8 +377,10 @@ def test_results_json_and_table(tmp_path):
             "n_seeds": 2,
         }
     ]
-    table = format_table(res.rows)
-    assert "age (n_seeds=2)" in table and "brainjepa" in table and "0.600 ± 0.141" in table
+    # one block per target: the NaN seed left out of n_seeds, mean and sample std
+    assert format_table(res.rows) == (
+        "age (n_seeds=2)  r\n---------------  -------------\nbrainjepa        0.600 ± 0.141\n"
+    )
 
 
 # --------------------------------------------------------------------------- embedder and baselines
@@ -590,8 +624,21 @@ def test_random_init_summaries_and_comparisons_from_records():
     assert all(c["metric"] == "auroc" for c in rows)
     assert rows[0]["mean_diff"] == pytest.approx(np.mean([0.8 - 0.9, 0.8 - 0.5]))
     assert rows[0]["baseline_source"] == "random_init#1:fc" and "baseline_source" not in rows[1]
-    text = format_comparisons(rows)
-    assert "random_init(best):fc (#1)" in text and "p (paired t)" in text and "1/2" in text
+    lines = [re.split(r"\s{2,}", line) for line in format_comparisons(rows).splitlines()]
+    assert lines[0] == list(COMPARISON_COLUMNS) and len(lines) == 2 + len(rows)
+    # differences -0.1 and +0.3: mean 0.1, t interval 0.1 +- 12.706 * 0.283 / sqrt(2), p 0.705
+    assert lines[2] == [
+        "dx",
+        "AUROC",
+        "brainjepa:fc",
+        "random_init(best):fc (#1)",
+        "2",
+        "+0.100",
+        "[-2.441, +2.641]",
+        "0.705",
+        "1/2",
+    ]
+    assert [line[3] for line in lines[3:]] == ["random_init(mean):fc", "fc_window"]
 
 
 def test_probe_cohort_end_to_end(sim):
@@ -701,10 +748,9 @@ def test_roi_attention_and_networks(sim, tmp_path):
     assert att.shape == (R,)
     assert att.mean() == pytest.approx(1.0, abs=1e-5)  # every query's weights sum to 1
     # by hand for one subject: per layer (N,) received attention -> ROI means -> average
-    sink = []
     with torch.no_grad():
-        model.encoder(windows[:1], attention_sink=sink)
-    by_hand = torch.stack(sink).mean(0)[0].reshape(R, -1).mean(1) * R * (T_MODEL // 16)
+        maps = attention_received(model.encoder, windows[:1])
+    by_hand = torch.stack(maps).mean(0)[0].reshape(R, -1).mean(1) * R * (T_MODEL // 16)
     np.testing.assert_allclose(roi_attention(model.encoder, windows[:1]), by_hand.numpy(), rtol=1e-5)
 
     nets = ["A", "B", "A", "C"] * 4
@@ -722,6 +768,63 @@ def test_roi_attention_and_networks(sim, tmp_path):
         read_networks(g, None, R)
     assert network_labels_from_roi_names(["7Networks_LH_Vis_1", "7Networks_RH_Default_PFC_2"]) == ["Vis", "Default"]
     assert network_labels_from_roi_names(["roi1", "roi2"]) is None
+
+
+def test_attention_received_follows_the_encoder():
+    enc = small_model().encoder
+    x = torch.randn(3, R, T_MODEL)
+    n_tokens = R * (T_MODEL // 16)
+    with torch.no_grad():
+        features, maps = encode_with_attention(enc, x)
+        # the explicit path computes the features the encoder computes
+        torch.testing.assert_close(features, enc(x), rtol=1e-5, atol=1e-5)
+        assert [m.shape for m in maps] == [(3, n_tokens)] * 3
+        for m in maps:  # each query's weights sum to 1, so their mean over queries does too
+            assert (m >= 0).all()
+            torch.testing.assert_close(m.sum(-1), torch.ones(3), rtol=0, atol=1e-5)
+        assert not torch.allclose(maps[0], torch.full_like(maps[0], 1 / n_tokens), atol=1e-4)
+        for a, b in zip(attention_received(enc, x), maps):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_attention_received_by_hand_on_one_block():
+    cfg = ModelConfig(
+        n_rois=4,
+        n_timepoints=32,
+        embed_dim=8,
+        depth=1,
+        num_heads=2,
+        predictor_embed_dim=4,
+        predictor_depth=1,
+        predictor_num_heads=1,
+        n_gradients=2,
+    )
+    torch.manual_seed(3)
+    enc = BrainEncoder(cfg, torch.randn(4, 2)).eval()
+    x = torch.randn(2, 4, 32)
+    n_tokens, d = 4 * 2, 4  # 4 ROIs x 2 time patches; 8 features in 2 heads of 4
+    block = enc.blocks[0]
+    with torch.no_grad():
+        h = enc.tokens(x).double().numpy()
+        z = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + cfg.layernorm_eps)
+        a = z * block.norm1.weight.double().numpy() + block.norm1.bias.double().numpy()
+        qkv = a @ block.attn.qkv.weight.double().numpy().T + block.attn.qkv.bias.double().numpy()
+        expected = np.zeros((2, n_tokens))
+        for b in range(2):
+            for head in range(2):
+                cols = slice(head * d, (head + 1) * d)
+                q, k = qkv[b, :, cols], qkv[b, :, 8:16][:, cols]
+                scores = q @ k.T / np.sqrt(d)
+                w = np.exp(scores - scores.max(1, keepdims=True))
+                w /= w.sum(1, keepdims=True)  # row i: how query i spreads its attention
+                expected[b] += w.mean(0) / 2  # mean over queries, then over the 2 heads
+        (got,) = attention_received(enc, x)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+        # queries of zero: every score is 0, so every token receives exactly 1 / N
+        block.attn.qkv.weight[:8] = 0.0
+        block.attn.qkv.bias[:8] = 0.0
+        (uniform,) = attention_received(enc, x)
+        torch.testing.assert_close(uniform, torch.full((2, n_tokens), 1 / n_tokens), rtol=0, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -847,9 +950,9 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     assert all(r["n_seeds"] == 2 and np.isfinite(r["mean"]) and np.isfinite(r["std"]) for r in saved["rows"])
     assert len(saved["comparisons"]) == len(READOUTS) * 5
     assert all(c["n"] == 2 and np.isfinite(c["mean_diff"]) for c in saved["comparisons"])
+    # what is printed is what is saved: the results table, then the comparisons
     printed = capsys.readouterr().out
-    assert "age (n_seeds=2)" in printed and "p (paired t)" in printed
-    assert "random_init(best):roi" in printed
+    assert format_table(saved["rows"]) in printed and format_comparisons(saved["comparisons"]) in printed
 
     assert (
         main(
@@ -866,13 +969,19 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
                 "1",
                 "--windows",
                 "center",
+                "--out",
+                str(tmp_path / "patient.json"),
             ]
         )
         == 0
     )
-    printed = capsys.readouterr().out
-    assert "patient (n_seeds=2)" in printed and "AUROC" in printed
-    assert "brainjepa:mean" not in printed and "random_init#1" not in printed and "amplitude" in printed
+    rows = json.loads((tmp_path / "patient.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        f"{base}:fc" for base in ("brainjepa", "random_init#0", "random_init(best)", "random_init(mean)")
+    } | set(BASELINES)
+    assert {r["metric"] for r in rows} == {"acc", "balanced_acc", "f1", "auroc"}
+    assert all(r["n_seeds"] == 2 and 0 <= r["mean"] <= 1 for r in rows)
+    assert format_table(rows) in capsys.readouterr().out
 
     assert (
         main(
@@ -893,11 +1002,18 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
                 "mean",
                 "--random-init-seeds",
                 "0",
+                "--out",
+                str(tmp_path / "site.json"),
             ]
         )
         == 0
     )
-    assert "MSE" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "site.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"brainjepa:mean", *BASELINES}
+    assert {r["metric"] for r in rows} == {"mse", "mae", "pearson_r", "r2"}
+    assert all(r["n_seeds"] == 1 and np.isfinite(r["mean"]) for r in rows)
+    assert all(r["mean"] > 0 for r in rows if r["metric"] in ("mse", "mae"))
+    assert format_table(rows) in capsys.readouterr().out
 
     assert (
         main(
@@ -914,11 +1030,17 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
                 "0",
                 "--class-weight",
                 "balanced",
+                "--out",
+                str(tmp_path / "finetune.json"),
             ]
         )
         == 0
     )
-    assert "random_init" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "finetune.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"brainjepa", "random_init", "fc_baseline"}
+    assert {r["metric"] for r in rows} == {"acc", "balanced_acc", "f1", "auroc"}
+    assert all(r["n_seeds"] == 1 and 0 <= r["mean"] <= 1 for r in rows)
+    assert format_table(rows) in capsys.readouterr().out
 
     assert (
         main(
@@ -937,6 +1059,9 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
     )
     nets = (tmp_path / "att" / "network_attention.csv").read_text().splitlines()
     assert nets[0] == "network,attention,n_rois" and len(nets) == 1 + len(set(sim.networks))
+    rois = [line.split(",") for line in (tmp_path / "att" / "roi_attention.csv").read_text().splitlines()[1:]]
+    assert [r[1] for r in rois] == [sim.network_names[k] for k in sim.networks]
+    assert np.mean([float(r[2]) for r in rois]) == pytest.approx(1.0, abs=1e-5)  # 1.0: the uniform share
 
     assert main(["probe", *data, "--target", "iq"]) == 1
     assert "'iq' is not a column" in capsys.readouterr().err

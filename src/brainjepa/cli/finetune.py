@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import finetune_cohort
+    from ..evaluate import finetune_cohort
 
     model, cohort = load(args)
     results = finetune_cohort(

@@ -1,5 +1,5 @@
-"""Fine-tuning (docs/method.md, "Evaluation"): the whole encoder plus a head, AdamW, cosine schedule, layer-wise LR
-decay 0.75 and drop path 0.1, epoch chosen on validation.
+"""Fine-tuning (docs/method.md, "Evaluation"): the whole encoder plus a head, AdamW, warmup +
+cosine schedule, layer-wise LR decay 0.75 and drop path 0.1, epoch chosen on validation.
 
 Both regularisers are known to have silently done nothing in the authors' code, so here they are
 explicit and tested: :func:`param_groups` gives every depth its own learning-rate scale
@@ -7,6 +7,7 @@ explicit and tested: :func:`param_groups` gives every depth its own learning-rat
 L + 1; scale = decay ** (L + 1 - layer)), and :func:`set_drop_path` sets the rate of every
 :class:`~brainjepa.model.DropPath` of the copied encoder (linearly increasing with depth, as
 in pretraining). The pretrained model passed in is never modified: each fit works on a copy.
+Every method of :data:`METHODS` sees one centre window per subject, as the recipe trains on.
 """
 
 from __future__ import annotations
@@ -20,25 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import (
-    METHODS,
-    BrainJEPAEmbedder,
-    CohortSeries,
-    Results,
-    _Probe,
-    _progress,
-    _user_split,
-    cohort_fc,
-    make_loss,
-    make_probe,
-    random_init_like,
-    resolve_device,
-    run_protocol,
-    target_labels,
-)
-from .schedules import warmup_cosine
+from ..data import CohortSeries
+from ..schedules import warmup_cosine
+from .cohort import cohort_fc
+from .features import BrainJEPAEmbedder, random_init_like, resolve_device
+from .labels import cohort_targets
+from .probes import ProbeBase, make_probe
+from .protocol import Results, run_targets
+from .training import make_loss, predict_batches, set_lr, train_keep_best
 
 log = logging.getLogger(__name__)
+
+# the methods of fine-tuning; linear probing names its methods with probe_method_names()
+METHODS = ("brainjepa", "random_init", "fc_baseline")
 
 
 class FineTuneModel(nn.Module):
@@ -68,8 +63,17 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def param_groups(model: FineTuneModel, weight_decay: float, layer_decay: float = 0.75) -> list[dict]:
-    """AdamW parameter groups, one per (layer, decayed or not), each with ``lr_scale`` =
-    layer_decay ** (L + 1 - layer). Biases, norms and other 1-D parameters get no weight decay."""
+    """AdamW parameter groups, one per (layer, decayed or not).
+
+    Args:
+        model: the model to fine-tune.
+        weight_decay: the decay of matrices; biases, norms and other 1-D parameters get none.
+        layer_decay: the learning-rate factor per layer below the top.
+
+    Returns:
+        Groups with "params", "names", "layer", "lr_scale" = layer_decay ** (L + 1 - layer)
+        and "weight_decay", in order of (layer, decayed).
+    """
     depth = len(model.encoder.blocks)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -100,12 +104,6 @@ def make_optimizer(
     return opt
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the base learning rate: each group gets ``lr * group["lr_scale"]``."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_scale"]
-
-
 def set_drop_path(encoder: nn.Module, rate: float) -> None:
     """Stochastic depth rate ``rate`` for the deepest block, linearly less for earlier ones."""
     depth = len(encoder.blocks)
@@ -113,13 +111,14 @@ def set_drop_path(encoder: nn.Module, rate: float) -> None:
         block.drop_path.p = rate * i / max(depth - 1, 1)
 
 
-class FineTuner(_Probe):
+class FineTuner(ProbeBase):
     """Fine-tune a copy of ``model``'s encoder (a BrainJEPA or a BrainEncoder) with a new head.
 
     ``fit(X, y, X_val, y_val)``: X (N, R, T) model inputs (:meth:`BrainJEPAEmbedder.windows`),
     y class indices or values (regression labels normalised with train statistics). Trains for
-    ``epochs`` and keeps the epoch with the lowest validation loss. Learned: ``model_``
-    (FineTuneModel, eval mode), ``best_epoch_``, ``train_losses_`` and ``val_losses_`` per epoch.
+    ``epochs`` and keeps the epoch with the lowest validation loss
+    (:func:`~brainjepa.evaluate.training.train_keep_best`). Learned: ``model_`` (FineTuneModel,
+    eval mode), ``best_epoch_``, ``train_losses_`` and ``val_losses_`` per epoch.
     """
 
     def __init__(
@@ -164,53 +163,40 @@ class FineTuner(_Probe):
             return FineTuneModel(encoder, n_outputs)
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> FineTuner:
+        """Fine-tune on inputs X (n, R, T) and labels y, keep the best epoch on (X_val, y_val);
+        ``n_classes``: K (default: the largest training class index + 1)."""
         device = resolve_device(self.device)
         y = np.asarray(y)
         t, t_val = torch.as_tensor(self._fit_labels(y, n_classes)), torch.as_tensor(self._labels(y_val))
         out_dim = self.n_classes_ if self.task == "classification" else 1
         net = self.build(out_dim).to(device)
         opt = make_optimizer(net, self.lr, self.weight_decay, self.layer_decay)
-        loss_fn = make_loss(self.task, y, out_dim, self.class_weight)
         X = torch.as_tensor(X)
         n_batches = max(1, math.ceil(len(X) / self.batch_size))
         total, warmup = self.epochs * n_batches, self.warmup_epochs * n_batches
-        gen = torch.Generator().manual_seed(self.seed)
-        best, step = None, 0
-        self.train_losses_, self.val_losses_ = [], []
-        epochs = _progress(range(self.epochs), self.epochs, "fine-tuning", self.progress)
         with torch.random.fork_rng(devices=[]):  # drop path draws from the global generator
             torch.manual_seed(self.seed)
-            for epoch in epochs:
-                net.train()
-                running = 0.0
-                for idx in torch.randperm(len(X), generator=gen).tensor_split(n_batches):
-                    set_lr(opt, warmup_cosine(step, total, warmup, self.lr, self.lr / max(warmup, 1), self.min_lr))
-                    loss = loss_fn(net(X[idx].to(device)), t[idx].to(device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    running += float(loss.detach()) * len(idx)
-                    step += 1
-                self.train_losses_.append(running / len(X))
-                val = float(loss_fn(self._forward(net, X_val, device), t_val.to(device), weighted=False))
-                self.val_losses_.append(val)
-                if hasattr(epochs, "set_postfix"):
-                    epochs.set_postfix(train=f"{self.train_losses_[-1]:.3f}", val=f"{val:.3f}")
-                if best is None or val < best[0]:
-                    best = (val, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
-        net.load_state_dict(best[2])
-        self.model_, self.best_epoch_ = net.eval(), best[1]
+            history = train_keep_best(
+                net,
+                opt,
+                make_loss(self.task, y, out_dim, self.class_weight),
+                X,
+                t,
+                X_val,
+                t_val,
+                epochs=self.epochs,
+                n_batches=n_batches,
+                lr_at=lambda step: warmup_cosine(step, total, warmup, self.lr, self.lr / max(warmup, 1), self.min_lr),
+                generator=torch.Generator().manual_seed(self.seed),
+                val_batch_size=self.batch_size,
+                progress="fine-tuning" if self.progress else None,
+            )
+        self.model_, self.best_epoch_ = net, history.best_epoch
+        self.train_losses_, self.val_losses_ = history.train_losses, history.val_losses
         return self
 
-    @torch.no_grad()
-    def _forward(self, net: FineTuneModel, X, device) -> torch.Tensor:
-        net.eval()
-        return torch.cat([net(x.to(device)) for x in torch.as_tensor(X).split(self.batch_size)])
-
     def _output(self, X) -> np.ndarray:
-        device = next(self.model_.parameters()).device
-        out = self._forward(self.model_, X, device).double().cpu()
-        return out.softmax(dim=1).numpy() if self.task == "classification" else out[:, 0].numpy()
+        return self._from_head(predict_batches(self.model_, X, self.batch_size))
 
 
 def finetune_cohort(
@@ -234,24 +220,48 @@ def finetune_cohort(
     random_init_seed: int = 0,
     progress: bool = True,
 ) -> Results:
-    """Fine-tune ``model`` on a cohort's label columns; the same recipe applied to the randomly
-    initialised architecture (``random_init``) and the FC baseline share every split."""
-    labels = {t: target_labels(cohort, t, task) for t in targets}  # fail before the slow part
-    splits = {t: _user_split(cohort, split_column, labels[t][0]) for t in targets}
+    """Fine-tune ``model`` on a cohort's label columns, next to its references.
+
+    The same recipe applied to the randomly initialised architecture (``random_init``) and the
+    FC baseline (closed-form probe) share every split.
+
+    Args:
+        model: the pretrained model.
+        cohort: the cohort.
+        targets: label columns.
+        task: 'classification', 'regression' or 'auto' (per column).
+        seeds: a count or the split seeds.
+        split_column: a label column (or 'split') that fixes the split.
+        fc_input: the FC baseline's input, 'full' or 'window'
+            (:func:`~brainjepa.evaluate.cohort.cohort_fc`).
+        class_weight: None or 'balanced'.
+        epochs: training epochs.
+        lr: the top layer's peak learning rate.
+        layer_decay: the learning-rate factor per layer below the top.
+        drop_path: the deepest block's stochastic depth rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warmup epochs.
+        batch_size: inputs per step.
+        device: where to train.
+        random_init_seed: the initialisation seed of ``random_init``.
+        progress: show progress and log results.
+
+    Returns:
+        :class:`~brainjepa.evaluate.protocol.Results` of the methods :data:`METHODS`.
+    """
+    labelled = cohort_targets(cohort, targets, task, split_column)  # fail before the slow part
     series = CohortSeries(cohort)
     windows = BrainJEPAEmbedder(model, batch_size=batch_size, progress=progress).windows(series, series.trs())
     fc = cohort_fc(cohort, model, fc_input, progress)
     starts = {"brainjepa": model, "random_init": random_init_like(model, random_init_seed)}
-    results = Results()
-    for target in targets:
-        keep, y, t_task, classes = labels[target]
-        split = splits[target]
-        log.info("fine-tuning on %s (%s, %d subjects, %d epochs)", target, t_task, len(keep), epochs)
 
-        def tuner(start, seed, t_task=t_task):
+    def methods(t):
+        log.info("fine-tuning on %s (%s, %d subjects, %d epochs)", t.name, t.task, len(t.keep), epochs)
+
+        def tuner(start, seed):
             return FineTuner(
                 start,
-                t_task,
+                t.task,
                 epochs=epochs,
                 lr=lr,
                 layer_decay=layer_decay,
@@ -265,25 +275,12 @@ def finetune_cohort(
                 progress=progress,
             )
 
-        methods = {
-            name: (lambda seed, start=starts[name]: tuner(start, seed), windows[keep])
+        out = {
+            name: (lambda seed, start=starts[name]: tuner(start, seed), windows[t.keep])
             for name in METHODS
             if name != "fc_baseline"
         }
-        methods["fc_baseline"] = (
-            lambda seed, t_task=t_task: make_probe("closed-form", t_task, seed, class_weight),
-            fc[keep],
-        )
-        results.extend(
-            run_protocol(
-                y,
-                methods,
-                target=target,
-                task=t_task,
-                n_classes=len(classes) if classes else None,
-                seeds=seeds,
-                split=split,
-                progress=progress,
-            )
-        )
-    return results
+        out["fc_baseline"] = (lambda seed: make_probe("closed-form", t.task, seed, class_weight), fc[t.keep])
+        return out
+
+    return run_targets(labelled, methods, seeds=seeds, progress=progress)

@@ -1,0 +1,458 @@
+"""Subject features: the encoder's readouts over a subject's windows, the embedder, random-init
+copies of a model, and the FC and amplitude baselines.
+
+Each scan is resampled to the model's TR and tiled with evenly spaced windows of the model's
+length that together cover it (:meth:`BrainJEPA.prepare_windows`; a scan shorter than one window
+is encoded on its real time patches only); ``windows="center"`` keeps only the centre window.
+Each window is encoded once and its token features are summarised by one or more readouts
+(:func:`readout_features`); a subject's embedding under a readout is that readout averaged over
+its windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..bundle import BrainJEPA
+from ..errors import ConfigError, DataError
+from ..gradients import connectivity
+from ..transforms import resampled_length
+
+READOUTS = ("mean", "roi", "fc")
+WINDOWS = ("all", "center")
+# a scan whose ROI means exceed this many temporal stds (median over ROIs) is raw BOLD: its
+# amplitude is measured in percent signal change
+RAW_BOLD_MEAN_OVER_STD = 5.0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to compute on.
+
+    Args:
+        device: a device, or None / 'auto' for CUDA when available, else the CPU.
+
+    Returns:
+        The torch device.
+    """
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """``iterable`` wrapped in a transient tqdm progress bar (shown only when ``enabled``)."""
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def repetition_times(tr, n: int) -> list:
+    """One repetition time per series.
+
+    Args:
+        tr: one repetition time (or None) for all, or a sequence of one per series.
+        n: the number of series.
+
+    Returns:
+        A list of n repetition times.
+
+    Raises:
+        DataError: a sequence of another length.
+    """
+    trs = list(tr) if isinstance(tr, (list, tuple, np.ndarray)) else [tr] * n
+    if len(trs) != n:
+        raise DataError(f"got {len(trs)} repetition times for {n} series")
+    return trs
+
+
+def fc_features(series: Sequence[np.ndarray]) -> np.ndarray:
+    """Each subject's Pearson FC, Fisher-z, strict upper triangle.
+
+    Args:
+        series: N (R, T) time series.
+
+    Returns:
+        (N, R(R-1)/2) float32.
+    """
+    rows = []
+    for x in series:
+        r = connectivity([x], fisher_z=False)
+        iu = np.triu_indices(r.shape[0], k=1)
+        rows.append(np.arctanh(np.clip(r[iu], -1 + 1e-7, 1 - 1e-7)).astype(np.float32))
+    return np.stack(rows)
+
+
+def window_fc(windows, n_patches_valid: int, patch_size: int) -> np.ndarray:
+    """The FC of the windows one subject's model input is made of.
+
+    Args:
+        windows: (W, R, n_timepoints), as from :meth:`BrainJEPA.prepare_windows`.
+        n_patches_valid: the windows' valid time patches.
+        patch_size: frames per time patch.
+
+    Returns:
+        (R(R-1)/2,) float32: each window's Fisher-z FC over the frames the encoder reads (its
+        valid patches), averaged over the windows.
+    """
+    frames = n_patches_valid * patch_size
+    return fc_features([np.asarray(w)[:, :frames] for w in windows]).mean(axis=0)
+
+
+def amplitude_features(series: Sequence[np.ndarray]) -> np.ndarray:
+    """Per ROI, the log of the temporal std of each series.
+
+    A series that looks like raw BOLD (median over ROIs of |mean| / std above 5) is measured in
+    percent signal change, 100 (x - mean) / |mean|, so scanner-dependent offsets cancel; any
+    other series (already centred or scaled) as it is.
+
+    Args:
+        series: N (R, T) time series, T >= 2.
+
+    Returns:
+        (N, R) float32.
+
+    Raises:
+        DataError: a series that is not (R, T) with T >= 2.
+    """
+    rows = []
+    for x in series:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] < 2:
+            raise DataError(f"amplitude: expected an (R, T) series with T >= 2, got shape {x.shape}")
+        mean, std = x.mean(axis=1), x.std(axis=1)
+        ratio = np.abs(mean) / np.maximum(std, 1e-12)
+        if np.median(ratio) > RAW_BOLD_MEAN_OVER_STD:
+            std = 100.0 * std / np.maximum(np.abs(mean), 1e-12)
+        # a constant ROI has no amplitude; a floor keeps its log finite for the probe
+        rows.append(np.log(np.maximum(std, 1e-12)).astype(np.float32))
+    return np.stack(rows)
+
+
+def readout_features(h: torch.Tensor, readout: str, eps: float = 1e-6) -> torch.Tensor:
+    """One readout of token features.
+
+    ``mean``: mean over the R * p tokens, then LayerNorm without affine (eps ``eps``), F = D.
+    ``roi``: per ROI the mean over time patches of each feature, then their std (ddof 0),
+    F = R * 2D laid out ROI by ROI as [mean (D), std (D)] (large: 0.7M values per subject at
+    R = 450, D = 768).
+    ``fc``: each ROI's (p, D) features centred over time and flattened to p * D, cosine
+    between ROIs (Pearson over time and features), Fisher-z (|r| clipped below 1 - 1e-7),
+    strict upper triangle in row-major order, F = R(R-1)/2. With one time patch nothing varies
+    over time and every edge is 0.
+
+    Args:
+        h: (..., R, p, D) token features (p time patches).
+        readout: one of :data:`READOUTS`.
+        eps: the LayerNorm epsilon of ``mean``.
+
+    Returns:
+        (..., F) float32.
+
+    Raises:
+        ConfigError: an unknown readout.
+    """
+    h = h.float()
+    if readout == "mean":
+        pooled = h.mean(dim=(-3, -2))
+        return F.layer_norm(pooled, pooled.shape[-1:], eps=eps)
+    if readout == "roi":
+        stats = torch.cat([h.mean(dim=-2), h.std(dim=-2, unbiased=False)], dim=-1)  # (..., R, 2D)
+        return stats.flatten(-2)
+    if readout == "fc":
+        n_rois = h.shape[-3]
+        # float64: correlations near 1 must not round to 1 before the Fisher-z
+        c = (h - h.mean(dim=-2, keepdim=True)).flatten(-2).double()  # (..., R, p*D)
+        c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        r = (c @ c.transpose(-1, -2)).clamp(-1 + 1e-7, 1 - 1e-7)
+        iu = torch.triu_indices(n_rois, n_rois, offset=1, device=h.device)
+        return torch.atanh(r[..., iu[0], iu[1]]).float()
+    raise ConfigError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+
+
+def check_readouts(readouts) -> tuple[str, ...]:
+    """One readout name or several, as a tuple without repeats; ConfigError for unknown ones."""
+    readouts = (readouts,) if isinstance(readouts, str) else tuple(dict.fromkeys(readouts))
+    unknown = [r for r in readouts if r not in READOUTS]
+    if unknown or not readouts:
+        raise ConfigError(f"readouts must be among {READOUTS}, got {list(readouts) or 'none'}")
+    return readouts
+
+
+def check_windows(windows: str) -> str:
+    """``windows`` when it is one of :data:`WINDOWS`; ConfigError otherwise."""
+    if windows not in WINDOWS:
+        raise ConfigError(f"windows must be one of {WINDOWS}, got {windows!r}")
+    return windows
+
+
+def token_index(n_rois: int, n_patches: int, n_patches_valid: int) -> torch.Tensor:
+    """The tokens of a window's valid time patches.
+
+    Args:
+        n_rois: R.
+        n_patches: time patches per window.
+        n_patches_valid: the valid ones (the first).
+
+    Returns:
+        (R * n_patches_valid,) indices of the tokens (r, t) with t < n_patches_valid, ROI-major
+        (token r * n_patches + t), in the order :func:`encode_windows` returns them.
+    """
+    return (torch.arange(n_rois)[:, None] * n_patches + torch.arange(n_patches_valid)).reshape(-1)
+
+
+def encode_windows(model, windows: torch.Tensor, n_patches_valid: int | None = None) -> torch.Tensor:
+    """Token features of prepared windows.
+
+    A window padded after its last valid patch is encoded on its valid tokens only, so the
+    padding takes no part in attention.
+
+    Args:
+        model: a :class:`~brainjepa.bundle.BrainJEPA`.
+        windows: (B, R, n_timepoints) prepared windows.
+        n_patches_valid: valid time patches p (default all).
+
+    Returns:
+        (B, R, p, D).
+
+    Raises:
+        DataError: ``n_patches_valid`` outside 1..n_patches.
+    """
+    cfg = model.config
+    p = cfg.n_patches if n_patches_valid is None else int(n_patches_valid)
+    if not 1 <= p <= cfg.n_patches:
+        raise DataError(f"n_patches_valid must be between 1 and {cfg.n_patches}, got {p}")
+    if p == cfg.n_patches:
+        h = model.encode(windows)
+    else:  # prepare_windows made these inputs, so the input checks have nothing to add
+        x = model._as_input(windows)
+        idx = token_index(cfg.n_rois, cfg.n_patches, p).to(x.device).expand(len(x), -1)
+        h = model.encoder(x, token_idx=idx)
+    return h.reshape(len(windows), cfg.n_rois, p, -1)
+
+
+def subject_windows(model, series, tr: float | None = None, windows: str = "all") -> tuple[torch.Tensor, int]:
+    """The windows of one subject the encoder sees.
+
+    Args:
+        model: a :class:`~brainjepa.bundle.BrainJEPA`.
+        series: (R, T) raw series.
+        tr: its repetition time in seconds.
+        windows: ``all``: :meth:`BrainJEPA.prepare_windows`; ``center``: the centre window of
+            :meth:`BrainJEPA.prepare` (a scan shorter than a window: its one padded window).
+
+    Returns:
+        ((W, R, n_timepoints) windows, n_patches_valid).
+    """
+    if check_windows(windows) == "center":
+        n = np.shape(series)[-1]
+        if model.target_tr is not None and tr is not None:
+            n = resampled_length(n, tr, model.target_tr)
+        if n >= model.config.n_timepoints:
+            return model.prepare(series, tr=tr)[None], model.config.n_patches
+    return model.prepare_windows(series, tr=tr)
+
+
+@torch.inference_mode()
+def encode_readouts(
+    models: dict,
+    X,
+    tr=None,
+    *,
+    readouts: Sequence[str] = READOUTS,
+    windows: str = "all",
+    batch_size: int = 16,
+    device: str | None = None,
+    fc_window: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Several readouts of several encoders from one pass over the data.
+
+    Each subject's windows are prepared once, with the first model, and every model encodes
+    each window once; every readout is computed from those token features.
+
+    Args:
+        models: {name: BrainJEPA}, all with the same preprocessing (e.g. a model and its
+            :func:`random_init_like` copies).
+        X: a sequence of raw (R, T_i) series, read one at a time.
+        tr: one repetition time or one per subject.
+        readouts: readouts to compute (:func:`readout_features`).
+        windows: 'all' or 'center' (:func:`subject_windows`).
+        batch_size: windows per forward pass.
+        device: where to encode (:func:`resolve_device`).
+        fc_window: also return the FC of the same windows (:func:`window_fc`).
+        progress: show a progress bar.
+
+    Returns:
+        {name: {readout: (N, F) float32}}, each subject's readout averaged over its windows;
+        with ``fc_window`` also {"fc_window": {"fc": (N, R(R-1)/2)}}.
+
+    Raises:
+        ConfigError: no models, or models of different architectures.
+    """
+    readouts, windows = check_readouts(readouts), check_windows(windows)
+    if not models:
+        raise ConfigError("encode_readouts needs at least one model")
+    names = list(models)
+    first = models[names[0]]
+    for name in names[1:]:
+        if models[name].config != first.config:
+            raise ConfigError(f"model {name!r} has another architecture than {names[0]!r}; encode them separately")
+    dev = resolve_device(device)
+    nets = {name: m.to(dev).eval() for name, m in models.items()}
+    n = len(X)
+    trs = repetition_times(tr, n)
+    cfg = first.config
+    out: dict[str, dict[str, list]] = {name: {r: [] for r in readouts} for name in names}
+    fcs: list[np.ndarray] = []
+    steps = range(0, n, batch_size)
+    for start in progress_bar(steps, len(steps), "encoding", progress):
+        chunk = range(start, min(start + batch_size, n))
+        items = [subject_windows(first, X[i], tr=trs[i], windows=windows) for i in chunk]
+        if fc_window:
+            fcs += [window_fc(w.numpy(), p, cfg.patch_size) for w, p in items]
+        # windows of equal valid length share a batch (the usual case: all of them)
+        groups: dict[int, list[int]] = {}
+        for j, (_, p) in enumerate(items):
+            groups.setdefault(p, []).append(j)
+        for name, net in nets.items():
+            sums = {r: None for r in readouts}
+            counts = torch.zeros(len(items), dtype=torch.float64)
+            for p, members in groups.items():
+                x = torch.cat([items[j][0] for j in members])
+                owner = torch.cat([torch.full((len(items[j][0]),), j) for j in members])
+                counts.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
+                for xb, ob in zip(x.split(batch_size), owner.split(batch_size)):
+                    h = encode_windows(net, xb.to(dev), p)
+                    for r in readouts:
+                        f = readout_features(h, r, cfg.layernorm_eps).double().cpu()
+                        if sums[r] is None:
+                            sums[r] = torch.zeros(len(items), f.shape[1], dtype=torch.float64)
+                        sums[r].index_add_(0, ob, f)
+            for r in readouts:
+                out[name][r].append((sums[r] / counts[:, None]).float().numpy())
+    result = {name: {r: np.concatenate(v) for r, v in per.items()} for name, per in out.items()}
+    if fc_window:
+        result["fc_window"] = {"fc": np.stack(fcs).astype(np.float32)}
+    return result
+
+
+class BrainJEPAEmbedder:
+    """scikit-learn style subject embedder around a (frozen) :class:`~brainjepa.bundle.BrainJEPA`.
+
+    ``transform(X, tr=...)``: X is a sequence of (R, T_i) arrays (raw series; anything with
+    ``len`` and ``[]``, read lazily batch by batch), ``tr`` their repetition time in seconds (one
+    number or one per subject; used to resample to the model's TR). Each series is resampled and
+    cut into the windows the model sees (``windows="all"``: evenly spaced windows covering the
+    scan, :meth:`BrainJEPA.prepare_windows`; ``"center"``: the centre window), each normalised
+    as in pretraining, so the same input always gives the same embedding. Returns (N, F): the
+    ``readout`` (one of :data:`READOUTS`, see :func:`readout_features`) averaged over windows;
+    :meth:`transform_readouts` gives several readouts from one encoding pass. With
+    ``tokens=True``: the centre window's token features (N, R, P, D) (a scan shorter than a
+    window: NaN for its patches without data).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        readout: str = "mean",
+        windows: str | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        tokens: bool = False,
+        progress: bool = False,
+    ):
+        self.model = model
+        self.readout = check_readouts(readout)[0]
+        if tokens and windows not in (None, "center"):
+            raise ConfigError(
+                "tokens=True returns the token features of one window per "
+                "subject: pass windows='center' (or leave windows unset)"
+            )
+        # tokens are one window's; readouts average every window unless told otherwise
+        self.window_set = check_windows(windows or ("center" if tokens else "all"))
+        self.batch_size = batch_size
+        self.device = device
+        self.tokens = tokens
+        self.progress = progress
+
+    def fit(self, X=None, y=None) -> BrainJEPAEmbedder:
+        """Nothing to learn (the encoder is frozen); present for pipelines."""
+        return self
+
+    def _batches(self, X, tr):
+        n = len(X)
+        trs = repetition_times(tr, n)
+        steps = range(0, n, self.batch_size)
+        for start in progress_bar(steps, len(steps), "embedding", self.progress):
+            stop = min(start + self.batch_size, n)
+            yield torch.stack([self.model.prepare(X[i], tr=trs[i]) for i in range(start, stop)])
+
+    def windows(self, X, tr=None) -> torch.Tensor:
+        """The model's centre-window input for each series: (N, R, T) float tensor (on the CPU)."""
+        return torch.cat(list(self._batches(X, tr)))
+
+    @torch.inference_mode()
+    def transform(self, X, tr=None) -> np.ndarray:
+        """Embeddings (N, F) of the series X, or with ``tokens`` their token features (N, R, P, D)."""
+        if self.tokens:
+            return self._tokens(X, tr)
+        return self.transform_readouts(X, tr, (self.readout,))[self.readout]
+
+    def transform_readouts(self, X, tr=None, readouts: Sequence[str] = READOUTS) -> dict[str, np.ndarray]:
+        """{readout: (N, F)} for several readouts from one encoding pass."""
+        return encode_readouts(
+            {"model": self.model},
+            X,
+            tr,
+            readouts=readouts,
+            windows=self.window_set,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress=self.progress,
+        )["model"]
+
+    @torch.inference_mode()
+    def _tokens(self, X, tr) -> np.ndarray:
+        model = self.model.to(resolve_device(self.device)).eval()
+        cfg = model.config
+        trs = repetition_times(tr, len(X))
+        out = np.full((len(X), cfg.n_rois, cfg.n_patches, cfg.embed_dim), np.nan, dtype=np.float32)
+        steps = range(0, len(X), self.batch_size)
+        for start in progress_bar(steps, len(steps), "embedding", self.progress):
+            chunk = list(range(start, min(start + self.batch_size, len(X))))
+            items = [subject_windows(model, X[i], tr=trs[i], windows="center") for i in chunk]
+            for p in {p for _, p in items}:  # scans of equal valid length share a pass
+                idx = [j for j, (_, q) in enumerate(items) if q == p]
+                h = encode_windows(model, torch.cat([items[j][0] for j in idx]), p)
+                out[[chunk[j] for j in idx], :, :p] = h.float().cpu().numpy()
+        return out
+
+    def fit_transform(self, X, y=None, tr=None) -> np.ndarray:
+        """The same as :meth:`transform` (nothing to fit)."""
+        return self.transform(X, tr=tr)
+
+
+def random_init_like(model, seed: int = 0) -> BrainJEPA:
+    """A freshly initialised copy of a model's architecture.
+
+    Args:
+        model: a :class:`~brainjepa.bundle.BrainJEPA`.
+        seed: the initialisation seed.
+
+    Returns:
+        A BrainJEPA with the same configuration, gradients, normalisation, ROI labels and TR,
+        and new weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BrainJEPA(
+            model.config,
+            model.encoder.gradients.detach().cpu(),
+            normalization=model.normalization,
+            roi_labels=model.roi_labels,
+            target_tr=model.target_tr,
+        )
