@@ -21,11 +21,11 @@ import brainjepa
 from brainjepa.bundle import (
     BrainJEPA,
     InputWarning,
-    _sha256_json,
     export_run,
     load_model,
     load_torch_file,
 )
+from brainjepa.bundle_files import sha256_json
 from brainjepa.cli import main
 from brainjepa.convert import convert_official
 from brainjepa.errors import BrainJEPAError, ConfigError, DataError
@@ -100,7 +100,7 @@ def test_save_pretrained_round_trip(tmp_path):
     assert config["encoder_weights"] == "target_encoder" and config["predictor"] is True
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["training_data"] == "simulated" and len(prov["model_sha256"]) == 64
-    assert prov["config_sha256"] == _sha256_json(arch)
+    assert prov["config_sha256"] == sha256_json(arch)
 
     loaded = brainjepa.BrainJEPA.from_pretrained(out, device="cpu")
     assert isinstance(loaded, BrainJEPA) and not loaded.training
@@ -273,7 +273,7 @@ def test_export_run_latest_and_by_step(tmp_path):
     assert model.normalization == json.loads((run / "normalization.json").read_text())
     prov = model.provenance
     assert (prov["step"], prov["epoch"], prov["source"]) == (20, 2, "brainjepa pretrain")
-    assert prov["config_sha256"] == _sha256_json(ckpt["config"])
+    assert prov["config_sha256"] == sha256_json(ckpt["config"])
     assert prov["training_data"]["target_tr"] == 2.0
 
     assert (

@@ -3,7 +3,7 @@
 Their parameter names are mapped to ours (:func:`map_official_state_dict`), the architecture is
 inferred from tensor shapes (:func:`infer_official_config`) and the result is saved as a
 safetensors bundle. This is the one place where a file may be fully unpickled, and only with
-``trust_pickle=True`` (see :func:`brainjepa.bundle.load_torch_file`).
+``trust_pickle=True`` (see :func:`brainjepa.bundle_files.load_torch_file`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .bundle import ENCODERS, OFFICIAL_NORMALIZATION_NOTE, BrainJEPA, load_tensors, load_torch_file, sha256_file
+from .bundle import BrainJEPA
+from .bundle_files import ENCODERS, load_tensors, load_torch_file, sha256_file
 from .errors import ConfigError, DataError
 from .gradients import load_gradients_csv
+from .inputs import OFFICIAL_NORMALIZATION_NOTE
 from .model import ModelConfig, sincos_1d
 
 logger = logging.getLogger(__name__)
