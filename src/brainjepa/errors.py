@@ -8,6 +8,8 @@ traceback.
 
 from __future__ import annotations
 
+import importlib
+
 
 class BrainJEPAError(Exception):
     """An error the user can act on (bad input, bad configuration, missing extra)."""
@@ -23,8 +25,6 @@ class ConfigError(BrainJEPAError, ValueError):
 
 def require(module: str, extra: str, purpose: str):
     """Import an optional dependency or raise a BrainJEPAError naming the pip extra to install."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .data import open_cohort
+from .errors import ConfigError, require
 from .io import write_timeseries
 from .transforms import single_threaded
 
@@ -73,8 +74,6 @@ class SimulatedCohort:
 
     def to_cohort(self):
         """An in-memory :class:`brainjepa.data.Cohort` with the labels attached."""
-        from .data import open_cohort
-
         cohort = open_cohort(self.timeseries, tr=self.tr, labels=self.labels)
         cohort.subjects = list(self.subjects)
         cohort.roi_labels = list(self.roi_labels)
@@ -348,8 +347,7 @@ def _atlas_grid(n_rois: int) -> tuple[int, int, int]:
 
 def _write_atlas(out: Path, cohort: SimulatedCohort):
     """Label image (1..R, each a 2x2x2 block) + BIDS look-up table -> (path, label volume)."""
-    import nibabel as nib
-
+    nib = require("nibabel", "nifti", "writing the simulated cohort as NIfTI")
     n_rois = len(cohort.roi_labels)
     shape = _atlas_grid(n_rois)
     side = shape[0] // 2
@@ -368,8 +366,7 @@ def _write_atlas(out: Path, cohort: SimulatedCohort):
 
 def _write_nifti(path: Path, x: np.ndarray, tr: float, labels: np.ndarray) -> None:
     """A 4-D image whose voxels average exactly to ``x`` (R, T) within each atlas parcel."""
-    import nibabel as nib
-
+    nib = require("nibabel", "nifti", "writing the simulated cohort as NIfTI")
     vol = np.zeros(labels.shape + (x.shape[1],), dtype=np.float32)
     # voxel texture that sums to zero inside each 2x2x2 parcel, so parcel means are exact
     checker = (np.indices(labels.shape).sum(axis=0) % 2) * 2 - 1
