@@ -12,7 +12,9 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 
+from .. import __version__
 from ..errors import BrainJEPAError
 
 # verb modules, in the order they appear in --help (the pipeline's order)
@@ -79,7 +81,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _fill_text(self, text, width, indent):
         if text.startswith("examples:"):
             return super()._fill_text(text, width, indent)
-        import textwrap
 
         return "\n".join(
             textwrap.fill(part, width, initial_indent=indent, subsequent_indent=indent) for part in text.split("\n")
@@ -87,7 +88,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="brainjepa",
@@ -98,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:  # a verb not built yet must not break the others
-            if exc.name and exc.name.endswith(f"cli.{name}"):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f".{name}", __name__).register(sub)
     for verb, sub_parser in sub.choices.items():
         sub_parser.formatter_class = HelpFormatter
         if verb in EXAMPLES and not sub_parser.epilog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..report import cohort_attention
 from .embed import add_model_data_arguments, load
 
 
@@ -32,7 +33,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import cohort_attention
 
     model, cohort = load(args)
     paths = cohort_attention(

@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..bundle import BrainJEPA
+from ..bundle_files import ENCODERS
+from ..convert import convert_official
 from ..errors import DataError
 
 
@@ -49,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--predictor-num-heads", type=int, help="predictor attention heads (default: as the encoder)")
     p.add_argument(
         "--encoder",
-        choices=("target", "context"),
+        choices=tuple(ENCODERS),
         default="target",
         help="which encoder becomes the bundle's encoder: the EMA target encoder (default) or the context encoder",
     )
@@ -67,8 +70,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import BrainJEPA
-    from ..convert import convert_official
 
     labels = None
     if args.roi_labels:

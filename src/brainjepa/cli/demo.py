@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..report import run_demo
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -29,7 +31,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import run_demo
 
     out = run_demo(args.out, quick=args.quick, seeds=args.seeds, overwrite=args.overwrite, progress=not args.quiet)
     print()

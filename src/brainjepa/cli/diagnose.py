@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
+from ..diagnostics import diagnose_model, format_diagnostics, plot_diagnostics
 from .embed import add_model_data_arguments, load
 
 
@@ -30,10 +33,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from ..diagnostics import diagnose_model, format_diagnostics
 
     model, cohort = load(args)
     result = diagnose_model(
@@ -44,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "diagnostics.json").write_text(json.dumps(result, indent=1) + "\n")
-        from ..diagnostics import plot_diagnostics
 
         plot_diagnostics(result, out / "diagnostics.png")
         print(f"wrote {out / 'diagnostics.json'} and {out / 'diagnostics.png'}")

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import load_model
+from ..data import check_cohort_for_model, open_cohort
+from ..data.manifest import TR_SOURCES
+from ..errors import DataError
+from ..evaluate import READOUTS, WINDOWS, load_cohort, save_embeddings
+from ..io import ORIENTATIONS
+from ..runio import incomplete_path
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,12 +35,12 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tr", type=float, metavar="SECONDS", help="repetition time of files that do not carry one")
     p.add_argument(
         "--orientation",
-        choices=("roi-by-time", "time-by-roi"),
+        choices=ORIENTATIONS,
         help="layout of files where it cannot be read from them",
     )
     p.add_argument(
         "--tr-source",
-        choices=("check", "manifest", "file"),
+        choices=TR_SOURCES,
         default="check",
         help="when a manifest's tr column and a file disagree: 'check' refuses, 'manifest' or 'file' uses that one",
     )
@@ -38,14 +50,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace):
     """(model, cohort) from the shared arguments."""
-    from ..bundle import load_model
-    from ..data import check_cohort_for_model
-    from ..evaluate import load_cohort
 
     model = load_model(args.model)
     if len(args.data) == 1 and getattr(args, "tr_source", "check") != "check":
-        from ..data import open_cohort
-
         cohort = open_cohort(args.data[0], tr=args.tr, orientation=args.orientation, tr_source=args.tr_source)
     else:
         cohort = load_cohort(args.data, tr=args.tr, orientation=args.orientation)
@@ -55,9 +62,6 @@ def load(args: argparse.Namespace):
 
 def check_finite_npz(path, subjects) -> None:
     """Refuse an embedding file with NaN/Inf rows, naming the subjects."""
-    import numpy as np
-
-    from ..errors import DataError
 
     with np.load(path) as z:
         for key in ("embeddings", "tokens"):
@@ -72,7 +76,6 @@ def check_finite_npz(path, subjects) -> None:
 
 
 def register(subparsers) -> None:
-    from ..evaluate import READOUTS, WINDOWS
 
     p = subparsers.add_parser(
         "embed",
@@ -107,11 +110,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from ..evaluate import save_embeddings
-    from ..runio import incomplete_path
 
     model, cohort = load(args)
     final = Path(args.out)
@@ -133,7 +131,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     out = final
-    import numpy as np
 
     n_dims = np.load(out)["embeddings"].shape[1]
     cfg = model.config

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..bundle import export_run
+from ..bundle_files import ENCODERS
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="DIR", help="bundle folder (default RUN_DIR/bundle)")
     p.add_argument(
         "--encoder",
-        choices=("target", "context"),
+        choices=tuple(ENCODERS),
         default="target",
         help="EMA target encoder (default) or context encoder",
     )
@@ -29,7 +32,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import export_run
 
     out = export_run(args.run_dir, step=args.step, out=args.out, encoder=args.encoder, predictor=not args.no_predictor)
     print(f"wrote {out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..evaluate import finetune_cohort
 from .embed import add_model_data_arguments, load
 from .probe import add_protocol_arguments
 
@@ -36,7 +37,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import finetune_cohort
 
     model, cohort = load(args)
     results = finetune_cohort(

@@ -9,7 +9,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data import CohortSeries, _looks_like_manifest, open_cohort
 from ..errors import ConfigError, DataError
+from ..gradients import (
+    KERNELS,
+    BrainGradients,
+    connectivity,
+    load_connectivity,
+    load_gradients_csv,
+    plot_gradients,
+    save_gradients_csv,
+)
+from ..io import ORIENTATIONS, read_timeseries
 
 
 def register(subparsers) -> None:
@@ -41,8 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="diffusion-map anisotropy alpha (default 0.5)")
     p.add_argument(
         "--kernel",
-        choices=("normalized_angle", "cosine"),
-        default="normalized_angle",
+        choices=KERNELS,
+        default=KERNELS[0],
         help="affinity between thresholded FC rows (default normalized_angle)",
     )
     p.add_argument(
@@ -54,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-fisher-z", action="store_true", help="average raw correlations instead of Fisher-z values")
     p.add_argument(
         "--orientation",
-        choices=("roi-by-time", "time-by-roi"),
+        choices=ORIENTATIONS,
         help="layout of the time series files when it cannot be read from them",
     )
     p.add_argument("--variable", help="array name inside .npz/.mat/.h5 files")
@@ -67,14 +78,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gradients import (
-        BrainGradients,
-        connectivity,
-        load_connectivity,
-        load_gradients_csv,
-        plot_gradients,
-        save_gradients_csv,
-    )
 
     if bool(args.fc) == bool(args.timeseries):
         raise ConfigError("give either time series files or --fc FC_FILE (exactly one of them)")
@@ -83,8 +86,6 @@ def run(args: argparse.Namespace) -> int:
         fc = load_connectivity(args.fc)
         source = f"FC {args.fc}"
     elif len(args.timeseries) == 1 and _is_cohort(args.timeseries[0]):
-        from ..data import CohortSeries, open_cohort
-
         cohort = open_cohort(args.timeseries[0], orientation=args.orientation, variable=args.variable, atlas=args.atlas)
         index = cohort.split_indices("train")
         if len(index) == 0:
@@ -94,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
         labels = cohort.roi_labels
         source = f"{len(index)} training scans of {args.timeseries[0]}"
     else:
-        from ..io import read_timeseries
-
         series = [
             read_timeseries(path, orientation=args.orientation, variable=args.variable, atlas=args.atlas)
             for path in args.timeseries
@@ -140,7 +139,5 @@ def _is_cohort(path: str) -> bool:
     if p.is_dir():
         return True
     if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
-        from ..data import _looks_like_manifest
-
         return _looks_like_manifest(p)
     return False

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..data import prepare_store
+from ..data.manifest import TR_SOURCES
+from ..data.prepare import STORE_DTYPES
+from ..data.validate import ON_ERROR
 from ..io import ORIENTATIONS
 
 
@@ -22,20 +26,20 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output store folder")
     p.add_argument(
         "--dtype",
-        choices=("float32", "float16"),
+        choices=STORE_DTYPES,
         default="float32",
         help="storage precision (float16 halves the size; values are stored ROI-centred)",
     )
     p.add_argument(
         "--on-error",
-        choices=("fail", "skip"),
+        choices=ON_ERROR,
         default="fail",
         help="stop at the first bad file (default) or skip and report bad files",
     )
     p.add_argument("--tr", type=float, default=None, help="TR in seconds for files that do not give one")
     p.add_argument(
         "--tr-source",
-        choices=("check", "manifest", "file"),
+        choices=TR_SOURCES,
         default="check",
         help="when the manifest's tr column and a file's sidecar (or the file) both give a "
         "TR: 'check' refuses a disagreement, 'manifest' or 'file' uses that one",
@@ -72,7 +76,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import prepare_store
 
     report = prepare_store(
         args.manifest,

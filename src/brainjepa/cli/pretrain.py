@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.manifest import TR_SOURCES
+from ..pretrain import load_config, pretrain
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -53,7 +56,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--tr-source",
-        choices=("check", "manifest", "file"),
+        choices=TR_SOURCES,
         help="which TR wins when a manifest's tr column and a file disagree (data.tr_source; default check: an error)",
     )
     p.add_argument(
@@ -65,7 +68,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pretrain import load_config, pretrain
 
     overrides = list(args.overrides)
     if args.gradients:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..evaluate import PROBES, READOUTS, WINDOWS, probe_cohort
+from ..evaluate.cohort import FC_INPUTS
+from ..evaluate.labels import TASKS
+from ..evaluate.training import CLASS_WEIGHTS
 from .embed import add_model_data_arguments, load
 
 
@@ -20,7 +24,7 @@ def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) ->
     )
     p.add_argument(
         "--task",
-        choices=("auto", "classification", "regression"),
+        choices=TASKS,
         default="auto",
         help="auto (default): classification for text or <= 10 distinct integer values",
     )
@@ -34,13 +38,13 @@ def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) ->
     if fc_input:
         p.add_argument(
             "--fc-input",
-            choices=("full", "window"),
+            choices=FC_INPUTS,
             default="full",
             help="FC baseline from each subject's full series (default) or from exactly the window the model sees",
         )
     p.add_argument(
         "--class-weight",
-        choices=("balanced",),
+        choices=CLASS_WEIGHTS,
         default=None,
         help="weight classes by inverse frequency in the training loss",
     )
@@ -50,7 +54,6 @@ def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) ->
 
 
 def register(subparsers) -> None:
-    from ..evaluate import PROBES, READOUTS, WINDOWS
 
     p = subparsers.add_parser(
         "probe",
@@ -103,7 +106,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import READOUTS, probe_cohort
 
     model, cohort = load(args)
     results = probe_cohort(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..synthetic import FORMATS
+from ..synthetic import FORMATS, simulate_cohort, write_cohort
 
 
 def register(subparsers) -> None:
@@ -34,7 +34,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic import simulate_cohort, write_cohort
 
     t0 = time.perf_counter()
     sim = simulate_cohort(

@@ -49,6 +49,8 @@ from .protocol import Results, run_targets
 
 log = logging.getLogger(__name__)
 
+FC_INPUTS = ("full", "window")  # the FC baseline from the full raw series, or the model's window
+
 
 def load_cohort(data: str | Path | Sequence[str | Path], *, tr: float | None = None, orientation: str | None = None):
     """A cohort from one path or from several time-series files.
@@ -94,7 +96,7 @@ def cohort_fc(cohort, model=None, fc_input: str = "full", progress: bool = True)
         trs = series.trs()
         items = (model.prepare(series[i], tr=trs[i]).numpy() for i in range(len(series)))
     else:
-        raise ConfigError(f"fc_input must be 'full' or 'window', got {fc_input!r}")
+        raise ConfigError(f"fc_input must be one of {', '.join(FC_INPUTS)}, got {fc_input!r}")
     return fc_features(list(progress_bar(items, len(series), "FC baseline", progress)))
 
 

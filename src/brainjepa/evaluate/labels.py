@@ -13,6 +13,8 @@ from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+TASKS = ("auto", "classification", "regression")  # auto: infer_task
+
 # A label with at most this many distinct integer values is a classification target under "auto".
 MAX_AUTO_CLASSES = 10
 MISSING = {"", "na", "n/a", "nan", "none", "null"}
@@ -184,6 +186,8 @@ def target_labels(cohort, target: str, task: str = "auto") -> tuple[np.ndarray, 
     Raises:
         DataError: the column does not exist, or its labels cannot be encoded.
     """
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if target not in cohort.labels:
         raise DataError(
             f"target {target!r} is not a column of the data's labels; available: "

@@ -13,6 +13,8 @@ from torch import nn
 from ..errors import ConfigError
 from .features import progress_bar
 
+CLASS_WEIGHTS = ("balanced",)  # inverse class frequency in the training loss
+
 
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """'balanced' class weights.
@@ -47,8 +49,8 @@ def make_loss(task: str, y_train: np.ndarray, n_outputs: int, class_weight: str 
     """
     if task == "regression":
         return lambda out, t, weighted=True: nn.functional.mse_loss(out[:, 0], t.float())
-    if class_weight not in (None, "balanced"):
-        raise ConfigError(f"class_weight must be None or 'balanced', got {class_weight!r}")
+    if class_weight is not None and class_weight not in CLASS_WEIGHTS:
+        raise ConfigError(f"class_weight must be None or one of {CLASS_WEIGHTS}, got {class_weight!r}")
     w = torch.as_tensor(class_weights(y_train, n_outputs), dtype=torch.float32) if class_weight else None
 
     def loss(out, t, weighted=True):

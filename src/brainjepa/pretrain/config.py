@@ -28,6 +28,8 @@ from pathlib import Path
 import yaml
 
 from ..data import DEFAULT_NORMALIZATION
+from ..data.manifest import TR_SOURCES
+from ..data.validate import ON_ERROR
 from ..errors import ConfigError, DataError
 from ..io import ORIENTATIONS
 from ..masking import STRATEGIES, SpatiotemporalMasker
@@ -80,10 +82,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "tr": (None, "float", (0.0, None)),  # TR of files that do not say
         "orientation": (None, "str", ORIENTATIONS),
         "normalization": (DEFAULT_NORMALIZATION, "str", ("auto", *NORMALIZATIONS)),  # auto: psc or center
-        "on_error": ("fail", "str", ("fail", "skip")),
+        "on_error": (ON_ERROR[0], "str", ON_ERROR),
         "num_workers": (0, "int", (0, None)),
         "gradients": (None, "str", None),  # CSV path; null: computed from the data
-        "tr_source": ("check", "str", ("check", "manifest", "file")),  # manifest tr vs file TR
+        "tr_source": (TR_SOURCES[0], "str", TR_SOURCES),  # manifest tr vs file TR
     },
     "mask": {
         "n_blocks": (_MASK["n_blocks"], "int", (1, None)),
