@@ -370,7 +370,7 @@ def test_window_dataset_normalisations(tmp_path):
     ds = WindowDataset(c, 50, train=False, scaler=scaler)
     raw = WindowDataset(c, 50, train=False, normalization="none")[3].numpy()
     np.testing.assert_allclose(ds[3].numpy(), scaler.transform(raw), rtol=1e-5, atol=1e-6)
-    assert ds.normalization_dict() == normalization_to_dict("robust", scaler)
+    assert normalization_to_dict(ds.normalization, ds.scaler) == normalization_to_dict("robust", scaler)
     fitted = WindowDataset(c, 50)  # no scaler: fitted on the cohort's training split
     np.testing.assert_allclose(fitted.scaler.median_, RobustScaler().fit(xs).median_, rtol=1e-6)
     z = WindowDataset(c, 50, normalization="zscore")[0].numpy()

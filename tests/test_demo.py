@@ -16,7 +16,6 @@ from brainjepa.evaluate import comparison_rows  # noqa: E402
 from brainjepa.pretrain.plots import plot_loss_curve  # noqa: E402
 from brainjepa.report import (  # noqa: E402
     comparisons_markdown,
-    paired_differences,
     pca,
     plot_embedding_pca,
     plot_results,
@@ -99,8 +98,6 @@ def test_paired_reading_tells_the_truth_either_way():
             "fc_full": [0.9, 0.9, 0.9, 0.9],
         }
     )
-    d = paired_differences(records, "dx", "auroc", "brainjepa:fc", "random_init#1:fc")
-    np.testing.assert_allclose(d, [0.1, 0.2, 0.2, 0.3])
     text = reading(records)
     # best readout vs best init seed (over seeds and readouts), with the paired test
     assert "**dx** (AUROC)" in text and "`brainjepa:fc` (0.800) beats" in text

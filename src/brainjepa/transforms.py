@@ -194,13 +194,6 @@ def _check_window(n_frames: int, length: int) -> None:
         raise DataError(f"series has {n_frames} time points, shorter than the window of {length}")
 
 
-def random_window(x: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly placed window x[:, s:s + length] of (R, T) ``x`` (training)."""
-    _check_window(x.shape[-1], length)
-    start = int(rng.integers(0, x.shape[-1] - length + 1))
-    return x[..., start : start + length]
-
-
 def center_window(x: np.ndarray, length: int) -> np.ndarray:
     """The centred window of (R, T) ``x`` (deterministic, for evaluation)."""
     _check_window(x.shape[-1], length)
@@ -397,19 +390,6 @@ def scan_levels(x: np.ndarray) -> tuple[float, float]:
     the median over ROIs of the std over time, in float64."""
     x = np.asarray(x, dtype=np.float64)
     return float(np.median(np.abs(x.mean(axis=-1)))), float(np.median(x.std(axis=-1)))
-
-
-def raw_bold_problem(x: np.ndarray) -> str | None:
-    """A message when one (R, T) series looks like unscaled BOLD (large per-ROI offsets relative
-    to the fluctuations), else None. The message says what the data look like, not what to do:
-    the caller knows which scaling applies."""
-    level, fluct = scan_levels(x)
-    if level > RAW_OFFSET_RATIO * max(fluct, 1e-30) and level > 1.0:
-        return (
-            f"looks like unscaled BOLD: typical ROI mean {level:.3g}, {level / max(fluct, 1e-30):.0f}x "
-            f"its fluctuations (std {fluct:.3g})"
-        )
-    return None
 
 
 def cohort_offset_problem(levels, fluctuations, names) -> str | None:

@@ -15,7 +15,6 @@ from ..transforms import (
     RobustScaler,
     WindowResampler,
     normalization_from_dict,
-    normalization_to_dict,
     normalize,
     resampled_length,
     same_tr,
@@ -129,15 +128,6 @@ class WindowDataset(torch.utils.data.Dataset):
             return normalization_from_dict(stored)[1]
         log.info("fitting %s scaling statistics on the cohort's training split", self.normalization)
         return fit_scaler(self.cohort, method=self.normalization, seed=self.seed)
-
-    def normalization_dict(self) -> dict:
-        """The JSON description of this dataset's normalisation (for normalization.json).
-
-        Returns:
-            The method and its fitted statistics (see
-            :func:`brainjepa.transforms.normalization_to_dict`).
-        """
-        return normalization_to_dict(self.normalization, self.scaler)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose random windows the items are."""

@@ -154,30 +154,6 @@ def embed_cohort(
     ).transform(series, tr=series.trs())
 
 
-def embed_cohort_readouts(
-    model,
-    cohort,
-    *,
-    readouts: Sequence[str] = READOUTS,
-    windows: str = "all",
-    batch_size: int = 16,
-    device: str | None = None,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """{readout: (N, F)} of every subject of a cohort, from one encoding pass."""
-    series = CohortSeries(cohort)
-    return encode_readouts(
-        {MODEL: model},
-        series,
-        series.trs(),
-        readouts=readouts,
-        windows=windows,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )[MODEL]
-
-
 def probe_features(
     model,
     cohort,

@@ -7,7 +7,7 @@
 
 from .demo import DEMO_OUTPUTS, DEMO_STAGES, QUICK_DEMO, DemoSettings, run_demo
 from .plots import cohort_attention, pca, plot_attention, plot_embedding_pca, plot_results, save_attention
-from .report import comparisons_markdown, paired_differences, reading, results_markdown, write_report
+from .report import comparisons_markdown, reading, results_markdown, write_report
 
 __all__ = [
     "run_demo",
@@ -25,5 +25,4 @@ __all__ = [
     "comparisons_markdown",
     "write_report",
     "reading",
-    "paired_differences",
 ]

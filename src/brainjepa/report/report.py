@@ -57,13 +57,6 @@ def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, str
     return path
 
 
-def paired_differences(records: list[dict], target: str, metric: str, method: str, baseline: str) -> np.ndarray:
-    """Per-seed ``method - baseline`` of one metric (both were evaluated on the same splits)."""
-    value = {(r["method"], r["seed"]): r["value"] for r in records if r["target"] == target and r["metric"] == metric}
-    seeds = sorted({seed for m, seed in value if m == method} & {seed for m, seed in value if m == baseline})
-    return np.array([value[(method, s)] - value[(baseline, s)] for s in seeds], dtype=np.float64)
-
-
 def _best(records: list[dict], target: str, metric: str, prefix: str) -> tuple[str, float] | None:
     """(method, mean over split seeds) of the method named prefix... with the best mean."""
     means = {}
