@@ -3,7 +3,8 @@
 - :mod:`~brainjepa.pretrain.config`: the config schema, its defaults and the presets.
 - :mod:`~brainjepa.pretrain.step`: one optimizer step, in marked stages (:class:`Trainer`).
 - :mod:`~brainjepa.pretrain.runtime`: precision, devices, processes, data sharding, CPU memory.
-- :mod:`~brainjepa.pretrain.loop`: :func:`pretrain`, the loop with logging, checkpoints, resume.
+- :mod:`~brainjepa.pretrain.loop`: :func:`pretrain`, the loop with its checkpoints and exact resume.
+- :mod:`~brainjepa.pretrain.monitor`: progress, metrics.jsonl, diagnostics and warnings.
 - :mod:`~brainjepa.pretrain.plots`: the run folder's figures.
 """
 

@@ -37,14 +37,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..bundle import export_run
@@ -57,20 +54,18 @@ from ..data import (
     report_scaling,
     resolve_target_tr,
 )
-from ..diagnostics import ema_init_share, problems
 from ..errors import BrainJEPAError, ConfigError, DataError
 from ..gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from ..masking import MaskBatch, SpatiotemporalMasker
-from ..runio import Heartbeat, MetricsLog, find_checkpoints, load_latest_checkpoint, save_checkpoint, write_text_atomic
+from ..runio import find_checkpoints, load_latest_checkpoint, save_checkpoint, write_text_atomic
 from ..transforms import FITTED_NORMALIZATIONS, normalization_from_dict, normalization_to_dict
 from .config import config_diff, dump_config, load_config, model_config, resolve_config
+from .monitor import Monitor, log_start
 from .plots import plot_diagnostics_history, plot_loss_curve
-from .runtime import Dist, ShardSampler, peak_memory_mb, setup_distributed
+from .runtime import Dist, ShardSampler, setup_distributed
 from .step import Trainer
 
 log = logging.getLogger(__name__)
-
-COLLAPSE_WARN_EVERY = 1000  # steps between repeated collapse warnings
 
 
 def pretrain(
@@ -114,54 +109,15 @@ def pretrain(
 
 
 def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_after: int | None, ctx: Dist) -> dict:
-    train, optim = cfg["train"], cfg["optim"]
-    rank0 = ctx.rank == 0
-    seed = train["seed"]
-    if not resume and find_checkpoints(run_dir):
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose a new --out folder"
-        )
-    ckpt = load_latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        if cfg["data"]["target_tr"] == "auto":  # the TR the run resolved when it started
-            cfg["data"]["target_tr"] = ckpt["config"].get("data", {}).get("target_tr")
-        diff = config_diff(ckpt["config"], cfg)
-        if diff:
-            raise ConfigError(
-                f"--resume: the config differs from the checkpoint's "
-                f"({'; '.join(diff[:5])}); resume with the run's config.yaml"
-            )
-        if ckpt["data_state"]["world_size"] != ctx.world_size:
-            raise ConfigError(
-                f"--resume: the checkpoint was written by {ckpt['data_state']['world_size']} "
-                f"process(es), this run has {ctx.world_size}; resume with the same number"
-            )
-    if rank0:
+    ckpt = _checked_resume(cfg, run_dir, resume, ctx)
+    if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".*.tmp"):
             stale.unlink()
-
-    cohort = open_cohort(
-        data,
-        tr=cfg["data"]["tr"],
-        orientation=cfg["data"]["orientation"],
-        on_error=cfg["data"]["on_error"],
-        tr_source=cfg["data"]["tr_source"],
-    )
-    train_idx = cohort.split_indices("train")
-    if len(train_idx) == 0:
-        raise DataError(f"{data}: the cohort has no training scans (split 'train')")
-    cfg["data"]["target_tr"] = resolve_target_tr(cfg["data"]["target_tr"], cohort, train_idx)
-    report_scaling(cohort, cfg["data"]["normalization"], train_idx)
-    check_gradient_inputs(cfg, cohort.n_rois)
+    cohort, train_idx = _training_cohort(cfg, data)
     n_grad = cfg["model"]["n_gradients"]
     ctx.from_rank0(lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume))
-    gradients, _ = load_gradients_csv(run_dir / "gradients.csv")
-    if gradients.shape[1] < n_grad:
-        raise DataError(f"{run_dir / 'gradients.csv'} has {gradients.shape[1]} gradients, model.n_gradients={n_grad}")
-    gradients = gradients[:, :n_grad]  # gradients are ordered by eigenvalue: keep the first
-    with open(run_dir / "normalization.json") as f:
-        method, scaler = normalization_from_dict(json.load(f))
+    gradients, method, scaler = _read_inputs(run_dir, n_grad)
     arch = model_config(cfg, cohort.n_rois, n_grad)
     dataset = WindowDataset(
         cohort,
@@ -170,215 +126,52 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
         train=True,
         normalization=method,
         scaler=scaler,
-        seed=seed,
+        seed=cfg["train"]["seed"],
         indices=train_idx,
     )
-    batch, accum = optim["batch_size"], optim["accum_steps"]
-    sampler = ShardSampler(len(dataset), batch, ctx.rank, ctx.world_size, seed)
-    steps_per_epoch = sampler.n_batches // accum
-    if steps_per_epoch == 0:
-        need = batch * accum * ctx.world_size
-        raise DataError(
-            f"{len(dataset)} training scans are too few for one optimizer step of "
-            f"batch_size {batch} x accum_steps {accum} x {ctx.world_size} process(es) = "
-            f"{need}; lower optim.batch_size or optim.accum_steps"
-        )
-    total = train["max_steps"] or optim["epochs"] * steps_per_epoch
-    workers = cfg["data"]["num_workers"]
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=False,
-    )
-    masker = SpatiotemporalMasker(arch.n_rois, arch.n_patches, **cfg["mask"])
-    trainer = Trainer(
-        arch, torch.as_tensor(gradients, dtype=torch.float32), cfg, total, ctx.device, ddp=ctx.world_size > 1
-    )
-    data_state = {
-        "steps_per_epoch": steps_per_epoch,
-        "n_samples": len(dataset),
-        "world_size": ctx.world_size,
-        "batch_size": batch,
-        "accum_steps": accum,
-    }
+    batches = _Batches(cfg, dataset, ctx)
+    total = cfg["train"]["max_steps"] or cfg["optim"]["epochs"] * batches.steps_per_epoch
+    trainer = Trainer(arch, torch.as_tensor(gradients), cfg, total, ctx.device, ddp=ctx.world_size > 1)
     step = 0
     if ckpt is not None:
-        saved = {k: ckpt["data_state"][k] for k in data_state}
-        if saved != data_state:
+        saved = {k: ckpt["data_state"][k] for k in batches.state}
+        if saved != batches.state:
             raise DataError(
-                f"--resume: the data or batching changed since the checkpoint ({saved} "
-                f"then, {data_state} now); resume with the same data"
+                f"--resume: the data or batching changed since the checkpoint ({saved} then, "
+                f"{batches.state} now); resume with the same data"
             )
         trainer.load_state_dict(ckpt)
         step = int(ckpt["step"])
         del ckpt
     end = total if stop_after is None else min(total, max(stop_after, step))
-    if rank0:
+    if ctx.rank == 0:
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
-        n_params = sum(p.numel() for p in trainer.params)
-        log.info(
-            "pretraining %s (%s trainable parameters) on %d scans x %d ROIs, %d process(es) "
-            "on %s, %s; %d steps of %d x %d samples (%d per epoch), from step %d",
-            cfg["model"]["size"],
-            f"{n_params:,}",
-            len(dataset),
-            cohort.n_rois,
-            ctx.world_size,
-            ctx.device,
-            "bf16" if trainer.bf16 else "fp32",
-            total,
-            batch,
-            accum,
-            steps_per_epoch,
-            step,
-        )
-    metrics = MetricsLog(run_dir, step if resume else None) if rank0 else None
-    bar = None
-    if rank0 and progress:
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="pretrain")
-    tokens_per_sample = arch.n_tokens
-    init_share = ema_init_share(trainer.schedule.momentum_at, step)  # of the target encoder
-    if rank0 and step == 0:
-        final_share = ema_init_share(trainer.schedule.momentum_at, total)
-        if final_share > 0.5:
-            log.warning(
-                "the EMA schedule (optim.ema_start %g -> ema_end %g over %d steps) leaves "
-                "%.0f%% of the target encoder's random initialisation in it at the end: "
-                "lower optim.ema_start / optim.ema_end for a run this short",
-                optim["ema_start"],
-                optim["ema_end"],
-                total,
-                100 * final_share,
-            )
-    last_time, last_step, last_warn, final_loss = time.perf_counter(), step, None, None
-    first_step = step
-    heartbeat = Heartbeat(total) if rank0 and bar is None else None  # a log line every 30 s
+        log_start(cfg, trainer, batches, cohort.n_rois, total, step, ctx)
+    masker = SpatiotemporalMasker(arch.n_rois, arch.n_patches, **cfg["mask"])
+    monitor = Monitor(cfg, run_dir, trainer, batches, total, step, resume, progress, ctx)
     try:
         while step < end:
-            epoch, position = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, skip_batches=position * accum)
-            dataset.set_epoch(epoch)
-            batches = iter(loader)
-            while step < end and step < (epoch + 1) * steps_per_epoch:
-                seq = np.random.SeedSequence((seed, ctx.rank, step))
-                torch.manual_seed(int(seq.generate_state(1)[0]))  # drop path, per step and rank
-                mask_rng = np.random.default_rng(seq)
-                micro = []
-                for _ in range(accum):
-                    x = next(batches)
-                    micro.append((x, masker(x.shape[0], mask_rng)))
-                diagnose = (
-                    rank0
-                    and train["diagnose_every"] > 0
-                    and ((step + 1) % train["diagnose_every"] == 0 or step + 1 == end)
-                )
-                monitor = diagnose or (step + 1) % train["log_every"] == 0 or step + 1 == end or step == first_step
-                stats = trainer.step(micro, step, monitor)
-                # one process: check every step and name the batch's scans (several processes
-                # check at the logged steps below, together, so that no rank waits for another)
-                if ctx.world_size == 1 and not bool(torch.isfinite(stats["loss"].detach())):
-                    replay = ShardSampler(sampler.n, batch, ctx.rank, ctx.world_size, seed)
-                    replay.set_epoch(epoch)
-                    order = list(replay)
-                    first = (step - epoch * steps_per_epoch) * accum * batch
-                    names = [cohort.name(int(dataset.indices[i])) for i in order[first : first + accum * batch]]
-                    raise nonfinite_loss_error(float(stats["loss"]), step + 1, names)
-                init_share *= stats["momentum"]
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                if monitor:
-                    loss = stats["loss"].detach()
-                    if ctx.world_size > 1:
-                        dist.all_reduce(loss)
-                        loss /= ctx.world_size
-                    final_loss = float(loss)
-                    if not math.isfinite(final_loss):
-                        raise BrainJEPAError(
-                            f"the loss became {final_loss} at step {step}; lower "
-                            "optim.lr or set optim.clip_grad, and resume from the "
-                            "last checkpoint or restart"
-                        )
-                    now = time.perf_counter()
-                    rate = (
-                        (step - last_step)
-                        * batch
-                        * accum
-                        * tokens_per_sample
-                        * ctx.world_size
-                        / max(now - last_time, 1e-9)
-                    )
-                    last_time, last_step = now, step
-                    if rank0:
-                        record = _record(step, steps_per_epoch, stats, final_loss, micro, rate, ctx.device)
-                        record["ema_init_share"] = init_share
-                        if diagnose:
-                            diag = trainer.diagnose(*micro[0])
-                            record.update({f"diag_{k}": round(v, 6) for k, v in diag.items()})
-                            for message in problems(diag, train["collapse_std"]):
-                                log.warning("diagnostics at step %d: %s", step, message)
-                        metrics.write(record)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{rate:,.0f}")
-                        if record["target_std"] < train["collapse_std"] and (
-                            last_warn is None or step - last_warn >= COLLAPSE_WARN_EVERY
-                        ):
-                            last_warn = step
-                            log.warning(
-                                "collapse monitor: target feature std %.4f < %.4f at step %d "
-                                "(mean token cosine %.3f); the representations may be "
-                                "collapsing: check optim.lr, the EMA momentum and the masks",
-                                record["target_std"],
-                                train["collapse_std"],
-                                step,
-                                record["target_cos"],
-                            )
-                if rank0 and (step % train["checkpoint_every"] == 0 or step == end):
-                    state = {
-                        "step": step,
-                        "epoch": step // steps_per_epoch,
-                        "model_config": arch.to_dict(),
-                        "config": cfg,
-                        **trainer.state_dict(),
-                        "rng": {"scheme": "derived from (seed, rank, step)", "seed": seed},
-                        "data_state": {
-                            **data_state,
-                            "epoch": step // steps_per_epoch,
-                            "batches_done": (step % steps_per_epoch) * accum,
-                        },
-                        "loss_name": train["loss"],
-                        "total_steps": total,
-                        "brainjepa_version": __version__,
-                    }
-                    save_checkpoint(state, run_dir, train["keep_last"])
-                if heartbeat is not None:  # after the step's loss is known
-                    heartbeat(step, final_loss)
+            micro = batches.step_batches(step, masker)
+            diagnose = monitor.diagnose_at(step, end)
+            monitored = diagnose or monitor.log_at(step, end)
+            stats = trainer.step(micro, step, monitored)
+            if ctx.world_size == 1 and not bool(torch.isfinite(stats["loss"].detach())):
+                raise nonfinite_loss_error(float(stats["loss"]), step + 1, batches.scan_names(step, cohort))
+            step += 1
+            monitor.after_step(step, stats, micro, monitored, diagnose)
+            if ctx.rank == 0 and (step % cfg["train"]["checkpoint_every"] == 0 or step == end):
+                state = _checkpoint(cfg, arch, trainer, batches, step, total)
+                save_checkpoint(state, run_dir, cfg["train"]["keep_last"])
+            monitor.heartbeat(step)
     finally:
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
-    bundle = None
-    if rank0:
-        if (run_dir / "metrics.jsonl").stat().st_size:
-            try:
-                plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-                if train["diagnose_every"]:
-                    plot_diagnostics_history(run_dir / "metrics.jsonl", run_dir / "diagnostics.png")
-            except BrainJEPAError as exc:  # matplotlib missing must not fail a finished run
-                log.warning("no loss.png / diagnostics.png: %s", exc)
-        if step >= total and find_checkpoints(run_dir):
-            bundle = str(export_run(run_dir))
+        monitor.close()
+    bundle = _finish(cfg, run_dir, step, total) if ctx.rank == 0 else None
     ctx.barrier()
     return {
         "run_dir": str(run_dir),
         "steps": step,
         "total_steps": total,
-        "final_loss": final_loss,
+        "final_loss": monitor.final_loss,
         "bundle": bundle,
         "world_size": ctx.world_size,
         "rank": ctx.rank,
@@ -388,6 +181,153 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
             "predictor": trainer.predictor,
         },
     }
+
+
+def _checked_resume(cfg: dict, run_dir: Path, resume: bool, ctx: Dist) -> dict | None:
+    """The checkpoint to resume from (None for a new run), after checking it fits this run."""
+    if not resume:
+        if find_checkpoints(run_dir):
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose a new --out folder"
+            )
+        return None
+    ckpt = load_latest_checkpoint(run_dir)
+    if cfg["data"]["target_tr"] == "auto":  # the TR the run resolved when it started
+        cfg["data"]["target_tr"] = ckpt["config"].get("data", {}).get("target_tr")
+    diff = config_diff(ckpt["config"], cfg)
+    if diff:
+        raise ConfigError(
+            f"--resume: the config differs from the checkpoint's ({'; '.join(diff[:5])}); resume with the "
+            "run's config.yaml"
+        )
+    if ckpt["data_state"]["world_size"] != ctx.world_size:
+        raise ConfigError(
+            f"--resume: the checkpoint was written by {ckpt['data_state']['world_size']} process(es), this run "
+            f"has {ctx.world_size}; resume with the same number"
+        )
+    return ckpt
+
+
+def _training_cohort(cfg: dict, data):
+    """The cohort and its training scans, with the target TR resolved and the inputs checked."""
+    d = cfg["data"]
+    cohort = open_cohort(
+        data, tr=d["tr"], orientation=d["orientation"], on_error=d["on_error"], tr_source=d["tr_source"]
+    )
+    train_idx = cohort.split_indices("train")
+    if len(train_idx) == 0:
+        raise DataError(f"{data}: the cohort has no training scans (split 'train')")
+    d["target_tr"] = resolve_target_tr(d["target_tr"], cohort, train_idx)
+    report_scaling(cohort, d["normalization"], train_idx)
+    check_gradient_inputs(cfg, cohort.n_rois)
+    return cohort, train_idx
+
+
+def _read_inputs(run_dir: Path, n_gradients: int):
+    """The run's gradients (R x n_gradients, float32) and normalisation (method, scaler)."""
+    gradients, _ = load_gradients_csv(run_dir / "gradients.csv")
+    if gradients.shape[1] < n_gradients:
+        raise DataError(
+            f"{run_dir / 'gradients.csv'} has {gradients.shape[1]} gradients, model.n_gradients={n_gradients}"
+        )
+    with open(run_dir / "normalization.json") as f:
+        method, scaler = normalization_from_dict(json.load(f))
+    # gradients are ordered by eigenvalue: keep the first
+    return np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32), method, scaler
+
+
+class _Batches:
+    """The data order: this rank's batches of every epoch, ``accum_steps`` per optimizer step,
+    and the masks and the global RNG of each step, all functions of (seed, rank, step)."""
+
+    def __init__(self, cfg: dict, dataset: WindowDataset, ctx: Dist):
+        self.dataset, self.ctx = dataset, ctx
+        self.seed = cfg["train"]["seed"]
+        self.batch, self.accum = cfg["optim"]["batch_size"], cfg["optim"]["accum_steps"]
+        self.sampler = ShardSampler(len(dataset), self.batch, ctx.rank, ctx.world_size, self.seed)
+        self.steps_per_epoch = self.sampler.n_batches // self.accum
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(dataset)} training scans are too few for one optimizer step of batch_size {self.batch} x "
+                f"accum_steps {self.accum} x {ctx.world_size} process(es) = {self.batch * self.accum * ctx.world_size}"
+                "; lower optim.batch_size or optim.accum_steps"
+            )
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=cfg["data"]["num_workers"],
+            pin_memory=ctx.device.type == "cuda",
+            persistent_workers=False,
+        )
+        self.state = {  # what a resumed run must share with its checkpoint
+            "steps_per_epoch": self.steps_per_epoch,
+            "n_samples": len(dataset),
+            "world_size": ctx.world_size,
+            "batch_size": self.batch,
+            "accum_steps": self.accum,
+        }
+        self._epoch, self._iter = None, None
+
+    def step_batches(self, step: int, masker) -> list[tuple[torch.Tensor, MaskBatch]]:
+        """The (x, masks) micro-batches of optimizer step ``step``; seeds the global torch RNG
+        (drop path) for the step."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # a new epoch, or the first step of this call
+            self.sampler.set_epoch(epoch, skip_batches=position * self.accum)
+            self.dataset.set_epoch(epoch)
+            self._epoch, self._iter = epoch, iter(self.loader)
+        seq = np.random.SeedSequence((self.seed, self.ctx.rank, step))
+        torch.manual_seed(int(seq.generate_state(1)[0]))
+        mask_rng = np.random.default_rng(seq)
+        micro = []
+        for _ in range(self.accum):
+            x = next(self._iter)
+            micro.append((x, masker(x.shape[0], mask_rng)))
+        return micro
+
+    def scan_names(self, step: int, cohort) -> list[str]:
+        """The scans of optimizer step ``step``'s batches (for an error message)."""
+        epoch = step // self.steps_per_epoch
+        replay = ShardSampler(self.sampler.n, self.batch, self.ctx.rank, self.ctx.world_size, self.seed)
+        replay.set_epoch(epoch)
+        order = list(replay)
+        first = (step - epoch * self.steps_per_epoch) * self.accum * self.batch
+        return [cohort.name(int(self.dataset.indices[i])) for i in order[first : first + self.accum * self.batch]]
+
+
+def _checkpoint(cfg, arch, trainer, batches, step: int, total: int) -> dict:
+    """Everything a resumed run needs: weights, optimizer, step, config and the data position."""
+    epoch = step // batches.steps_per_epoch
+    return {
+        "step": step,
+        "epoch": epoch,
+        "model_config": arch.to_dict(),
+        "config": cfg,
+        **trainer.state_dict(),
+        "rng": {"scheme": "derived from (seed, rank, step)", "seed": cfg["train"]["seed"]},
+        "data_state": {
+            **batches.state,
+            "epoch": epoch,
+            "batches_done": (step % batches.steps_per_epoch) * batches.accum,
+        },
+        "loss_name": cfg["train"]["loss"],
+        "total_steps": total,
+        "brainjepa_version": __version__,
+    }
+
+
+def _finish(cfg: dict, run_dir: Path, step: int, total: int) -> str | None:
+    """Rank 0 after the loop: the run's figures, and its bundle when the run is complete."""
+    if (run_dir / "metrics.jsonl").stat().st_size:
+        try:
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            if cfg["train"]["diagnose_every"]:
+                plot_diagnostics_history(run_dir / "metrics.jsonl", run_dir / "diagnostics.png")
+        except BrainJEPAError as exc:  # matplotlib missing must not fail a finished run
+            log.warning("no loss.png / diagnostics.png: %s", exc)
+    return str(export_run(run_dir)) if step >= total and find_checkpoints(run_dir) else None
 
 
 def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_gradients: int, resume: bool) -> None:
@@ -458,34 +398,3 @@ def check_gradient_inputs(cfg: dict, n_rois: int) -> None:
             f"{path}: {g.shape[1]} gradients, model.n_gradients={n_grad}; pass "
             f"--set model.n_gradients={g.shape[1]} or a file with more columns"
         )
-
-
-def _record(
-    step: int,
-    steps_per_epoch: int,
-    stats: dict,
-    loss: float,
-    micro: list[tuple[torch.Tensor, MaskBatch]],
-    tokens_per_s: float,
-    device,
-) -> dict:
-    counts = [m.counts() for _, m in micro]
-    mean = {k: sum(c[k] for c in counts) / len(counts) for k in ("context", "target", "alpha", "beta", "gamma")}
-    return {
-        "step": step,
-        "epoch": round(step / steps_per_epoch, 4),
-        "loss": loss,
-        "lr": stats["lr"],
-        "wd": stats["wd"],
-        "momentum": stats["momentum"],
-        "grad_norm": float(stats["grad_norm"]),
-        "target_std": float(stats["target_std"]),
-        "target_cos": float(stats["target_cos"]),
-        "context_tokens": mean["context"],
-        "target_tokens": mean["target"],
-        "alpha_tokens": mean["alpha"],
-        "beta_tokens": mean["beta"],
-        "gamma_tokens": mean["gamma"],
-        "tokens_per_s": round(tokens_per_s, 1),
-        "peak_mem_mb": round(peak_memory_mb(device), 1),
-    }
