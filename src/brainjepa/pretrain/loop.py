@@ -110,13 +110,11 @@ def pretrain(
 
 def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_after: int | None, ctx: Dist) -> dict:
     ckpt = _checked_resume(cfg, run_dir, resume, ctx)
-    if ctx.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (run_dir / "checkpoints").glob(".*.tmp"):
-            stale.unlink()
     cohort, train_idx = _training_cohort(cfg, data)
     n_grad = cfg["model"]["n_gradients"]
-    ctx.from_rank0(lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume))
+    ctx.from_rank0(
+        lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume), f"preparing the run folder {run_dir}"
+    )
     gradients, method, scaler = _read_inputs(run_dir, n_grad)
     arch = model_config(cfg, cohort.n_rois, n_grad)
     dataset = WindowDataset(
@@ -331,7 +329,11 @@ def _finish(cfg: dict, run_dir: Path, step: int, total: int) -> str | None:
 
 
 def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_gradients: int, resume: bool) -> None:
-    """Rank 0: write gradients.csv and normalization.json (kept as they are on resume)."""
+    """Rank 0: create the run folder (removing half-written checkpoints), write gradients.csv
+    and normalization.json (kept as they are on resume)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+        stale.unlink()
     grad_file, norm_file = run_dir / "gradients.csv", run_dir / "normalization.json"
     if not (resume and grad_file.is_file()):
         if cfg["data"]["gradients"] is not None:

@@ -84,22 +84,42 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
-    def from_rank0(self, fn):
-        """Run ``fn`` on rank 0; every rank returns its result, or raises its error (no hang)."""
+    def from_rank0(self, fn, what: str = "preparing the run"):
+        """Run ``fn`` on rank 0 while the other ranks wait, and give every rank its result.
+
+        Rank 0 tells the others whether ``fn`` succeeded before anyone waits any further, so a
+        failure there stops every rank instead of leaving them waiting for rank 0 forever.
+
+        Args:
+            fn: the work to do on rank 0 only (no arguments); its result must be picklable.
+            what: what ``fn`` does, for the other ranks' error message.
+
+        Returns:
+            ``fn``'s result, on every rank.
+
+        Raises:
+            Exception: on rank 0, whatever ``fn`` raised.
+            BrainJEPAError: on the other ranks, when ``fn`` failed on rank 0.
+        """
         result, error = None, None
         if self.rank == 0:
             try:
                 result = fn()
-            except BrainJEPAError as exc:
-                error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
                 if self.world_size == 1:
                     raise
+                error = f"{type(exc).__name__}: {exc}"
+                dist.broadcast_object_list([(None, error)], src=0)  # before raising: nobody waits
+                raise
         if self.world_size > 1:
             box = [(result, error)]
             dist.broadcast_object_list(box, src=0)
             result, error = box[0]
         if error is not None:
-            raise BrainJEPAError(f"on rank 0: {error}")
+            raise BrainJEPAError(
+                f"rank {self.rank} of {self.world_size} stops: rank 0 failed while {what}: {error} "
+                "(rank 0's output has its traceback)"
+            )
         return result
 
 
@@ -162,3 +182,28 @@ class ShardSampler(torch.utils.data.Sampler):
         order += order[: self.per_rank * self.world_size - self.n]
         mine = order[self.rank :: self.world_size][: self.n_batches * self.batch_size]
         return iter(mine[self.skip * self.batch_size :])
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile's default backend cannot work on ``device``, or None if it can.
+
+    On CPU it compiles C++ kernels at the first step, so a machine without a C++ compiler would
+    fail there, in the middle of training.
+
+    Args:
+        device: the training device.
+
+    Returns:
+        The reason in words, or None (also when the check itself is unavailable).
+    """
+    if device.type != "cpu":
+        return None
+    try:  # here, not at the top: loading the compiler stack costs a second and ~70 MB
+        from torch._inductor.cpp_builder import get_cpp_compiler  # private: may move
+    except ImportError:
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler (no working compiler) and its relatives
+        return f"{type(exc).__name__}: {exc}"
+    return None

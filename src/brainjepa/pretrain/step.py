@@ -28,6 +28,7 @@ shared by every pass (:meth:`Trainer.share_context`).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from contextlib import nullcontext
 
@@ -51,7 +52,9 @@ from ..objective import (
     target_features,
 )
 from ..schedules import Schedule
-from .runtime import CPU_KERNEL_CACHES, free_memory_to_os, use_bf16
+from .runtime import CPU_KERNEL_CACHES, compile_problem, free_memory_to_os, use_bf16
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -94,7 +97,16 @@ class Trainer:
         self.predictor = FastPredictor(model_config, gradients).to(self.device)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False).eval()
         self.ddp = ddp
-        self.compiled = train["compile"]
+        # torch.compile where it can work (a CPU needs a C++ compiler for its kernels)
+        problem = compile_problem(self.device) if train["compile"] else None
+        if problem is not None:
+            log.warning(
+                "train.compile=true, but torch.compile cannot build kernels on this machine (%s): training "
+                "without compiling (slower); install a C++ compiler (g++ or clang++, or name one in the CXX "
+                "environment variable) to compile",
+                problem,
+            )
+        self.compiled = train["compile"] and problem is None
         self.encoder_run: nn.Module = self.encoder
         self.predictor_run: nn.Module = self.predictor
         self.target_run: nn.Module = self.target_encoder
