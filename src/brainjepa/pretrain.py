@@ -301,17 +301,28 @@ class Trainer:
             for name, value in CPU_KERNEL_CACHES.items():
                 os.environ.setdefault(name, value)
         self.target_run: nn.Module = self.target_encoder
+        self.compiled = False  # train.compile, where torch.compile can work
         if train["compile"]:
-            self.encoder_run = torch.compile(self.encoder_run, dynamic=True)
-            self.predictor_run = torch.compile(self.predictor_run, dynamic=True)
-            self.target_run = torch.compile(self.target_encoder, dynamic=True)
+            problem = _compile_problem(self.device)
+            if problem is None:
+                self.compiled = True
+                self.encoder_run = torch.compile(self.encoder_run, dynamic=True)
+                self.predictor_run = torch.compile(self.predictor_run, dynamic=True)
+                self.target_run = torch.compile(self.target_encoder, dynamic=True)
+            else:
+                log.warning(
+                    "train.compile=true, but torch.compile cannot build kernels on this machine (%s): "
+                    "training without compiling (slower); install a C++ compiler "
+                    "(g++ or clang++, or name one in the CXX environment variable) to compile",
+                    problem,
+                )
 
     def _share_context(self) -> bool:
         """Compute the predictor's context part once per micro-batch (see the module notes):
         where the CPU attention kernel runs anyway (its log-sum-exp output is what makes the
         sharing exact), and neither DDP (its gradient hooks expect one backward per forward)
         nor torch.compile (it compiles the predictor's plain forward) is in use."""
-        if self.ddp or self.config["train"]["compile"]:
+        if self.ddp or self.compiled:
             return False
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         return uses_chunked_attention(self.device, dtype)
@@ -424,6 +435,31 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+def _compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile's default backend cannot work on ``device``, or None if it can.
+
+    On CPU it compiles C++ kernels at the first step, so a machine without a C++ compiler would
+    fail there, in the middle of training.
+
+    Args:
+        device: the training device.
+
+    Returns:
+        The reason in words, or None (also when the check itself is unavailable).
+    """
+    if device.type != "cpu":
+        return None
+    try:  # here, not at the top: loading the compiler stack costs a second and ~70 MB
+        from torch._inductor.cpp_builder import get_cpp_compiler  # private: may move
+    except ImportError:
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler (no working compiler) and its relatives
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _use_bf16(precision: str, device: torch.device) -> bool:
     """``auto``: bf16 autocast where the hardware computes in bf16 natively (CUDA GPUs that
     support it; CPUs with AVX512-BF16 or AMX, where bf16 matmuls run 4x faster than fp32),
@@ -456,22 +492,42 @@ class _Dist:
         if self.world_size > 1:
             dist.barrier()
 
-    def from_rank0(self, fn):
-        """Run ``fn`` on rank 0; every rank returns its result, or raises its error (no hang)."""
+    def from_rank0(self, fn, what: str = "preparing the run"):
+        """Run ``fn`` on rank 0 while the other ranks wait, and give every rank its result.
+
+        Rank 0 tells the others whether ``fn`` succeeded before anyone waits any further, so a
+        failure there stops every rank instead of leaving them waiting for rank 0 forever.
+
+        Args:
+            fn: the work to do on rank 0 only (no arguments); its result must be picklable.
+            what: what ``fn`` does, for the other ranks' error message.
+
+        Returns:
+            ``fn``'s result, on every rank.
+
+        Raises:
+            Exception: on rank 0, whatever ``fn`` raised.
+            BrainJEPAError: on the other ranks, when ``fn`` failed on rank 0.
+        """
         result, error = None, None
         if self.rank == 0:
             try:
                 result = fn()
-            except BrainJEPAError as exc:
-                error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
                 if self.world_size == 1:
                     raise
+                error = f"{type(exc).__name__}: {exc}"
+                dist.broadcast_object_list([(None, error)], src=0)  # before raising: nobody waits
+                raise
         if self.world_size > 1:
             box = [(result, error)]
             dist.broadcast_object_list(box, src=0)
             result, error = box[0]
         if error is not None:
-            raise BrainJEPAError(f"on rank 0: {error}")
+            raise BrainJEPAError(
+                f"rank {self.rank} of {self.world_size} stops: rank 0 failed while {what}: {error} "
+                "(rank 0's output has its traceback)"
+            )
         return result
 
 
@@ -521,7 +577,11 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 
 
 def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_gradients: int, resume: bool) -> None:
-    """Rank 0: write gradients.csv and normalization.json (kept as they are on resume)."""
+    """Rank 0: create the run folder (removing half-written checkpoints), write gradients.csv
+    and normalization.json (kept as they are on resume)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+        stale.unlink()
     grad_file, norm_file = run_dir / "gradients.csv", run_dir / "normalization.json"
     if not (resume and grad_file.is_file()):
         if cfg["data"]["gradients"] is not None:
@@ -625,10 +685,6 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
                 f"--resume: the checkpoint was written by {ckpt['data_state']['world_size']} "
                 f"process(es), this run has {ctx.world_size}; resume with the same number"
             )
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (run_dir / "checkpoints").glob(".*.tmp"):
-            stale.unlink()
 
     cohort = open_cohort(
         data,
@@ -644,7 +700,10 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     report_scaling(cohort, cfg["data"]["normalization"], train_idx)
     check_gradient_inputs(cfg, cohort.n_rois)
     n_grad = cfg["model"]["n_gradients"]
-    ctx.from_rank0(lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume))
+    ctx.from_rank0(
+        lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume),
+        f"preparing the run folder {run_dir}",
+    )
     gradients, _ = load_gradients_csv(run_dir / "gradients.csv")
     if gradients.shape[1] < n_grad:
         raise DataError(f"{run_dir / 'gradients.csv'} has {gradients.shape[1]} gradients, model.n_gradients={n_grad}")
