@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import check_png, line_data
 
 import brainjepa.pretrain as pretrain_module
 from brainjepa.attention import set_attention_backend
@@ -116,7 +117,7 @@ def test_overrides_types_and_unknown_keys(tmp_path):
             "optim.clip_grad=2",
         ],
     )
-    assert cfg["optim"]["lr"] == 5e-4 and isinstance(cfg["optim"]["lr"], float)
+    assert cfg["optim"]["lr"] == 5e-4  # a float, not the string YAML 1.1 makes of "5e-4"
     assert cfg["train"]["compile"] is True and cfg["mask"]["obs_roi_scale"] == [0.5, 0.9]
     assert cfg["optim"]["clip_grad"] == 2.0
     assert parse_override("data.gradients=g.csv") == ("data", "gradients", "g.csv")
@@ -270,14 +271,22 @@ def test_feature_stats_detects_collapse():
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
-    P = pretrain_module
-
-    assert isinstance(P._cpu_has_bf16_units(), bool)
+    # bf16 units: AVX512-BF16 or AMX, as torch reports them (private functions that may go missing)
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert pretrain_module._cpu_has_bf16_units() is native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert pretrain_module._cpu_has_bf16_units() is False
+    monkeypatch.undo()
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(P, "_cpu_has_bf16_units", lambda native=native: native)
-        assert P._use_bf16("auto", cpu) is native
-        assert P._use_bf16("bf16", cpu) and not P._use_bf16("fp32", cpu)  # forced either way
+        monkeypatch.setattr(pretrain_module, "_cpu_has_bf16_units", lambda native=native: native)
+        assert pretrain_module._use_bf16("auto", cpu) is native
+        assert pretrain_module._use_bf16("bf16", cpu) and not pretrain_module._use_bf16(
+            "fp32", cpu
+        )  # forced either way
 
 
 def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, compile=False, **optim):
@@ -451,7 +460,7 @@ def test_metrics_log_truncates_on_resume_and_feeds_tensorboard(tmp_path, monkeyp
 # ------------------------------------------------------------------------------- end to end
 
 
-def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_path, caplog):
+def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_path, caplog, saved_figures):
     run = tmp_path / "run"
     # the authors' recipe (un-centred targets, no patch norm): the loss falls fast as the
     # predictor learns the positional map
@@ -493,7 +502,12 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     assert last["alpha_tokens"] + last["beta_tokens"] + last["gamma_tokens"] >= last["target_tokens"]
     for name in ("config.yaml", "metrics.jsonl", "gradients.csv", "normalization.json", "loss.png"):
         assert (run / name).is_file(), name
-    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # loss.png: the logged losses (and the learning rate on a second axis) against the step
+    loss_axes, lr_axes = saved_figures[run / "loss.png"].axes
+    steps = [float(r["step"]) for r in records]
+    assert line_data(loss_axes) == [(steps, losses)]
+    assert line_data(lr_axes) == [(steps, [r["lr"] for r in records])]
+    check_png(run / "loss.png", saved_figures[run / "loss.png"])
     assert [p.name for p in find_checkpoints(run).values()] == ["step_00000020.pt", "step_00000036.pt"]
     ckpt = torch.load(checkpoint_path(run), weights_only=True)
     assert ckpt["step"] == 36 and ckpt["loss_name"] == "smooth_l1"
