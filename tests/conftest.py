@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,3 +29,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures brainjepa saves during the test, by path: matplotlib Figures, still readable
+    after they are closed, to check what a plot shows rather than only that a file exists."""
+    from brainjepa import plotting
+
+    real = plotting.save_figure
+    figures = {}
+
+    def spy(fig, path, *args, **kwargs):
+        figures[Path(path)] = fig
+        return real(fig, path, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "brainjepa" and getattr(module, "save_figure", None) is real:
+            monkeypatch.setattr(module, "save_figure", spy)
+    return figures
+
+
+def check_png(path, fig, dpi: int = 120) -> np.ndarray:
+    """Check that ``path`` is ``fig`` rendered at ``dpi`` (its pixel size) and not blank; returns
+    its pixels (H x W x channels, floats in [0, 1])."""
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    width, height = fig.get_size_inches() * dpi
+    assert pixels.shape[:2] == (round(height), round(width)), (path, pixels.shape)
+    ink = (pixels[..., :3] < 0.9).any(-1).mean()  # share of pixels that are not (near) white
+    assert 0.01 < ink < 0.9, (path, ink)
+    return pixels
+
+
+def line_data(ax) -> list[tuple[list, list]]:
+    """(x, y) of every line drawn on a matplotlib Axes, as plain lists."""
+    return [(list(map(float, line.get_xdata())), list(map(float, line.get_ydata()))) for line in ax.get_lines()]

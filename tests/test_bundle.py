@@ -118,6 +118,33 @@ def test_save_pretrained_round_trip(tmp_path):
     assert BrainJEPA.from_pretrained(bare).predictor is None
 
 
+def test_pos_minmax_false_round_trips(tmp_path):
+    """A model without the authors' min-max rescaling of the spatial positions keeps it off
+    through save_pretrained / from_pretrained: the flag, and the encoder's and the predictor's
+    outputs (which the flag changes)."""
+    model = tiny_model(pos_minmax=False)
+    out = model.save_pretrained(tmp_path / "b")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"]["pos_minmax"] is False and "min-max" not in config["pos_embed"]
+    loaded = BrainJEPA.from_pretrained(out)
+    assert loaded.config.pos_minmax is False and loaded.config == model.config
+    assert loaded.encoder.pos_embed.minmax is False and loaded.predictor.pos_embed.minmax is False
+    x = scaled_batch()
+    context, target = torch.tensor([[0, 2, 5, 7, 9]] * 2), torch.tensor([[1, 3, 4]] * 2)
+    with torch.no_grad():
+        tokens = model.encode(x)
+        assert torch.allclose(loaded.encode(x), tokens, atol=1e-6)
+        z = model.encoder(x, context)
+        assert torch.allclose(loaded.encoder(x, context), z, atol=1e-6)
+        pred = model.predictor(z, context, target)
+        assert torch.allclose(loaded.predictor(z, context, target), pred, atol=1e-6)
+        # the same weights with the flag on give other outputs: the flag is what was kept
+        minmax = tiny_model(pos_minmax=True)
+        minmax.load_state_dict(loaded.state_dict())
+        assert (minmax.encode(x) - tokens).abs().max() > 1e-2
+        assert (minmax.predictor(z, context, target) - pred).abs().max() > 1e-2
+
+
 def test_encode_and_embed(tmp_path):
     model = tiny_model()
     x = scaled_batch(b=3)

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import check_png, line_data
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -24,8 +25,6 @@ from brainjepa.report import (  # noqa: E402
     save_attention,
     write_report,
 )
-
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _rows():
@@ -49,28 +48,52 @@ def test_pca_matches_svd_of_centred_data():
     np.testing.assert_allclose(scores.var(0) * len(X), eig[:2], rtol=1e-8)
 
 
-def test_figures_and_markdown(tmp_path):
+def _bars(ax) -> dict[str, float]:
+    """Bar heights of a matplotlib Axes by their tick label."""
+    return {t.get_text(): round(p.get_height(), 6) for t, p in zip(ax.get_xticklabels(), ax.patches)}
+
+
+def test_figures_and_markdown(tmp_path, saved_figures):
     records = [{"step": s, "loss": 1 / (s + 1), "lr": 1e-3} for s in range(0, 50, 5)]
-    files = [
-        plot_loss_curve(records, tmp_path / "loss.png"),
-        plot_embedding_pca(
-            np.random.default_rng(0).normal(size=(30, 8)),
-            {"age": np.linspace(20, 80, 30), "patient": np.arange(30) % 2},
-            tmp_path / "pca.png",
-        ),
-        plot_results(_rows(), tmp_path / "results.png"),
-    ]
+    steps, losses = [float(r["step"]) for r in records], [r["loss"] for r in records]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    files.append(plot_loss_curve(metrics, tmp_path / "loss2.png"))
-    for f in files:
-        assert f.read_bytes()[:8] == PNG
+    for path in (plot_loss_curve(records, tmp_path / "loss.png"), plot_loss_curve(metrics, tmp_path / "loss2.png")):
+        loss_axes, lr_axes = saved_figures[path].axes
+        assert line_data(loss_axes) == [(steps, losses)] and line_data(lr_axes) == [(steps, [1e-3] * 10)]
+        check_png(path, saved_figures[path])
+
+    X = np.random.default_rng(0).normal(size=(30, 8))
+    age, patient = np.linspace(20, 80, 30), np.arange(30) % 2
+    path = plot_embedding_pca(X, {"age": age, "patient": patient}, tmp_path / "pca.png")
+    scores, ratio = pca((X - X.mean(0)) / X.std(0))
+    age_axes, patient_axes = saved_figures[path].axes[:2]  # then the age colour bar
+    [points] = age_axes.collections
+    np.testing.assert_allclose(points.get_offsets(), scores, atol=1e-12)
+    np.testing.assert_allclose(points.get_array(), age)  # coloured by age
+    assert age_axes.get_xlabel() == f"PC1 ({ratio[0]:.0%})"
+    for k, group in enumerate(patient_axes.collections):  # one colour per class
+        np.testing.assert_allclose(group.get_offsets(), scores[patient == k], atol=1e-12)
+    check_png(path, saved_figures[path])
+
+    path = plot_results(_rows(), tmp_path / "results.png")
+    panels = saved_figures[path].axes
+    assert [ax.get_title() for ax in panels] == ["age: r", "age: R2", "patient: BACC", "patient: AUROC"]
+    for ax in panels:  # mean per method; single random-init seeds left out
+        assert _bars(ax) == {"brainjepa\nfc": 0.5, "random_init(best)\nfc": 0.6, "fc_window": 0.8}
+    assert saved_figures[path].texts[0].get_text() == "test metrics, mean ± std over 3 seeds"
+    check_png(path, saved_figures[path])
 
     values = np.array([1.1, 0.9, 1.0, 1.0])
     paths = save_attention(tmp_path / "att", values, ["a", "b", "c", "d"], ["X", "Y", "X", "Y"])
     assert paths["network_csv"].read_text().splitlines() == ["network,attention,n_rois", "X,1.050000,2", "Y,0.950000,2"]
-    assert paths["png"].name == "network_attention.png" and paths["png"].read_bytes()[:8] == PNG
-    assert save_attention(tmp_path / "att2", values, None, None)["png"].name == "roi_attention.png"
+    assert paths["png"].name == "network_attention.png"
+    assert _bars(saved_figures[paths["png"]].axes[0]) == {"X": 1.05, "Y": 0.95}
+    check_png(paths["png"], saved_figures[paths["png"]])
+    roi_png = save_attention(tmp_path / "att2", values, None, None)["png"]
+    assert roi_png.name == "roi_attention.png"
+    assert _bars(saved_figures[roi_png].axes[0]) == {"roi0": 1.1, "roi1": 0.9, "roi2": 1.0, "roi3": 1.0}
+    check_png(roi_png, saved_figures[roi_png])
 
     md = results_markdown(_rows())
     assert "| method | MSE | r | R2 |" in md and "| random_init#0:fc | 0.700 ± 0.050 |" in md

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_png, line_data
 from torch import nn
 
 from brainjepa.diagnostics import diagnose_batch, effective_rank, ema_init_share, problems, variance_shares
@@ -159,7 +160,7 @@ def test_group_tokens_concatenates_the_region_groups():
     torch.testing.assert_close(valid[:, -groups[-1][1][0].numel() :], groups[-1][1].reshape(3, -1))
 
 
-def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
+def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys, saved_figures):
     from brainjepa.cli import main
     from brainjepa.pretrain import pretrain
     from brainjepa.synthetic import simulate_cohort
@@ -183,7 +184,21 @@ def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
         "train": {"log_every": 1, "diagnose_every": 2, "precision": "fp32"},
     }
     pretrain(cfg, tmp_path, tmp_path / "run", progress=False)
-    assert (tmp_path / "run" / "diagnostics.png").is_file()
+    # diagnostics.png: the logged diagnostics against the step (every 2 steps and the last)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [r for r in records if "diag_loss_own" in r]
+    history = saved_figures[tmp_path / "run" / "diagnostics.png"]
+    losses, shares = history.axes
+    steps = [float(r["step"]) for r in logged]
+    assert steps == [2.0, 4.0]
+    assert line_data(losses) == [
+        (steps, [r[f"diag_{key}"] for r in logged]) for key in ("loss_own", "loss_other", "loss_zero", "loss_position")
+    ]
+    assert line_data(shares) == [
+        (steps, [r[f"diag_{key}"] for r in logged])
+        for key in ("target_cos", "context_cos", "position_share", "subject_share")
+    ]
+    check_png(tmp_path / "run" / "diagnostics.png", history)
     code = main(
         [
             "-q",
@@ -204,12 +219,30 @@ def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "predictor loss, another sample's context" in out and "position-only floor" in out
     result = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
+    m = result["mean"]
+    rows = out.split("\n\n")[0].splitlines()  # the table, then the verdicts
+    table = {name.strip(): value for name, value in (row.rsplit("  ", 1) for row in rows)}
+    assert table == {
+        "predictor loss, own context": f"{m['loss_own']:.4f}",
+        "predictor loss, another sample's context": f"{m['loss_other']:.4f}",
+        "predictor loss, all-zero input": f"{m['loss_zero']:.4f}",
+        "position-only floor": f"{m['loss_position']:.4f}",
+        "context gain (other / own - 1)": f"{m['context_gain']:.4f}",
+        "target encoder: feature std / token cosine": f"{m['target_std']:.4f} / {m['target_cos']:.3f}",
+        "context encoder: feature std / token cosine": f"{m['context_std']:.4f} / {m['context_cos']:.3f}",
+        "variance share: position / subject": f"{m['position_share']:.3f} / {m['subject_share']:.3f}",
+        "effective rank of subject embeddings": f"{m['effective_rank']:.4f}",
+    }
     assert len(result["batches"]) == 2 and result["settings"]["center_targets"] is True
     for batch in result["batches"]:
         assert batch["context_gain"] == pytest.approx(batch["loss_other"] / batch["loss_own"] - 1, rel=1e-6)
     assert result["mean"]["context_gain"] == pytest.approx(
         np.mean([b["context_gain"] for b in result["batches"]]), rel=1e-6
     )
-    assert (tmp_path / "diag" / "diagnostics.png").stat().st_size > 1000
+    bars, shares = saved_figures[tmp_path / "diag" / "diagnostics.png"].axes
+    heights = [p.get_height() for p in bars.patches]
+    assert heights == pytest.approx([m["loss_own"], m["loss_other"], m["loss_zero"], m["loss_position"]], rel=1e-6)
+    assert [p.get_height() for p in shares.patches] == pytest.approx([m["position_share"], m["subject_share"]])
+    assert bars.get_title() == f"context reliance (gain {100 * m['context_gain']:+.1f}%)"
+    check_png(tmp_path / "diag" / "diagnostics.png", saved_figures[tmp_path / "diag" / "diagnostics.png"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import check_png
 
 from brainjepa.cli import main
 from brainjepa.errors import ConfigError, DataError
@@ -342,14 +343,28 @@ def test_load_connectivity(tmp_path):
         load_connectivity(tmp_path / "ts.npy")
 
 
-def test_plot_gradients_writes_png(tmp_path):
+def test_plot_gradients_writes_png(tmp_path, saved_figures):
     pytest.importorskip("matplotlib")
     g = np.random.default_rng(0).standard_normal((20, 3))
     nets = ["Vis"] * 10 + ["Default"] * 10
     out = plot_gradients(g, tmp_path / "g.png", roi_labels=[f"r{i}" for i in range(20)], networks=nets)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
-    plot_gradients(g[:, :2], tmp_path / "two.png")
-    assert (tmp_path / "two.png").is_file()
+    fig = saved_figures[out]
+    assert fig.texts[0].get_text() == "20 ROIs in gradient space"
+    for ax, (a, b) in zip(fig.axes, [(0, 1), (0, 2), (1, 2)], strict=True):  # G1-G2, G1-G3, G2-G3
+        assert (ax.get_xlabel(), ax.get_ylabel()) == (f"gradient {a + 1}", f"gradient {b + 1}")
+        vis, default = ax.collections  # one colour per network, ROIs 0-9 and 10-19
+        np.testing.assert_array_equal(vis.get_offsets(), g[:10][:, [a, b]])
+        np.testing.assert_array_equal(default.get_offsets(), g[10:][:, [a, b]])
+        ends = {int(np.argmin(g[:, a])), int(np.argmax(g[:, a])), int(np.argmin(g[:, b])), int(np.argmax(g[:, b]))}
+        assert sorted(t.get_text() for t in ax.texts) == sorted(f"r{i}" for i in ends)  # the extreme ROIs named
+    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["Vis", "Default"]
+    check_png(out, fig)
+    two = plot_gradients(g[:, :2], tmp_path / "two.png")
+    [ax] = saved_figures[two].axes
+    [points] = ax.collections
+    np.testing.assert_array_equal(points.get_offsets(), g[:, :2])
+    np.testing.assert_array_equal(points.get_array(), g[:, 0])  # coloured by G1 without networks
+    check_png(two, saved_figures[two])
     with pytest.raises(DataError, match="at least 2 gradients"):
         plot_gradients(g[:, :1], tmp_path / "one.png")
     with pytest.raises(DataError, match="networks"):
@@ -359,7 +374,7 @@ def test_plot_gradients_writes_png(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_from_timeseries_and_fc(tmp_path, capsys):
+def test_cli_from_timeseries_and_fc(tmp_path, capsys, saved_figures):
     subjects = synthetic_series(n_rois=40, n_time=120)
     files = []
     for i, x in enumerate(subjects):
@@ -371,7 +386,9 @@ def test_cli_from_timeseries_and_fc(tmp_path, capsys):
     g, labels = load_gradients_csv(out)
     np.testing.assert_allclose(g, compute_gradients(connectivity(subjects), n_components=5)[0], atol=1e-12)
     assert labels is None
-    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    g1_g2 = saved_figures[out.with_suffix(".png")].axes[0]  # the plot shows the gradients written
+    np.testing.assert_allclose(g1_g2.collections[0].get_offsets(), g[:, :2], atol=1e-12)
+    check_png(out.with_suffix(".png"), saved_figures[out.with_suffix(".png")])
 
     # --fc mode (header-less CSV), --no-plot, and --align-to a rotated reference
     fc_file = tmp_path / "fc.csv"

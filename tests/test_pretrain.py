@@ -6,18 +6,22 @@ import copy
 import json
 import logging
 import socket
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import check_png, line_data
 
+import brainjepa.pretrain.step as pretrain_step
 from brainjepa.attention import set_attention_backend
+from brainjepa.bundle import BrainJEPA
 from brainjepa.cli import main
 from brainjepa.diagnostics import feature_stats
 from brainjepa.errors import ConfigError
-from brainjepa.masking import SpatiotemporalMasker
+from brainjepa.masking import MaskBatch, SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
 from brainjepa.objective import block_loss_sum
 from brainjepa.pretrain import Schedule, ShardSampler, Trainer, load_config, pretrain
@@ -129,7 +133,7 @@ def test_overrides_types_and_unknown_keys(tmp_path):
             "optim.clip_grad=2",
         ],
     )
-    assert cfg["optim"]["lr"] == 5e-4 and isinstance(cfg["optim"]["lr"], float)
+    assert cfg["optim"]["lr"] == 5e-4  # a float, not the string YAML 1.1 makes of "5e-4"
     assert cfg["train"]["compile"] is True and cfg["mask"]["obs_roi_scale"] == [0.5, 0.9]
     assert cfg["optim"]["clip_grad"] == 2.0
     assert parse_override("data.gradients=g.csv") == ("data", "gradients", "g.csv")
@@ -288,19 +292,27 @@ def test_feature_stats_detects_collapse():
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
-    import brainjepa.pretrain.runtime as P
+    import brainjepa.pretrain.runtime as runtime
 
+    # bf16 units: AVX512-BF16 or AMX, as torch reports them (private functions that may go missing)
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert runtime.cpu_has_bf16_units() is native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runtime.cpu_has_bf16_units() is False
+    monkeypatch.undo()
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(P, "cpu_has_bf16_units", lambda native=native: native)
-        assert P.use_bf16("auto", cpu) is native
-        assert P.use_bf16("bf16", cpu) and not P.use_bf16("fp32", cpu)  # forced either way
+        monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda native=native: native)
+        assert runtime.use_bf16("auto", cpu) is native
+        assert runtime.use_bf16("bf16", cpu) and not runtime.use_bf16("fp32", cpu)  # forced either way
 
 
-def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, **optim):
-    cfg = resolve_config(
-        _config(optim=optim, train={"precision": precision, "loss": loss, "center_targets": center_targets})
-    )
+def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, compile=False, **optim):
+    train = {"precision": precision, "loss": loss, "center_targets": center_targets, "compile": compile}
+    cfg = resolve_config(_config(optim=optim, train=train))
     return Trainer(SMALL_MODEL, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), cfg, 10)
 
 
@@ -322,6 +334,86 @@ def test_trainer_step_ema_accumulation_and_no_decay_groups():
     assert not all(torch.equal(t, t0) for t, t0 in zip(tr.target_encoder.parameters(), before))
     assert all(not p.requires_grad for p in tr.target_encoder.parameters())
     assert {"loss", "grad_norm", "target_std", "target_cos"} <= set(out)
+
+
+def _rows(masks: MaskBatch, rows: slice) -> MaskBatch:
+    """The masks of some samples of a MaskBatch (same padding width)."""
+    return MaskBatch(
+        masks.context_idx[rows],
+        masks.context_valid[rows],
+        masks.target_idx[rows],
+        masks.target_valid[rows],
+        masks.regions,
+        masks.observation[rows],
+    )
+
+
+def _step_with_grads(tr: Trainer, micro, step: int) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """Trainer.step, plus the gradients the optimizer saw and the parameters after the update."""
+    seen = []
+    optimizer_step = tr.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.extend(p.grad.detach().clone() for p in tr.params)
+        return optimizer_step(*args, **kwargs)
+
+    tr.optimizer.step = spy
+    try:
+        out = tr.step(micro, step, monitor=True)
+    finally:
+        tr.optimizer.step = optimizer_step
+    return out, seen, [p.detach().clone() for p in tr.params]
+
+
+def test_accumulation_equals_one_batch_of_the_micro_batches_together():
+    """optim.accum_steps=2 over two micro-batches of 2 == one step on the batch of 4 with the same
+    masks: the same loss, gradients and update (each micro-batch's loss is its mean over its
+    blocks, averaged over micro-batches: the mean over all blocks when the micro-batches hold
+    as many blocks). Centred targets are not compared: their mean is the micro-batch's."""
+    masks = SpatiotemporalMasker(16, 3, n_blocks=2)(4, np.random.default_rng(1))
+    x = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(3))
+    whole = _step_with_grads(_trainer(accum_steps=1, batch_size=4), [(x, masks)], step=2)
+    halves = [(x[:2], _rows(masks, slice(0, 2))), (x[2:], _rows(masks, slice(2, 4)))]
+    accumulated = _step_with_grads(_trainer(accum_steps=2, batch_size=2), halves, step=2)
+    torch.testing.assert_close(accumulated[0]["loss"], whole[0]["loss"], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(accumulated[0]["grad_norm"], whole[0]["grad_norm"], atol=1e-7, rtol=1e-6)
+    assert float(whole[0]["grad_norm"]) > 0.1
+    for a, b in zip(accumulated[1], whole[1]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    for a, b in zip(accumulated[2], whole[2]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    # and it is not simply one of the halves: each half alone gives other gradients
+    first = _step_with_grads(_trainer(batch_size=2), halves[:1], step=2)
+    assert max(float((a - b).abs().max()) for a, b in zip(first[1], whole[1])) > 1e-3
+
+
+def test_clip_grad_clips_the_total_norm():
+    """A step whose gradient norm is under optim.clip_grad is left alone; one above it reaches
+    AdamW scaled down to norm clip_grad, and so moves the weights differently."""
+    masks = SpatiotemporalMasker(16, 3)(4, np.random.default_rng(0))
+    x = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(2))
+    micro = [[(10 * x, masks)], [(x, masks)]]  # gradient norms of about 0.21, then 0.43
+    free = _trainer()
+    free_steps = [_step_with_grads(free, m, step=3 + i) for i, m in enumerate(micro)]
+    norms = [float(out["grad_norm"]) for out, _, _ in free_steps]
+    limit = sum(norms) / 2
+    assert norms[0] < 0.9 * limit and norms[1] > 1.1 * limit
+    clipped = _trainer(clip_grad=limit)
+    steps = [_step_with_grads(clipped, m, step=3 + i) for i, m in enumerate(micro)]
+    for (out, grads, _), (free_out, free_grads, _) in zip(steps, free_steps):
+        assert float(out["grad_norm"]) == pytest.approx(float(free_out["grad_norm"]), rel=1e-6)  # before clipping
+        total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        assert total <= limit * (1 + 1e-6)
+        scale = min(1.0, limit / float(free_out["grad_norm"]))
+        for g, g0 in zip(grads, free_grads):  # every gradient scaled by the same factor
+            torch.testing.assert_close(g, g0 * scale, atol=1e-9, rtol=1e-5)
+    assert total == pytest.approx(limit, rel=1e-5)
+    # the first step was not clipped: the same weights; the second was: other weights
+    for a, b in zip(steps[0][2], free_steps[0][2]):
+        assert torch.equal(a, b)
+    change = [(a - b).abs().max() for a, b in zip(free_steps[1][2], free_steps[0][2])]
+    differ = [(a - b).abs().max() for a, b in zip(steps[1][2], free_steps[1][2])]
+    assert float(max(differ)) > 0.1 * float(max(change))  # about 15% of the step
 
 
 def test_bf16_autocast_on_cpu_matches_fp32_loss():
@@ -389,7 +481,7 @@ def test_metrics_log_truncates_on_resume_and_feeds_tensorboard(tmp_path, monkeyp
 # ------------------------------------------------------------------------------- end to end
 
 
-def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_path, caplog):
+def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_path, caplog, saved_figures):
     run = tmp_path / "run"
     # the authors' recipe (un-centred targets, no patch norm): the loss falls fast as the
     # predictor learns the positional map
@@ -431,7 +523,12 @@ def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_pat
     assert last["alpha_tokens"] + last["beta_tokens"] + last["gamma_tokens"] >= last["target_tokens"]
     for name in ("config.yaml", "metrics.jsonl", "gradients.csv", "normalization.json", "loss.png"):
         assert (run / name).is_file(), name
-    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # loss.png: the logged losses (and the learning rate on a second axis) against the step
+    loss_axes, lr_axes = saved_figures[run / "loss.png"].axes
+    steps = [float(r["step"]) for r in records]
+    assert line_data(loss_axes) == [(steps, losses)]
+    assert line_data(lr_axes) == [(steps, [r["lr"] for r in records])]
+    check_png(run / "loss.png", saved_figures[run / "loss.png"])
     assert [p.name for p in find_checkpoints(run).values()] == ["step_00000020.pt", "step_00000036.pt"]
     ckpt = torch.load(checkpoint_path(run), weights_only=True)
     assert ckpt["step"] == 36 and ckpt["loss_name"] == "smooth_l1"
@@ -504,6 +601,56 @@ def test_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, precision):
     for part_name in ("encoder", "target_encoder", "predictor"):
         for k in a[part_name]:
             assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
+
+
+def test_compile_trains_end_to_end_with_the_same_numbers(data_dir, tmp_path, monkeypatch):
+    """train.compile=true: pretrain() runs its modules through torch.compile (dynamo traces them
+    as in a real run) and trains, checkpoints and exports to the same numbers as without. The
+    traced graphs run on the "eager" backend instead of the default Inductor, whose C++ kernels
+    take over a minute to build for this model on one CPU core (and need a compiler)."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(module, **options):
+        compiled.append((type(module).__name__, options))
+        return real_compile(module, backend="eager", **options)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(pretrain_step, "compile_problem", lambda device: None)  # "eager" needs no compiler
+    runs = {}
+    for compile in (False, True):
+        cfg = _config(train={"compile": compile, "precision": "fp32", "diagnose_every": 0, "checkpoint_every": 1})
+        runs[compile] = tmp_path / f"compile_{compile}"
+        summary = pretrain(cfg, data_dir, runs[compile], max_steps=1, progress=False)
+        assert summary["steps"] == 1 and np.isfinite(summary["final_loss"])
+    assert compiled == [(name, {"dynamic": True}) for name in ("FastEncoder", "FastPredictor", "FastEncoder")]
+    assert _losses(runs[True]) == pytest.approx(_losses(runs[False]), rel=1e-5)
+    assert [p.name for p in find_checkpoints(runs[True]).values()] == ["step_00000001.pt"]
+    ckpt = torch.load(checkpoint_path(runs[True]), weights_only=True)
+    reference = torch.load(checkpoint_path(runs[False]), weights_only=True)
+    for part in ("encoder", "target_encoder", "predictor"):
+        assert ckpt[part].keys() == reference[part].keys()  # plain names, no torch.compile prefix
+        for k, v in ckpt[part].items():
+            torch.testing.assert_close(v, reference[part][k], atol=1e-6, rtol=1e-5, msg=(part, k))
+    bundle = BrainJEPA.from_pretrained(runs[True] / "bundle")
+    torch.testing.assert_close(
+        bundle.encoder.state_dict()["patch_embed.weight"], ckpt["target_encoder"]["patch_embed.weight"]
+    )
+
+
+def test_compile_without_a_cpp_compiler_trains_uncompiled_with_a_warning(monkeypatch, caplog):
+    inductor_config = pytest.importorskip("torch._inductor.config")
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/bin/c++"))
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    with caplog.at_level(logging.WARNING, logger="brainjepa.pretrain"):
+        tr = _trainer(compile=True)
+    assert not tr.compiled and tr.encoder_run is tr.encoder and tr.predictor_run is tr.predictor
+    [record] = [r for r in caplog.records if "train.compile" in r.getMessage()]
+    assert "InvalidCxxCompiler" in record.getMessage() and "training without compiling" in record.getMessage()
+    masks = SpatiotemporalMasker(16, 3)(4, np.random.default_rng(0))
+    micro = [(torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(2)), masks)]
+    fallback, plain = tr.step(micro, 0), _trainer().step(micro, 0)
+    assert fallback["loss"].item() == plain["loss"].item()
 
 
 def test_cli_pretrain_and_errors(data_dir, tmp_path, capsys, caplog):
@@ -606,3 +753,51 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(data_dir, tmp_path):
     moved = [k for k in init if k != "gradients" and not torch.equal(r0["encoder"][k], r0["target_encoder"][k])]
     assert moved  # the ranks trained (the online encoder left the EMA copy behind)
     assert len(_losses(run)) == 4
+
+
+def _failing_start_worker(rank: int, world: int, port: int, data_dir, run_dir, out_dir) -> None:
+    """One rank of a run whose start-up fails on rank 0 only; writes what this rank raised."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    try:
+        pretrain(_config(optim={"batch_size": 2}), data_dir, run_dir, max_steps=1, progress=False)
+        outcome = "finished"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    (out_dir / f"rank{rank}.txt").write_text(outcome)
+
+
+def test_a_rank0_failure_at_start_up_stops_every_rank(data_dir, tmp_path):
+    """Only rank 0 creates the run folder; when it cannot (here --out names an existing file),
+    every rank stops with an error naming rank 0's, instead of waiting for rank 0 forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "not_a_folder"
+    run.write_text("a file where the run folder should go\n")
+    spawn = torch.multiprocessing.get_context("spawn")
+    ranks = [
+        spawn.Process(target=_failing_start_worker, args=(rank, 2, port, data_dir, run, tmp_path)) for rank in range(2)
+    ]
+    for p in ranks:
+        p.start()
+    try:
+        deadline = time.monotonic() + 120
+        for p in ranks:
+            p.join(timeout=max(deadline - time.monotonic(), 0.1))
+        assert not any(p.is_alive() for p in ranks), "a rank was still waiting 120 s after the start"
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    rank0, rank1 = ((tmp_path / f"rank{rank}.txt").read_text() for rank in range(2))
+    assert rank0.startswith("FileExistsError:") and str(run) in rank0
+    assert rank1.startswith("BrainJEPAError: rank 1 of 2 stops: rank 0 failed while preparing the run folder")
+    assert rank1.endswith(f"{rank0} (rank 0's output has its traceback)")
+    assert run.read_text() == "a file where the run folder should go\n"
