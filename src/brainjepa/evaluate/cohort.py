@@ -138,6 +138,16 @@ def embed_cohort(
 ) -> np.ndarray:
     """Embeddings of every subject of a cohort (:class:`~brainjepa.evaluate.features.BrainJEPAEmbedder`).
 
+    Args:
+        model: the model (a :class:`~brainjepa.bundle.BrainJEPA`).
+        cohort: the cohort.
+        readout: one of :data:`~brainjepa.evaluate.features.READOUTS`.
+        windows: 'all' or 'center' (ignored with ``tokens``: always the centre window).
+        batch_size: windows per forward pass.
+        device: where to encode.
+        tokens: return the centre window's token features instead of a readout.
+        progress: show a progress bar.
+
     Returns:
         (N, F) under ``readout`` averaged over ``windows``, or with ``tokens`` the centre
         window's token features (N, R, P, D).
@@ -243,6 +253,17 @@ def save_embeddings(
     'readout' and 'windows' (which ones), 'roi_labels' (R,) when known, 'label_<name>' (N,) per
     label column, and with ``tokens`` 'tokens' (N, R, P, D) of the centre window. Text is stored
     as unicode arrays, so ``np.load`` needs no pickle.
+
+    Args:
+        model: the model (a :class:`~brainjepa.bundle.BrainJEPA`).
+        cohort: the cohort.
+        path: the .npz file to write (its folder is created; the name is kept as given).
+        readout: one of :data:`~brainjepa.evaluate.features.READOUTS`.
+        windows: 'all' or 'center'.
+        tokens: also store the centre window's token features.
+        batch_size: windows per forward pass.
+        device: where to encode.
+        progress: show progress bars.
 
     Returns:
         The path written.

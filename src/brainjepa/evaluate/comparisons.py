@@ -29,7 +29,17 @@ COMPARISON_COLUMNS = ("target", "metric", "method", "baseline", "n", "mean diff"
 
 
 def method_name(base: str, readout: str | None = None) -> str:
-    """'brainjepa:fc', 'random_init#1:roi', 'random_init(best):mean'; a baseline as it is."""
+    """The name of a method in records and tables.
+
+    Args:
+        base: 'brainjepa', 'random_init#<k>', 'random_init(best)', 'random_init(mean)' or a
+            baseline.
+        readout: the readout, or None for a baseline.
+
+    Returns:
+        '<base>:<readout>' (e.g. 'brainjepa:fc', 'random_init#1:roi', 'random_init(best):mean');
+        a baseline's name as it is.
+    """
     return base if readout is None else f"{base}:{readout}"
 
 
@@ -73,7 +83,16 @@ def probe_method_names(readouts: Sequence[str] = READOUTS, random_init_seeds=3) 
 
 
 def headline_metric(records: list[dict], target: str) -> str:
-    """AUROC for a classification target, Pearson r for a regression target (judged by its records)."""
+    """The metric that ranks methods on a target.
+
+    Args:
+        records: per-seed records.
+        target: the target.
+
+    Returns:
+        'auroc' for a classification target, 'pearson_r' for a regression target (a target is
+        taken as classification when its records have an AUROC).
+    """
     metrics = {r["metric"] for r in records if r["target"] == target}
     return HEADLINE_METRIC["classification" if "auroc" in metrics else "regression"]
 
@@ -241,14 +260,29 @@ def _fmt(x, spec: str = "+.3f") -> str:
 
 
 def format_p(p) -> str:
-    """A p value for tables: 3 significant digits, '<0.001' below that, 'n/a' when undefined."""
+    """A p value for tables.
+
+    Args:
+        p: the p value, None or NaN.
+
+    Returns:
+        The value with 3 decimals, '<0.001' below that, 'n/a' when undefined.
+    """
     if p is None or (isinstance(p, float) and not math.isfinite(p)):
         return "n/a"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def comparison_cells(c: dict) -> list[str]:
-    """The cells of one comparison in table order (see :data:`COMPARISON_COLUMNS`)."""
+    """The cells of one comparison in table order.
+
+    Args:
+        c: one comparison (a row of :func:`comparison_rows`).
+
+    Returns:
+        One string per column of :data:`COMPARISON_COLUMNS`; a random_init(best) baseline shows
+        its init seed, e.g. 'random_init(best):fc (#1)'.
+    """
     baseline = c["baseline"]
     if c.get("baseline_source"):  # random_init(best):fc (#1)
         baseline += f" (#{c['baseline_source'].split('#', 1)[1].split(':', 1)[0]})"
@@ -266,8 +300,17 @@ def comparison_cells(c: dict) -> list[str]:
 
 
 def format_comparisons(comparisons: list[dict]) -> str:
-    """Plain-text table of paired comparisons: method - baseline per split seed, mean, 95% CI,
-    two-sided paired t-test p, wins."""
+    """Plain-text table of paired comparisons.
+
+    Columns: method - baseline per split seed, mean, 95% CI, two-sided paired t-test p, wins.
+
+    Args:
+        comparisons: rows of :func:`comparison_rows`.
+
+    Returns:
+        The table, one line per comparison after a header (ends with a newline), or
+        'no paired comparisons' when there are none.
+    """
     if not comparisons:
         return "no paired comparisons\n"
     body = [comparison_cells(c) for c in comparisons]
@@ -281,8 +324,17 @@ def format_comparisons(comparisons: list[dict]) -> str:
 
 
 def method_rank(name: str) -> tuple:
-    """Sort key of a method in tables: brainjepa, random_init(best), (mean), #k, each by
-    readout; then the baselines; then anything else."""
+    """Sort key of a method in tables.
+
+    Order: brainjepa, random_init(best), random_init(mean), each by readout; then
+    random_init#k by readout and seed; then the baselines; then anything else.
+
+    Args:
+        name: the method's name.
+
+    Returns:
+        A tuple that sorts in that order.
+    """
     base, _, readout = name.partition(":")
     r = READOUTS.index(readout) if readout in READOUTS else len(READOUTS)
     if base == MODEL:

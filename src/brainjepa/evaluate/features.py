@@ -2,11 +2,10 @@
 copies of a model, and the FC and amplitude baselines.
 
 Each scan is resampled to the model's TR and tiled with evenly spaced windows of the model's
-length that together cover it (:meth:`BrainJEPA.prepare_windows`; a scan shorter than one window
-is encoded on its real time patches only); ``windows="center"`` keeps only the centre window.
-Each window is encoded once and its token features are summarised by one or more readouts
-(:func:`readout_features`); a subject's embedding under a readout is that readout averaged over
-its windows.
+length that cover it (:meth:`BrainJEPA.prepare_windows`; a scan shorter than one window is
+encoded on its real time patches only); ``windows="center"`` keeps only the centre window.
+Each window is encoded once; a subject's embedding under a readout (:func:`readout_features`)
+is that readout averaged over its windows.
 """
 
 from __future__ import annotations
@@ -45,7 +44,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
-    """``iterable`` wrapped in a transient tqdm progress bar (shown only when ``enabled``)."""
+    """``iterable`` wrapped in a transient tqdm progress bar.
+
+    Args:
+        iterable: what to iterate over.
+        total: its length.
+        desc: the bar's description.
+        enabled: show the bar; otherwise it is disabled (iteration is unchanged).
+
+    Returns:
+        The tqdm iterator (it disappears when done).
+    """
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
 
 
@@ -173,7 +182,17 @@ def readout_features(h: torch.Tensor, readout: str, eps: float = 1e-6) -> torch.
 
 
 def check_readouts(readouts) -> tuple[str, ...]:
-    """One readout name or several, as a tuple without repeats; ConfigError for unknown ones."""
+    """Checked readout names.
+
+    Args:
+        readouts: one readout name or several (see :data:`READOUTS`).
+
+    Returns:
+        The readouts as a tuple without repeats, in order.
+
+    Raises:
+        ConfigError: an unknown readout, or none.
+    """
     readouts = (readouts,) if isinstance(readouts, str) else tuple(dict.fromkeys(readouts))
     unknown = [r for r in readouts if r not in READOUTS]
     if unknown or not readouts:
@@ -182,7 +201,17 @@ def check_readouts(readouts) -> tuple[str, ...]:
 
 
 def check_windows(windows: str) -> str:
-    """``windows`` when it is one of :data:`WINDOWS`; ConfigError otherwise."""
+    """A checked choice of windows.
+
+    Args:
+        windows: 'all' or 'center' (:data:`WINDOWS`).
+
+    Returns:
+        ``windows``.
+
+    Raises:
+        ConfigError: another value.
+    """
     if windows not in WINDOWS:
         raise ConfigError(f"windows must be one of {WINDOWS}, got {windows!r}")
     return windows
@@ -342,16 +371,23 @@ def encode_readouts(
 class BrainJEPAEmbedder:
     """scikit-learn style subject embedder around a (frozen) :class:`~brainjepa.bundle.BrainJEPA`.
 
-    ``transform(X, tr=...)``: X is a sequence of (R, T_i) arrays (raw series; anything with
-    ``len`` and ``[]``, read lazily batch by batch), ``tr`` their repetition time in seconds (one
-    number or one per subject; used to resample to the model's TR). Each series is resampled and
-    cut into the windows the model sees (``windows="all"``: evenly spaced windows covering the
-    scan, :meth:`BrainJEPA.prepare_windows`; ``"center"``: the centre window), each normalised
-    as in pretraining, so the same input always gives the same embedding. Returns (N, F): the
-    ``readout`` (one of :data:`READOUTS`, see :func:`readout_features`) averaged over windows;
-    :meth:`transform_readouts` gives several readouts from one encoding pass. With
-    ``tokens=True``: the centre window's token features (N, R, P, D) (a scan shorter than a
-    window: NaN for its patches without data).
+    :meth:`transform` resamples each raw series to the model's TR and cuts it into the windows
+    the model sees, each normalised as in pretraining (so the same input always gives the same
+    embedding); :meth:`transform_readouts` gives several readouts from one encoding pass.
+
+    Args:
+        model: the frozen model.
+        readout: the readout of :meth:`transform`, one of :data:`READOUTS` (:func:`readout_features`).
+        windows: ``"all"``: evenly spaced windows covering the scan (:meth:`BrainJEPA.prepare_windows`);
+            ``"center"``: the centre window; None: ``"center"`` with ``tokens``, else ``"all"``.
+        batch_size: subjects prepared together, and at most this many windows per forward pass.
+        device: where to encode (:func:`resolve_device`).
+        tokens: :meth:`transform` returns the centre window's token features (N, R, P, D)
+            instead (a scan shorter than a window: NaN for its patches without data).
+        progress: show progress bars.
+
+    Raises:
+        ConfigError: an unknown readout or windows, or ``tokens`` with windows='all'.
     """
 
     def __init__(
@@ -380,7 +416,15 @@ class BrainJEPAEmbedder:
         self.progress = progress
 
     def fit(self, X=None, y=None) -> BrainJEPAEmbedder:
-        """Nothing to learn (the encoder is frozen); present for pipelines."""
+        """Nothing to learn (the encoder is frozen); present for pipelines.
+
+        Args:
+            X: ignored.
+            y: ignored.
+
+        Returns:
+            self.
+        """
         return self
 
     def _batches(self, X, tr):
@@ -392,18 +436,47 @@ class BrainJEPAEmbedder:
             yield torch.stack([self.model.prepare(X[i], tr=trs[i]) for i in range(start, stop)])
 
     def windows(self, X, tr=None) -> torch.Tensor:
-        """The model's centre-window input for each series: (N, R, T) float tensor (on the CPU)."""
+        """The model's centre-window input for each series (:meth:`BrainJEPA.prepare`).
+
+        Args:
+            X: a sequence of raw (R, T_i) series, read batch by batch.
+            tr: one repetition time in seconds or one per series (used to resample to the
+                model's TR).
+
+        Returns:
+            (N, R, T) float tensor on the CPU.
+        """
         return torch.cat(list(self._batches(X, tr)))
 
     @torch.inference_mode()
     def transform(self, X, tr=None) -> np.ndarray:
-        """Embeddings (N, F) of the series X, or with ``tokens`` their token features (N, R, P, D)."""
+        """Embeddings of the series X.
+
+        Args:
+            X: a sequence of raw (R, T_i) series (anything with ``len`` and ``[]``, read lazily
+                batch by batch).
+            tr: one repetition time in seconds or one per series (used to resample to the
+                model's TR).
+
+        Returns:
+            (N, F) float32: the readout averaged over windows, or with ``tokens`` the centre
+            window's token features (N, R, P, D).
+        """
         if self.tokens:
             return self._tokens(X, tr)
         return self.transform_readouts(X, tr, (self.readout,))[self.readout]
 
     def transform_readouts(self, X, tr=None, readouts: Sequence[str] = READOUTS) -> dict[str, np.ndarray]:
-        """{readout: (N, F)} for several readouts from one encoding pass."""
+        """Several readouts of the series X from one encoding pass.
+
+        Args:
+            X: a sequence of raw (R, T_i) series, read batch by batch.
+            tr: one repetition time in seconds or one per series.
+            readouts: the readouts (:func:`readout_features`).
+
+        Returns:
+            {readout: (N, F) float32}, each averaged over the embedder's windows.
+        """
         return encode_readouts(
             {"model": self.model},
             X,
@@ -432,7 +505,16 @@ class BrainJEPAEmbedder:
         return out
 
     def fit_transform(self, X, y=None, tr=None) -> np.ndarray:
-        """The same as :meth:`transform` (nothing to fit)."""
+        """The same as :meth:`transform` (nothing to fit).
+
+        Args:
+            X: a sequence of raw (R, T_i) series.
+            y: ignored.
+            tr: one repetition time in seconds or one per series.
+
+        Returns:
+            What :meth:`transform` returns.
+        """
         return self.transform(X, tr=tr)
 
 

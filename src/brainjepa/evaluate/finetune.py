@@ -37,7 +37,12 @@ METHODS = ("brainjepa", "random_init", "fc_baseline")
 
 
 class FineTuneModel(nn.Module):
-    """Encoder + head: tokens (B, N, D) -> mean over tokens -> LayerNorm -> Linear -> (B, K)."""
+    """Encoder + head: tokens (B, N, D) -> mean over tokens -> LayerNorm -> Linear -> (B, K).
+
+    Args:
+        encoder: the encoder (a :class:`~brainjepa.model.BrainEncoder`, trained with the head).
+        n_outputs: K, the head's outputs (classes, or 1 for regression).
+    """
 
     def __init__(self, encoder: nn.Module, n_outputs: int):
         super().__init__()
@@ -49,12 +54,28 @@ class FineTuneModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, R, T) -> (B, n_outputs)."""
+        """Outputs of the head.
+
+        Args:
+            x: (B, R, T) model inputs.
+
+        Returns:
+            (B, n_outputs).
+        """
         return self.head(self.norm(self.encoder(x).mean(dim=1)))
 
 
 def layer_id(name: str, depth: int) -> int:
-    """Depth of a FineTuneModel parameter: embeddings 0, block i -> i + 1, norms/head depth + 1."""
+    """The depth of a FineTuneModel parameter, for layer-wise learning-rate decay.
+
+    Args:
+        name: the parameter's name in the FineTuneModel.
+        depth: L, the encoder's number of blocks.
+
+    Returns:
+        0 for the patch and positional embeddings, i + 1 for block i, L + 1 for everything else
+        (the final norm and the head).
+    """
     if name.startswith(("encoder.patch_embed.", "encoder.pos_embed.")):
         return 0
     if name.startswith("encoder.blocks."):
@@ -98,14 +119,30 @@ def param_groups(model: FineTuneModel, weight_decay: float, layer_decay: float =
 def make_optimizer(
     model: FineTuneModel, lr: float, weight_decay: float, layer_decay: float = 0.75
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; every group's lr is ``lr * lr_scale`` (see :func:`set_lr`)."""
+    """AdamW over :func:`param_groups`.
+
+    Args:
+        model: the model to fine-tune.
+        lr: the base learning rate; every group's lr is ``lr * lr_scale`` (see :func:`set_lr`).
+        weight_decay: the decay of matrices (none for 1-D parameters).
+        layer_decay: the learning-rate factor per layer below the top.
+
+    Returns:
+        The optimizer, its learning rates set.
+    """
     opt = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
     set_lr(opt, lr)
     return opt
 
 
 def set_drop_path(encoder: nn.Module, rate: float) -> None:
-    """Stochastic depth rate ``rate`` for the deepest block, linearly less for earlier ones."""
+    """Set the stochastic depth of every block, linearly increasing with depth.
+
+    Args:
+        encoder: the encoder whose blocks' :class:`~brainjepa.model.DropPath` rates are set
+            (in place).
+        rate: the deepest block's rate; block i of L gets ``rate * i / (L - 1)`` (the first 0).
+    """
     depth = len(encoder.blocks)
     for i, block in enumerate(encoder.blocks):
         block.drop_path.p = rate * i / max(depth - 1, 1)
@@ -119,6 +156,22 @@ class FineTuner(ProbeBase):
     ``epochs`` and keeps the epoch with the lowest validation loss
     (:func:`~brainjepa.evaluate.training.train_keep_best`). Learned: ``model_`` (FineTuneModel,
     eval mode), ``best_epoch_``, ``train_losses_`` and ``val_losses_`` per epoch.
+
+    Args:
+        model: the starting point, a BrainJEPA or a BrainEncoder (never modified).
+        task: 'classification' or 'regression'.
+        epochs: training epochs.
+        lr: the top layer's peak learning rate.
+        min_lr: the learning rate at the end of the cosine schedule.
+        warmup_epochs: linear warmup epochs.
+        weight_decay: AdamW weight decay of matrices.
+        layer_decay: the learning-rate factor per layer below the top (:func:`param_groups`).
+        drop_path: the deepest block's stochastic depth rate (:func:`set_drop_path`).
+        batch_size: inputs per step (and per validation forward pass).
+        class_weight: None or 'balanced'.
+        seed: the seed of the head's initialisation, the shuffles and drop path.
+        device: where to train (:func:`~brainjepa.evaluate.features.resolve_device`).
+        progress: show a progress bar over epochs.
     """
 
     def __init__(
@@ -155,7 +208,14 @@ class FineTuner(ProbeBase):
         self.progress = progress
 
     def build(self, n_outputs: int) -> FineTuneModel:
-        """A fresh FineTuneModel on a copy of the encoder, drop path set."""
+        """A fresh FineTuneModel on a copy of the encoder.
+
+        Args:
+            n_outputs: K, the head's outputs.
+
+        Returns:
+            The model (float32), drop path set, the head initialised with ``seed``.
+        """
         encoder = copy.deepcopy(getattr(self.model, "encoder", self.model)).float()
         set_drop_path(encoder, self.drop_path)
         with torch.random.fork_rng(devices=[]):
@@ -163,8 +223,18 @@ class FineTuner(ProbeBase):
             return FineTuneModel(encoder, n_outputs)
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> FineTuner:
-        """Fine-tune on inputs X (n, R, T) and labels y, keep the best epoch on (X_val, y_val);
-        ``n_classes``: K (default: the largest training class index + 1)."""
+        """Fine-tune, keeping the epoch with the lowest validation loss.
+
+        Args:
+            X: (n, R, T) training inputs.
+            y: (n,) training labels: class indices or values.
+            X_val: (n_val, R, T) validation inputs.
+            y_val: (n_val,) validation labels.
+            n_classes: K (default: the largest training class index + 1).
+
+        Returns:
+            self, fitted.
+        """
         device = resolve_device(self.device)
         y = np.asarray(y)
         t, t_val = torch.as_tensor(self._fit_labels(y, n_classes)), torch.as_tensor(self._labels(y_val))

@@ -103,7 +103,13 @@ def encode_labels(values: Sequence, task: str, name: str = "target") -> tuple[np
 
 @dataclass
 class Split:
-    """Sorted subject indices of the train, validation and test parts."""
+    """Sorted subject indices of the train, validation and test parts.
+
+    Args:
+        train: the training subjects' indices.
+        val: the validation subjects' indices.
+        test: the test subjects' indices.
+    """
 
     train: np.ndarray
     val: np.ndarray
@@ -206,7 +212,16 @@ def target_labels(cohort, target: str, task: str = "auto") -> tuple[np.ndarray, 
 
 @dataclass
 class Target:
-    """One label column of a cohort, ready for the protocol (see :func:`cohort_targets`)."""
+    """One label column of a cohort, ready for the protocol (see :func:`cohort_targets`).
+
+    Args:
+        name: the column's name.
+        keep: indices of the subjects with a label.
+        y: their encoded labels (:func:`encode_labels`).
+        task: 'classification' or 'regression'.
+        classes: the classes in index order, or None for regression.
+        split: a user-given split of ``keep`` (indices into ``keep``), or None for random splits.
+    """
 
     name: str
     keep: np.ndarray  # indices of the subjects with a label

@@ -64,11 +64,28 @@ class ProbeBase:
         return out * self.y_std_ + self.y_mean_
 
     def predict(self, X) -> np.ndarray:
-        """Class indices (classification) or values in the label's units (regression)."""
+        """Predictions of the fitted estimator.
+
+        Args:
+            X: (n, ...) inputs, as in ``fit``.
+
+        Returns:
+            (n,) class indices (classification) or values in the label's units (regression).
+        """
         return self._finish(self._output(X))
 
     def predict_proba(self, X) -> np.ndarray:
-        """(n, K) class probabilities; ConfigError for a regression estimator."""
+        """Class probabilities of the fitted estimator.
+
+        Args:
+            X: (n, ...) inputs, as in ``fit``.
+
+        Returns:
+            (n, K) class probabilities.
+
+        Raises:
+            ConfigError: a regression estimator.
+        """
         if self.task != "classification":
             raise ConfigError("predict_proba is only defined for classification")
         return self._output(X)
@@ -81,6 +98,14 @@ class ClosedFormProbe(ProbeBase):
     the relative ``grid`` on train and keeps the one with the lowest validation loss.
     Learned: ``mean_``, ``scale_``, ``alpha_`` (ridge alpha; logistic C = 1 / alpha_),
     ``val_loss_``, and ``coef_`` / ``intercept_``.
+
+    Args:
+        task: 'classification' or 'regression'.
+        grid: regularisation strengths relative to the mean squared singular value of the
+            standardised training features (:data:`RELATIVE_GRID`).
+        class_weight: None or 'balanced' (classification).
+        max_iter: iterations at most of scikit-learn's solver, used for more than two classes
+            (two classes: :func:`binary_logistic`).
     """
 
     def __init__(
@@ -92,8 +117,18 @@ class ClosedFormProbe(ProbeBase):
         self.max_iter = max_iter
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> ClosedFormProbe:
-        """Fit on features X (n, F) and labels y at every grid strength, keep the best on
-        (X_val, y_val); ``n_classes``: K (default: the largest training class index + 1)."""
+        """Fit at every grid strength and keep the one with the lowest validation loss.
+
+        Args:
+            X: (n, F) training features.
+            y: (n,) training labels: class indices or values.
+            X_val: (n_val, F) validation features.
+            y_val: (n_val,) validation labels.
+            n_classes: K (default: the largest training class index + 1).
+
+        Returns:
+            self, fitted.
+        """
         X, X_val = np.asarray(X, dtype=np.float64), np.asarray(X_val, dtype=np.float64)
         self.mean_, self.scale_ = _standardize_fit(X)
         Xs, Xv = (X - self.mean_) / self.scale_, (X_val - self.mean_) / self.scale_
@@ -224,6 +259,16 @@ class BNLinearProbe(ProbeBase):
     ``fit(X, y, X_val, y_val)`` trains on (cached) embeddings for ``epochs`` and keeps the epoch
     with the lowest validation loss (:func:`~brainjepa.evaluate.training.train_keep_best`).
     Learned: ``head_`` (eval mode), ``best_epoch_``, ``val_losses_`` (one per epoch).
+
+    Args:
+        task: 'classification' or 'regression'.
+        epochs: training epochs.
+        lr: the peak learning rate (cosine schedule to 0).
+        weight_decay: AdamW weight decay.
+        batch_size: the smallest training batch: each epoch is cut into max(1, n // batch_size)
+            nearly equal batches (BatchNorm needs more than one sample).
+        class_weight: None or 'balanced'.
+        seed: the seed of the head's initialisation and the shuffles.
     """
 
     def __init__(
@@ -246,8 +291,18 @@ class BNLinearProbe(ProbeBase):
         self.seed = seed
 
     def fit(self, X, y, X_val, y_val, n_classes: int | None = None) -> BNLinearProbe:
-        """Train the head on features X (n, F) and labels y, keep its best epoch on (X_val, y_val);
-        ``n_classes``: K (default: the largest training class index + 1)."""
+        """Train the head and keep its epoch with the lowest validation loss.
+
+        Args:
+            X: (n, F) training features.
+            y: (n,) training labels: class indices or values.
+            X_val: (n_val, F) validation features.
+            y_val: (n_val,) validation labels.
+            n_classes: K (default: the largest training class index + 1).
+
+        Returns:
+            self, fitted.
+        """
         y = np.asarray(y)
         t, t_val = torch.as_tensor(self._fit_labels(y, n_classes)), torch.as_tensor(self._labels(y_val))
         X, Xv = (

@@ -37,6 +37,10 @@ class Results:
     split) are left out of mean and std and of n_seeds. ``comparisons``: dicts from
     :func:`~brainjepa.evaluate.comparisons.comparison_rows` ({"target", "metric", "method",
     "baseline"} + :func:`~brainjepa.evaluate.comparisons.compare`).
+
+    Args:
+        records: per-seed records.
+        comparisons: paired comparisons.
     """
 
     records: list[dict] = field(default_factory=list)
@@ -64,22 +68,46 @@ class Results:
         return rows
 
     def extend(self, other: Results) -> Results:
-        """Append another result's records and comparisons; returns self."""
+        """Append another result's records and comparisons.
+
+        Args:
+            other: the results to append.
+
+        Returns:
+            self.
+        """
         self.records.extend(other.records)
         self.comparisons.extend(other.comparisons)
         return self
 
     def table(self) -> str:
-        """The summary rows as a plain-text table (:func:`format_table`)."""
+        """The summary rows as a plain-text table.
+
+        Returns:
+            :func:`format_table` of :attr:`rows`.
+        """
         return format_table(self.rows)
 
     def comparison_table(self) -> str:
-        """The paired comparisons as a plain-text table."""
+        """The paired comparisons as a plain-text table.
+
+        Returns:
+            :func:`~brainjepa.evaluate.comparisons.format_comparisons` of ``comparisons``.
+        """
         return format_comparisons(self.comparisons)
 
     def save(self, path: str | Path) -> Path:
-        """Write {"rows": summary rows, "comparisons": paired comparisons} as JSON (NaN
-        becomes null); returns the path."""
+        """Write the summary rows and paired comparisons as JSON.
+
+        The file holds {"rows": summary rows, "comparisons": paired comparisons}; NaN becomes
+        null.
+
+        Args:
+            path: the file to write (its folder is created).
+
+        Returns:
+            The path.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -92,7 +120,14 @@ class Results:
 
 
 def format_mean_std(row: dict) -> str:
-    """'mean ± std' of a result row, 'n/a' where the metric is undefined."""
+    """One result row's cell.
+
+    Args:
+        row: a summary row (:attr:`Results.rows`).
+
+    Returns:
+        'mean ± std' with 3 decimals, or 'n/a' where the mean is undefined (None or NaN).
+    """
     mean = row["mean"]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
@@ -125,7 +160,15 @@ def result_grid(rows: list[dict]) -> list[tuple[str, int, list[str], list[str], 
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text results: per target one line per method, one column per metric ('mean ± std')."""
+    """Plain-text results tables.
+
+    Args:
+        rows: summary rows (:attr:`Results.rows`).
+
+    Returns:
+        Per target a header with its n_seeds, then one line per method and one column per
+        metric ('mean ± std', '-' where missing); ends with a newline.
+    """
     lines = []
     for target, n, metrics, methods, cell in result_grid(rows):
         header = [f"{target} (n_seeds={n})"] + [METRIC_NAMES.get(m, m) for m in metrics]

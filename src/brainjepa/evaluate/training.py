@@ -62,7 +62,13 @@ def make_loss(task: str, y_train: np.ndarray, n_outputs: int, class_weight: str 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the base learning rate: each group gets ``lr * group["lr_scale"]`` (scale 1 if unset)."""
+    """Set the base learning rate of every parameter group.
+
+    Args:
+        optimizer: the optimizer, changed in place.
+        lr: the base learning rate; each group gets ``lr * group["lr_scale"]`` (scale 1 if
+            unset).
+    """
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
@@ -88,7 +94,13 @@ def predict_batches(net: nn.Module, X: torch.Tensor, batch_size: int | None = No
 
 @dataclass
 class EpochLog:
-    """What :func:`train_keep_best` saw: the chosen epoch and the mean losses of every epoch."""
+    """What :func:`train_keep_best` saw: the chosen epoch and the mean losses of every epoch.
+
+    Args:
+        best_epoch: the epoch with the lowest validation loss (0-based; ties: the first).
+        train_losses: per epoch, the mean training loss over samples.
+        val_losses: per epoch, the validation loss.
+    """
 
     best_epoch: int
     train_losses: list[float]

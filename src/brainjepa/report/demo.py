@@ -34,7 +34,24 @@ class DemoSettings:
     """The simulated study of ``brainjepa demo``. The cohort is simulated at a multiband TR and
     resampled to ``target_tr`` for the model (as the paper does with 0.72 s HCP data); the first
     ``n_pretrain`` subjects pretrain the model without their labels, the other ``n_eval`` are
-    held out for probing (never seen in pretraining, as in the paper's held-out cohorts)."""
+    held out for probing (never seen in pretraining, as in the paper's held-out cohorts).
+
+    Args:
+        n_pretrain: subjects that pretrain the model (labels unused).
+        n_eval: held-out subjects that are probed.
+        n_rois: ROIs of the simulated cohort.
+        minutes: scan length in minutes.
+        tr: the simulated repetition time in seconds.
+        target_tr: the model's repetition time in seconds.
+        n_timepoints: frames per model window (at ``target_tr``).
+        steps: pretraining steps.
+        batch_size: windows per pretraining step (and subjects per diagnostics batch).
+        seeds: split seeds of the probes.
+        patient_effect: the fraction of within-network coupling patients lose.
+        recipe: config overrides that narrow the tiny config so that pretraining takes a few
+            minutes on a laptop CPU (one wide-headed predictor block, the L2 loss, constant
+            EMA 0.99).
+    """
 
     n_pretrain: int = 80
     n_eval: int = 160
@@ -66,6 +83,13 @@ class DemoSettings:
     )
 
     def overrides(self) -> list[str]:
+        """The config overrides of the demo's pretraining run.
+
+        Returns:
+            ``key=value`` strings for :func:`~brainjepa.pretrain.load_config` with the ``tiny``
+            config: window length, gradients, TR, batch size, logging, checkpoint and
+            diagnostics intervals, then :attr:`recipe`.
+        """
         return [
             f"model.n_timepoints={self.n_timepoints}",
             f"model.n_gradients={self.n_gradients}",
@@ -81,6 +105,7 @@ class DemoSettings:
 
     @property
     def n_gradients(self) -> int:
+        """Brain gradients that position the ROI tokens: half the ROIs, at most 30."""
         return min(30, self.n_rois // 2)
 
 
@@ -109,8 +134,23 @@ def run_demo(
     readout, the pretrained and 3 randomly initialised encoders) -> probe 'age' (regression) and
     'patient' (classification) against random init, FC (full scan and model windows) and
     amplitude, with paired comparisons -> attention per network -> ``out_dir/report.md`` with
-    figures. Returns {"report", "results" (rows), "comparisons", "table", "comparison_table",
-    "timings" (seconds per stage), "wall_time_s"}.
+    figures.
+
+    Args:
+        out_dir: the output folder (see :data:`DEMO_OUTPUTS` for what it receives).
+        quick: the small settings :data:`QUICK_DEMO` (a smoke test) instead of
+            :class:`DemoSettings`'s defaults.
+        seeds: split seeds of the probes (None: the settings').
+        overwrite: replace earlier demo outputs in ``out_dir``.
+        progress: show progress bars.
+
+    Returns:
+        {"report" (its path), "results" (summary rows), "comparisons", "table",
+        "comparison_table", "timings" (seconds per stage), "wall_time_s"}.
+
+    Raises:
+        ConfigError: ``out_dir`` already holds demo outputs and ``overwrite`` is not set.
+        BrainJEPAError: scikit-learn or matplotlib is not installed.
     """
 
     require("sklearn", "eval", "the demo's probes")

@@ -44,7 +44,15 @@ HEADLINE = {"balanced_acc": 0.5, "auroc": 0.5, "pearson_r": 0.0, "r2": 0.0}
 
 
 def pca(X: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (N, k), explained variance ratio (k,)) of the centred rows of X (N, D)."""
+    """Principal components of the centred rows of X.
+
+    Args:
+        X: (N, D) data.
+        n_components: k, the components to keep.
+
+    Returns:
+        (scores (N, k), explained variance ratio (k,)).
+    """
     Xc = np.asarray(X, dtype=np.float64) - np.mean(X, axis=0)
     U, s, _ = np.linalg.svd(Xc, full_matrices=False)
     var = s**2
@@ -54,9 +62,21 @@ def pca(X: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
 def plot_embedding_pca(
     embeddings: np.ndarray, labels: dict[str, np.ndarray], path: str | Path, title: str = "subject embeddings"
 ) -> Path:
-    """First two principal components of (N, D) embeddings with every dimension standardised
-    (as the probes see them), one panel per label, coloured by it (discrete colours for
-    classification labels, a colour bar for continuous ones)."""
+    """Plot the first two principal components of subject embeddings.
+
+    Every dimension is standardised first (as the probes see them); one panel per label,
+    coloured by it (discrete colours for classification labels, a colour bar for continuous
+    ones).
+
+    Args:
+        embeddings: (N, D) embeddings.
+        labels: {name: (N,) labels}, one panel each.
+        path: the PNG to write.
+        title: the start of every panel's title.
+
+    Returns:
+        The path written.
+    """
     X = np.asarray(embeddings, dtype=np.float64)
     scores, ratio = pca((X - X.mean(axis=0)) / np.maximum(X.std(axis=0), 1e-12))
     plt = pyplot()
@@ -78,9 +98,22 @@ def plot_embedding_pca(
 
 
 def plot_results(rows: list[dict], path: str | Path) -> Path:
-    """Bars of mean +- std over seeds per method, one panel per (target, headline metric):
-    balanced ACC and AUROC for classification, Pearson r and R^2 for regression. Single
-    random-init seeds (``random_init#k:...``) are left out: their mean and best are shown."""
+    """Plot bars of mean +- std over seeds per method.
+
+    One panel per (target, headline metric): balanced ACC and AUROC for classification,
+    Pearson r and R^2 for regression, each with its chance level as a dashed line. Single
+    random-init seeds (``random_init#k:...``) are left out: their mean and best are shown.
+
+    Args:
+        rows: summary rows (:attr:`brainjepa.evaluate.Results.rows`).
+        path: the PNG to write.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: the rows have none of those metrics.
+    """
     panels = [
         (t, m)
         for t in dict.fromkeys(r["target"] for r in rows)
@@ -117,7 +150,17 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
 def plot_attention(
     names: Sequence[str], values: Sequence[float], path: str | Path, title: str = "attention received per network"
 ) -> Path:
-    """Bar plot of attention per network (or ROI); 1.0 (dashed) is the uniform share."""
+    """Plot attention received per network (or ROI) as bars; 1.0 (dashed) is the uniform share.
+
+    Args:
+        names: the networks (or ROIs).
+        values: their attention, relative to the uniform share.
+        path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        The path written.
+    """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.4))
     ax.bar(range(len(names)), values, color="#1f77b4")
@@ -140,8 +183,21 @@ def plot_attention(
 def save_attention(
     out_dir: str | Path, roi_values: np.ndarray, roi_labels: Sequence[str] | None, networks: Sequence[str] | None
 ) -> dict[str, Path]:
-    """Write roi_attention.csv (roi, network, attention), and with networks
-    network_attention.csv + network_attention.png, else roi_attention.png."""
+    """Write attention per ROI, and per network when networks are known, as tables and a figure.
+
+    Files in ``out_dir``: roi_attention.csv (roi, network, attention), and with ``networks``
+    network_attention.csv (network, attention, n_rois) and network_attention.png, else
+    roi_attention.png.
+
+    Args:
+        out_dir: the folder (created).
+        roi_values: (R,) attention received per ROI (1 = uniform).
+        roi_labels: the ROI names, or None for roi0, roi1, ...
+        networks: the network of each ROI, or None.
+
+    Returns:
+        {"roi_csv", "png", and with networks "network_csv"}: the paths written.
+    """
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,9 +234,24 @@ def cohort_attention(
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Attention received per ROI over a cohort's evaluation windows, aggregated per network
-    (``networks``: a file for :func:`~brainjepa.evaluate.read_networks`, one name per ROI, or
-    None to parse Schaefer-style ROI names), written with :func:`save_attention`."""
+    """Attention received per ROI over a cohort's evaluation windows, aggregated per network.
+
+    Each subject's centre window is encoded; the result is written with :func:`save_attention`.
+
+    Args:
+        model: the model (a :class:`~brainjepa.bundle.BrainJEPA`).
+        cohort: the cohort.
+        out_dir: the output folder.
+        networks: a file for :func:`~brainjepa.evaluate.read_networks`, one name per ROI, or
+            None to parse Schaefer-style ROI names (names that do not parse: per ROI only).
+        max_subjects: use only the first this many subjects (None: all).
+        batch_size: windows per forward pass.
+        device: where to encode.
+        progress: show a progress bar.
+
+    Returns:
+        The paths :func:`save_attention` wrote.
+    """
 
     roi_labels = model.roi_labels or cohort.roi_labels
     if isinstance(networks, (str, Path)):

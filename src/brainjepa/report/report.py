@@ -25,7 +25,14 @@ ALPHA = 0.05
 
 
 def results_markdown(rows: list[dict]) -> str:
-    """The results as markdown tables, one per target: methods x metrics, 'mean ± std'."""
+    """The results as markdown tables.
+
+    Args:
+        rows: summary rows (:attr:`brainjepa.evaluate.Results.rows`).
+
+    Returns:
+        One table per target, methods x metrics, cells 'mean ± std' ('-' where missing).
+    """
     out = []
     for target, n, metrics, methods, cell in result_grid(rows):
         out.append(f"**{target}** (test split, mean ± std over {n} seeds)\n")
@@ -37,7 +44,15 @@ def results_markdown(rows: list[dict]) -> str:
 
 
 def comparisons_markdown(comparisons: list[dict]) -> str:
-    """Paired comparisons (:func:`brainjepa.evaluate.comparison_rows`) as a markdown table."""
+    """Paired comparisons as a markdown table.
+
+    Args:
+        comparisons: rows of :func:`brainjepa.evaluate.comparison_rows`.
+
+    Returns:
+        The table (columns :data:`~brainjepa.evaluate.COMPARISON_COLUMNS`), or an italic
+        'no paired comparisons' line when there are none.
+    """
     if not comparisons:
         return "_no paired comparisons_\n"
     out = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|---" * len(COMPARISON_COLUMNS) + "|"]
@@ -46,8 +61,17 @@ def comparisons_markdown(comparisons: list[dict]) -> str:
 
 
 def write_report(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
-    """Write a markdown report: ``# title`` then one ``## heading`` + markdown body per section
-    (images are referenced relative to the report's folder)."""
+    """Write a markdown report: ``# title``, then one ``## heading`` and its body per section.
+
+    Args:
+        path: the .md file to write (its folder is created).
+        title: the report's title.
+        sections: (heading, markdown body) pairs, in order; images in a body are referenced
+            relative to the report's folder.
+
+    Returns:
+        The path written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = [f"# {title}", ""]
@@ -82,10 +106,22 @@ def _verdict(c: dict, alpha: float = ALPHA) -> str:
 
 
 def reading(records: list[dict], alpha: float = ALPHA) -> str:
-    """One factual line per target: does the pretrained encoder's best readout beat the best
-    random-init seed (with any readout) on the headline metric (AUROC or Pearson r), paired over
-    split seeds? Both are picked by their mean test score, so neither side gets an advantage;
-    the verdict follows the two-sided paired t-test at ``alpha``."""
+    """The reading of probing results in words, one factual line per target.
+
+    Does the pretrained encoder's best readout beat the best random-init seed (with any
+    readout) on the headline metric (AUROC or Pearson r), paired over split seeds? Both are
+    picked by their mean test score, so neither side gets an advantage; the verdict follows the
+    two-sided paired t-test at ``alpha``.
+
+    Args:
+        records: per-seed records, with ``brainjepa:<readout>`` and ``random_init#<k>:<readout>``
+            methods.
+        alpha: the p value below which a difference counts.
+
+    Returns:
+        Markdown list items, one per target that has both sides (joined by newlines; empty
+        when none has).
+    """
     lines = []
     for target in dict.fromkeys(r["target"] for r in records):
         metric = headline_metric(records, target)
