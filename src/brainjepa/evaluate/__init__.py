@@ -65,6 +65,7 @@ Every public name is importable from this package.
 from __future__ import annotations
 
 from ..data import CohortSeries
+from .baselines import RAW_BOLD_MEAN_OVER_STD, amplitude_features, fc_features, window_fc
 from .cohort import (
     cohort_amplitude,
     cohort_fc,
@@ -92,16 +93,13 @@ from .comparisons import (
     random_init_summaries,
 )
 from .features import (
-    RAW_BOLD_MEAN_OVER_STD,
     READOUTS,
     WINDOWS,
     BrainJEPAEmbedder,
-    amplitude_features,
     check_readouts,
     check_windows,
     encode_readouts,
     encode_windows,
-    fc_features,
     progress_bar,
     random_init_like,
     readout_features,
@@ -109,7 +107,6 @@ from .features import (
     resolve_device,
     subject_windows,
     token_index,
-    window_fc,
 )
 from .finetune import (
     METHODS,

@@ -21,6 +21,7 @@ from ..data import CohortSeries, open_cohort, subject_from_path
 from ..errors import ConfigError, DataError
 from ..io import read_timeseries
 from ..transforms import resample_tr, same_tr
+from .baselines import amplitude_features, fc_features
 from .comparisons import (
     BASELINES,
     MODEL,
@@ -35,11 +36,9 @@ from .comparisons import (
 from .features import (
     READOUTS,
     BrainJEPAEmbedder,
-    amplitude_features,
     check_readouts,
     check_windows,
     encode_readouts,
-    fc_features,
     progress_bar,
     random_init_like,
 )
@@ -84,7 +83,7 @@ def cohort_fc(cohort, model=None, fc_input: str = "full", progress: bool = True)
         progress: show a progress bar.
 
     Returns:
-        (N, R(R-1)/2) float32 (:func:`~brainjepa.evaluate.features.fc_features`).
+        (N, R(R-1)/2) float32 (:func:`~brainjepa.evaluate.baselines.fc_features`).
 
     Raises:
         ConfigError: another ``fc_input``.
@@ -109,7 +108,7 @@ def cohort_amplitude(cohort, model=None, progress: bool = True) -> np.ndarray:
         progress: show a progress bar.
 
     Returns:
-        (N, R) float32 (:func:`~brainjepa.evaluate.features.amplitude_features`).
+        (N, R) float32 (:func:`~brainjepa.evaluate.baselines.amplitude_features`).
     """
     series = CohortSeries(cohort)
     trs = series.trs()

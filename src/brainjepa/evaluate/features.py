@@ -1,5 +1,6 @@
-"""Subject features: the encoder's readouts over a subject's windows, the embedder, random-init
-copies of a model, and the FC and amplitude baselines.
+"""Subject features: the encoder's readouts over a subject's windows, the embedder, and
+random-init copies of a model (the FC and amplitude baselines are in
+:mod:`brainjepa.evaluate.baselines`).
 
 Each scan is resampled to the model's TR and tiled with evenly spaced windows of the model's
 length that cover it (:meth:`BrainJEPA.prepare_windows`; a scan shorter than one window is
@@ -19,14 +20,11 @@ from tqdm.auto import tqdm
 
 from ..bundle import BrainJEPA
 from ..errors import ConfigError, DataError
-from ..gradients import connectivity
 from ..transforms import resampled_length
+from .baselines import window_fc
 
 READOUTS = ("mean", "roi", "fc")
 WINDOWS = ("all", "center")
-# a scan whose ROI means exceed this many temporal stds (median over ROIs) is raw BOLD: its
-# amplitude is measured in percent signal change
-RAW_BOLD_MEAN_OVER_STD = 5.0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -75,69 +73,6 @@ def repetition_times(tr, n: int) -> list:
     if len(trs) != n:
         raise DataError(f"got {len(trs)} repetition times for {n} series")
     return trs
-
-
-def fc_features(series: Sequence[np.ndarray]) -> np.ndarray:
-    """Each subject's Pearson FC, Fisher-z, strict upper triangle.
-
-    Args:
-        series: N (R, T) time series.
-
-    Returns:
-        (N, R(R-1)/2) float32.
-    """
-    rows = []
-    for x in series:
-        r = connectivity([x], fisher_z=False)
-        iu = np.triu_indices(r.shape[0], k=1)
-        rows.append(np.arctanh(np.clip(r[iu], -1 + 1e-7, 1 - 1e-7)).astype(np.float32))
-    return np.stack(rows)
-
-
-def window_fc(windows, n_patches_valid: int, patch_size: int) -> np.ndarray:
-    """The FC of the windows one subject's model input is made of.
-
-    Args:
-        windows: (W, R, n_timepoints), as from :meth:`BrainJEPA.prepare_windows`.
-        n_patches_valid: the windows' valid time patches.
-        patch_size: frames per time patch.
-
-    Returns:
-        (R(R-1)/2,) float32: each window's Fisher-z FC over the frames the encoder reads (its
-        valid patches), averaged over the windows.
-    """
-    frames = n_patches_valid * patch_size
-    return fc_features([np.asarray(w)[:, :frames] for w in windows]).mean(axis=0)
-
-
-def amplitude_features(series: Sequence[np.ndarray]) -> np.ndarray:
-    """Per ROI, the log of the temporal std of each series.
-
-    A series that looks like raw BOLD (median over ROIs of |mean| / std above 5) is measured in
-    percent signal change, 100 (x - mean) / |mean|, so scanner-dependent offsets cancel; any
-    other series (already centred or scaled) as it is.
-
-    Args:
-        series: N (R, T) time series, T >= 2.
-
-    Returns:
-        (N, R) float32.
-
-    Raises:
-        DataError: a series that is not (R, T) with T >= 2.
-    """
-    rows = []
-    for x in series:
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] < 2:
-            raise DataError(f"amplitude: expected an (R, T) series with T >= 2, got shape {x.shape}")
-        mean, std = x.mean(axis=1), x.std(axis=1)
-        ratio = np.abs(mean) / np.maximum(std, 1e-12)
-        if np.median(ratio) > RAW_BOLD_MEAN_OVER_STD:
-            std = 100.0 * std / np.maximum(np.abs(mean), 1e-12)
-        # a constant ROI has no amplitude; a floor keeps its log finite for the probe
-        rows.append(np.log(np.maximum(std, 1e-12)).astype(np.float32))
-    return np.stack(rows)
 
 
 def readout_features(h: torch.Tensor, readout: str, eps: float = 1e-6) -> torch.Tensor:
@@ -311,7 +246,7 @@ def encode_readouts(
         windows: 'all' or 'center' (:func:`subject_windows`).
         batch_size: windows per forward pass.
         device: where to encode (:func:`resolve_device`).
-        fc_window: also return the FC of the same windows (:func:`window_fc`).
+        fc_window: also return the FC of the same windows (:func:`~brainjepa.evaluate.baselines.window_fc`).
         progress: show a progress bar.
 
     Returns:
