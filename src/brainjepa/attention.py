@@ -48,7 +48,17 @@ _backend = os.environ.get("BRAINJEPA_ATTENTION", "auto")
 
 
 def set_attention_backend(name: str) -> str:
-    """Select "auto", "sdpa" or "chunked" for every later call; returns the previous choice."""
+    """Select the attention backend for every later call.
+
+    Args:
+        name: ``"auto"``, ``"sdpa"`` or ``"chunked"`` (see the module docstring).
+
+    Returns:
+        The previous choice, to restore it later.
+
+    Raises:
+        ValueError: an unknown backend.
+    """
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, not {name!r}")
@@ -57,13 +67,31 @@ def set_attention_backend(name: str) -> str:
 
 
 def get_attention_backend() -> str:
+    """The attention backend in use.
+
+    Returns:
+        ``"auto"``, ``"sdpa"`` or ``"chunked"``: the last :func:`set_attention_backend`, or the
+        ``BRAINJEPA_ATTENTION`` environment variable at import (default ``"auto"``).
+
+    Raises:
+        ValueError: ``BRAINJEPA_ATTENTION`` names an unknown backend.
+    """
     if _backend not in BACKENDS:
         raise ValueError(f"BRAINJEPA_ATTENTION={_backend!r}; choose one of {BACKENDS}")
     return _backend
 
 
 def uses_chunked_attention(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether large attentions on this device and dtype run on the chunked kernel."""
+    """Whether large attentions on this device and dtype run on the chunked kernel.
+
+    Args:
+        device: the tensors' device.
+        dtype: the tensors' dtype.
+
+    Returns:
+        True for a forced ``"chunked"`` backend, or under ``"auto"`` for bf16/fp16 on the CPU
+        (attentions below :data:`CHUNKED_MIN_PAIRS` query-key pairs still use SDPA then).
+    """
     backend = get_attention_backend()
     if backend != "auto":
         return backend == "chunked"
@@ -86,16 +114,24 @@ def attention(
 ):
     """softmax(q k^T / sqrt(d) + mask) v.
 
-    q: (B, H, Nq, d); k, v: (B, H, Nk, d); key_mask: (B, Nk) bool, True = a key that may be
-    attended to (every query must have at least one, unless ``return_lse``). Returns
-    (B, H, Nq, d).
-    ``self_attention``: the queries are the keys' tokens, so a padding key is also a padding
-    query whose output is meaningless; the chunked kernel then skips those queries (zeros).
-    ``return_lse``: also return each query's log-sum-exp of its scaled, masked scores,
-    (B, H, Nq) in fp32 (fp64 for fp64 inputs), differentiable. Two attentions over disjoint
-    key sets then combine exactly into the attention over their union (:func:`merge_attention`).
-    Only the chunked kernel exposes it, so it is used on every device; a query without any
-    key gets output 0 and lse -inf, a skipped padding query output 0 and lse 0.
+    Args:
+        q: (B, H, Nq, d) queries.
+        k: (B, H, Nk, d) keys.
+        v: (B, H, Nk, d) values.
+        key_mask: (B, Nk) bool, True = a key that may be attended to (every query must have at
+            least one, unless ``return_lse``); None attends to every key.
+        self_attention: the queries are the keys' tokens, so a padding key is also a padding
+            query whose output is meaningless; the chunked kernel then skips those queries
+            (zeros).
+        return_lse: also return each query's log-sum-exp of its scaled, masked scores. Two
+            attentions over disjoint key sets then combine exactly into the attention over their
+            union (:func:`merge_attention`). Only the chunked kernel exposes it, so it is used on
+            every device; a query without any key gets output 0 and lse -inf, a skipped padding
+            query output 0 and lse 0.
+
+    Returns:
+        (B, H, Nq, d); with ``return_lse``, the pair ``(out, lse)`` with lse (B, H, Nq) in fp32
+        (fp64 for fp64 inputs), differentiable.
     """
     if return_lse or _use_chunked(q, k):
         return _chunked_entry()(q, k, v, key_mask, self_attention, return_lse)
@@ -104,9 +140,19 @@ def attention(
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """The attention over keys A and B together from the two partial attentions (out, lse)
-    returned by ``attention(..., return_lse=True)``: each part weighted by its share
-    exp(lse_part - lse_all) of the softmax mass. out: (B, H, N, d); lse: (B, H, N)."""
+    """The attention over keys A and B together, from the two partial attentions.
+
+    Each part is weighted by its share exp(lse_part - lse_all) of the softmax mass.
+
+    Args:
+        out_a: (B, H, N, d) attention over keys A, from ``attention(..., return_lse=True)``.
+        lse_a: (B, H, N) its log-sum-exp.
+        out_b: (B, H, N, d) attention over keys B.
+        lse_b: (B, H, N) its log-sum-exp.
+
+    Returns:
+        (B, H, N, d) attention over A and B, in ``out_a``'s dtype.
+    """
     lse = torch.logaddexp(lse_a, lse_b)
     share_a = torch.exp(lse_a - lse).unsqueeze(-1)
     share_b = torch.exp(lse_b - lse).unsqueeze(-1)
@@ -165,9 +211,11 @@ def _block_size(n_keys: int, itemsize: int) -> int:
 
 
 class ChunkedAttention(torch.autograd.Function):
-    """Attention over (G, N, d) tensors (G = B x H: batch x heads), one head and block of queries
-    at a time. The output is (B, Nq, H, d): merging the heads back into (B, Nq, H*d) for the
+    """Attention over (G, N, d) tensors (G = B x H: batch x heads), one head and query block at a time.
+
+    The output is (B, Nq, H, d): merging the heads back into (B, Nq, H*d) for the
     output projection is then a view, not a copy (and one tensor is kept for backward, not two).
+
 
     Padding: ``n_keys`` (G ints) keeps only the first n_keys[g] keys of group g (padding at the
     end, the cheap case); ``bias``, an additive (G, 1, Nk) key bias (0 or -inf), masks any other
@@ -209,6 +257,24 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, n_keys, n_queries, heads, with_lse=False):
+        """Compute the attention block by block (see the class docstring).
+
+        Args:
+            ctx: the autograd context.
+            q: (G, Nq, d) queries, G = B x H, batch-major.
+            k: (G, Nk, d) keys.
+            v: (G, Nk, d) values.
+            bias: (G, 1, Nk) additive key bias (0 or -inf), or None.
+            n_keys: G ints, the number of leading keys each group uses, or None for all.
+            n_queries: G ints, the number of leading queries computed (the others are zero), or
+                None for all.
+            heads: H, to lay the output out as (B, Nq, H, d).
+            with_lse: also compute each query's log-sum-exp.
+
+        Returns:
+            ``(out, lse)``: out (B, Nq, H, d); lse (G, Nq) in fp32 (fp64 for fp64 inputs), or an
+            empty tensor without ``with_lse``.
+        """
         G, Nq, d = q.shape
         qs = q * (1.0 / math.sqrt(d))  # computed in fp32 and rounded once for bf16
         out = (q.new_empty if n_queries is None else q.new_zeros)(G // heads, Nq, heads, d)
@@ -225,6 +291,16 @@ class ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        """Recompute each block's weights and accumulate the gradients (see the class docstring).
+
+        Args:
+            ctx: the autograd context saved by :meth:`forward`.
+            dout: (B, Nq, H, d) gradient of the output.
+            dlse: (G, Nq) gradient of the log-sum-exp (used only with ``with_lse``).
+
+        Returns:
+            The gradients of q, k and v (in their dtype), and None for the other inputs.
+        """
         qs, k, v, bias, out = ctx.saved_tensors
         G, Nq, d = qs.shape
         Nk = k.shape[1]

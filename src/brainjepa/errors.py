@@ -24,7 +24,19 @@ class ConfigError(BrainJEPAError, ValueError):
 
 
 def require(module: str, extra: str, purpose: str):
-    """Import an optional dependency or raise a BrainJEPAError naming the pip extra to install."""
+    """Import an optional dependency, or say which pip extra installs it.
+
+    Args:
+        module: the module to import, e.g. ``"matplotlib"`` or ``"sklearn.linear_model"``.
+        extra: the brainjepa extra that provides it (``pip install 'brainjepa[EXTRA]'``).
+        purpose: what needs it, for the error message.
+
+    Returns:
+        The imported module.
+
+    Raises:
+        BrainJEPAError: the module cannot be imported.
+    """
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -40,11 +40,20 @@ def connectivity(
 ) -> np.ndarray:
     """Group functional connectivity of a list of subjects.
 
-    timeseries: S arrays, each R x T (ROIs x time points; T may differ between subjects).
-    Returns the R x R float64 mean Pearson correlation with a unit diagonal. With ``fisher_z``
-    the per-subject correlations are averaged as z = arctanh(r) and the mean is mapped back with
-    tanh, the usual way to average correlations. ``names`` (e.g. file paths) replace
-    "subject <index>" in error messages.
+    Args:
+        timeseries: S arrays, each R x T (ROIs x time points; T may differ between subjects);
+            a single 2-D array is one subject.
+        fisher_z: average the per-subject correlations as z = arctanh(r) and map the mean back
+            with tanh, the usual way to average correlations; False averages r itself.
+        names: one name per subject (e.g. file paths), replacing "subject <index>" in error
+            messages.
+
+    Returns:
+        The R x R float64 mean Pearson correlation, with a unit diagonal.
+
+    Raises:
+        DataError: no subjects, a wrong shape, different numbers of ROIs, fewer than 3 time
+            points, NaN/Inf, or a constant ROI.
     """
     if isinstance(timeseries, np.ndarray) and timeseries.ndim == 2:
         timeseries = [timeseries]  # one subject
@@ -132,12 +141,24 @@ def _check_fc(fc: np.ndarray, n_components: int) -> np.ndarray:
 
 
 def affinity(fc: np.ndarray, kernel: str = "normalized_angle", sparsity: float = 0.9) -> np.ndarray:
-    """Affinity between ROIs (R x R, non-negative, symmetric) from a connectivity matrix (R x R).
+    """Affinity between ROIs from a connectivity matrix.
 
     Each row of ``fc`` keeps its top ``int(R * (1 - sparsity))`` entries (the rest are zeroed;
     the count is computed in floating point exactly as BrainSpace does, so 44 for R = 450 and 39
     for R = 400); then rows are compared with the cosine similarity, turned into the normalized
     angle 1 - arccos(cos) / pi when ``kernel="normalized_angle"``; negative affinities are zeroed.
+
+    Args:
+        fc: R x R connectivity matrix.
+        kernel: ``"normalized_angle"`` or ``"cosine"``.
+        sparsity: the fraction of each row zeroed, in [0, 1); 0 keeps every entry.
+
+    Returns:
+        R x R float64 affinity, non-negative and symmetric.
+
+    Raises:
+        ConfigError: an unknown kernel, or a sparsity out of range or keeping no entry.
+        DataError: a row is all zeros after thresholding.
     """
     if kernel not in KERNELS:
         raise ConfigError(f"unknown gradient kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
@@ -184,8 +205,21 @@ def diffusion_map(
     by lambda / (1 - lambda) (diffusion_time = 0, multi-scale) or lambda ** diffusion_time, and
     its sign is fixed so that its largest-magnitude entry is positive.
 
-    Returns (gradients R x m, lambdas m): ``lambdas`` are the multipliers applied (BrainSpace's
-    ``lambdas_``); the eigenvalue itself is lambdas / (1 + lambdas) for diffusion_time = 0.
+    Args:
+        a: R x R affinity matrix (:func:`affinity`).
+        n_components: the number of gradients m.
+        alpha: the anisotropic diffusion parameter, in [0, 1].
+        diffusion_time: 0 for the multi-scale scaling lambda / (1 - lambda), else the power of
+            lambda.
+
+    Returns:
+        ``(gradients, lambdas)``: gradients R x m float64, and lambdas (m,), the multipliers
+        applied (BrainSpace's ``lambdas_``); the eigenvalue itself is lambdas / (1 + lambdas)
+        for diffusion_time = 0.
+
+    Raises:
+        ConfigError: alpha or diffusion_time out of range.
+        DataError: the affinity graph is not connected.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1] (anisotropic diffusion), got {alpha}")
@@ -226,12 +260,27 @@ def compute_gradients(
     alpha: float = 0.5,
     diffusion_time: float = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Connectivity gradients of a group FC matrix (R x R) -> (gradients R x m float64, lambdas m).
+    """Connectivity gradients of a group FC matrix.
 
     The defaults are Brain-JEPA's and BrainSpace's ``GradientMaps(kernel="normalized_angle",
     approach="dm", alpha=0.5)``: top-10% row thresholding, normalized-angle affinity,
     alpha = 0.5 diffusion maps, multi-scale scaling lambda / (1 - lambda). See :func:`affinity`
     and :func:`diffusion_map` for each step.
+
+    Args:
+        fc: R x R symmetric, finite connectivity matrix, with at least n_components + 2 ROIs.
+        n_components: the number of gradients m.
+        kernel: the affinity kernel (:func:`affinity`).
+        sparsity: the fraction of each FC row zeroed (:func:`affinity`).
+        alpha: the anisotropic diffusion parameter (:func:`diffusion_map`).
+        diffusion_time: 0 for multi-scale scaling (:func:`diffusion_map`).
+
+    Returns:
+        ``(gradients, lambdas)``: R x m float64 and (m,), as from :func:`diffusion_map`.
+
+    Raises:
+        ConfigError: invalid settings.
+        DataError: an unusable matrix (not square, not symmetric, NaN/Inf, too few ROIs).
     """
     if int(n_components) != n_components or n_components < 1:
         raise ConfigError(f"n_components must be a positive integer, got {n_components}")
@@ -240,10 +289,20 @@ def compute_gradients(
 
 
 def procrustes_align(gradients: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Rotate/reflect ``gradients`` (R x m) onto ``reference`` (R x m) by orthogonal Procrustes.
+    """Rotate/reflect gradients onto reference gradients by orthogonal Procrustes.
 
-    Returns gradients @ Q with Q the orthogonal m x m matrix minimising ||gradients Q - reference||_F,
-    so that gradients from another cohort line up with a model's reference gradients.
+    This lines up gradients from another cohort with a model's reference gradients.
+
+    Args:
+        gradients: R x m gradients to align.
+        reference: R x m reference gradients.
+
+    Returns:
+        R x m float64 ``gradients @ Q``, with Q the orthogonal m x m matrix minimising
+        ||gradients Q - reference||_F.
+
+    Raises:
+        DataError: the shapes differ, or the reference has NaN/Inf.
     """
     g = np.asarray(gradients, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
@@ -267,6 +326,14 @@ class BrainGradients:
 
     Attributes after ``fit``: ``connectivity_`` (R x R FC used), ``gradients_`` (R x m),
     ``lambdas_`` (m,), and after ``align_to`` also ``aligned_`` (R x m).
+
+    Args:
+        n_components: the number of gradients m.
+        kernel: the affinity kernel, ``"normalized_angle"`` or ``"cosine"`` (:func:`affinity`).
+        sparsity: the fraction of each FC row zeroed (:func:`affinity`).
+        alpha: the anisotropic diffusion parameter (:func:`diffusion_map`).
+        diffusion_time: 0 for multi-scale scaling (:func:`diffusion_map`).
+        fisher_z: average subjects' correlations through Fisher's z (:func:`connectivity`).
     """
 
     def __init__(
@@ -286,7 +353,17 @@ class BrainGradients:
         self.fisher_z = fisher_z
 
     def fit(self, X) -> BrainGradients:
-        """X: a list of subjects' time series (each R x T), an S x R x T array, or one R x R FC."""
+        """Compute the connectivity (unless given) and its gradients.
+
+        Args:
+            X: a list of subjects' time series (each R x T), an S x R x T array, or one R x R FC.
+
+        Returns:
+            This object, with ``connectivity_``, ``gradients_`` and ``lambdas_`` set.
+
+        Raises:
+            DataError: a non-square 2-D input, or unusable series or matrix.
+        """
         if isinstance(X, np.ndarray) and X.ndim == 2:
             if X.shape[0] != X.shape[1]:
                 raise DataError(
@@ -307,14 +384,35 @@ class BrainGradients:
         return self
 
     def align_to(self, reference: np.ndarray) -> np.ndarray:
-        """Procrustes-align ``gradients_`` to ``reference`` (R x m); returns and stores ``aligned_``."""
+        """Procrustes-align the fitted gradients to reference gradients (:func:`procrustes_align`).
+
+        Args:
+            reference: R x m reference gradients.
+
+        Returns:
+            R x m aligned gradients, also stored as ``aligned_``.
+
+        Raises:
+            DataError: not fitted yet, or the shapes differ.
+        """
         if not hasattr(self, "gradients_"):
             raise DataError("BrainGradients.align_to: call fit() first")
         self.aligned_ = procrustes_align(self.gradients_, reference)
         return self.aligned_
 
     def save_csv(self, path: str | Path, roi_labels: Sequence[str] | None = None) -> Path:
-        """Write ``gradients_`` to ``path`` (see :func:`save_gradients_csv`)."""
+        """Write the fitted gradients as CSV (:func:`save_gradients_csv`).
+
+        Args:
+            path: the CSV file.
+            roi_labels: one label per ROI; with them the file gets a header and a label column.
+
+        Returns:
+            ``path``, as a Path.
+
+        Raises:
+            DataError: not fitted yet, or a wrong number of labels.
+        """
         if not hasattr(self, "gradients_"):
             raise DataError("BrainGradients.save_csv: call fit() first")
         return save_gradients_csv(self.gradients_, path, roi_labels)
@@ -324,11 +422,22 @@ class BrainGradients:
 
 
 def save_gradients_csv(gradients: np.ndarray, path: str | Path, roi_labels: Sequence[str] | None = None) -> Path:
-    """Write gradients (R x m) as CSV, one row per ROI, one column per gradient.
+    """Write gradients as CSV, one row per ROI, one column per gradient.
 
-    With ``roi_labels`` the file has a header ``roi,g1,...,gm`` and the labels in the first
-    column; without, it is the authors' header-less format (their code reads it unchanged).
-    Values are written with full float64 precision.
+    Values are written with full float64 precision; folders are created.
+
+    Args:
+        gradients: R x m gradients.
+        path: the CSV file.
+        roi_labels: one label per ROI; with them the file has a header ``roi,g1,...,gm`` and the
+            labels in the first column; without, it is the authors' header-less format (their
+            code reads it unchanged).
+
+    Returns:
+        ``path``, as a Path.
+
+    Raises:
+        DataError: not a 2-D array, or a wrong number of labels.
     """
     g = np.asarray(gradients, dtype=np.float64)
     if g.ndim != 2:
@@ -348,7 +457,17 @@ def save_gradients_csv(gradients: np.ndarray, path: str | Path, roi_labels: Sequ
 
 
 def load_connectivity(path: str | Path) -> np.ndarray:
-    """Read an R x R connectivity matrix from .npy or a header-less delimited text file (CSV/TSV)."""
+    """Read an R x R connectivity matrix.
+
+    Args:
+        path: a .npy file, or a header-less delimited text file (comma, tab or space separated).
+
+    Returns:
+        R x R float64 matrix (not checked for symmetry here).
+
+    Raises:
+        DataError: the file is missing, unreadable, not numeric or not square.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: connectivity file not found")
@@ -385,10 +504,20 @@ def _is_number(text: str) -> bool:
 
 
 def load_gradients_csv(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
-    """Read a gradient CSV -> (gradients R x m float64, ROI labels or None).
+    """Read a gradient CSV.
 
     Reads both the files :func:`save_gradients_csv` writes (optional header, optional first
     column of ROI labels) and the authors' header-less comma-separated matrix.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        ``(gradients, labels)``: R x m float64, and the ROI labels or None when the file has
+        none.
+
+    Raises:
+        DataError: an unreadable or empty file, ragged rows, or non-numeric or non-finite values.
     """
     path = Path(path)
     try:
@@ -435,8 +564,21 @@ def plot_gradients(
 ) -> Path:
     """Save a PNG of the ROIs in gradient space: G1 vs G2, plus G1 vs G3 and G2 vs G3 if m >= 3.
 
-    ROIs are coloured by ``networks`` (one name per ROI) when given, else by their G1 value;
-    with ``roi_labels`` the ROIs at both ends of each axis are named.
+    Needs matplotlib (extra ``viz``).
+
+    Args:
+        gradients: R x m gradients, m >= 2.
+        path: the image file.
+        roi_labels: one label per ROI; the ROIs at both ends of each axis are then named.
+        networks: one network name per ROI, to colour the ROIs by; without, they are coloured
+            by their G1 value.
+
+    Returns:
+        ``path``, as a Path.
+
+    Raises:
+        DataError: fewer than 2 gradients, or labels or networks of the wrong length.
+        BrainJEPAError: matplotlib is not installed.
     """
     g = np.asarray(gradients, dtype=np.float64)
     if g.ndim != 2 or g.shape[1] < 2:

@@ -67,13 +67,15 @@ _MAX_REDRAWS = 100
 class MaskBatch:
     """Masks of a batch of B samples on an R x P token grid, padded to the longest row.
 
-    context_idx: B x Nc sorted token indices (``r * P + t``), 0 where ``context_valid`` is False.
-    context_valid: B x Nc, True for real tokens.
-    target_idx: B x nblocks x Nt sorted token indices per target block, 0 where invalid.
-    target_valid: B x nblocks x Nt.
-    regions: the region of each block, ``("alpha",) * K + ("beta",) * K + ("gamma",) * K``.
-    observation: B x R x P, True on the observation block (context plus the targets inside it);
-        for plots and checks, the model does not need it.
+    Attributes:
+        context_idx: B x Nc sorted token indices (``r * P + t``), 0 where ``context_valid`` is
+            False.
+        context_valid: B x Nc, True for real tokens.
+        target_idx: B x nblocks x Nt sorted token indices per target block, 0 where invalid.
+        target_valid: B x nblocks x Nt.
+        regions: the region of each block, ``("alpha",) * K + ("beta",) * K + ("gamma",) * K``.
+        observation: B x R x P, True on the observation block (context plus the targets inside
+            it); for plots and checks, the model does not need it.
     """
 
     context_idx: torch.Tensor
@@ -85,19 +87,32 @@ class MaskBatch:
 
     @property
     def n_blocks(self) -> int:
+        """The number of target blocks, 3K."""
         return len(self.regions)
 
     def block(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target block ``k`` as (B x Nk indices, B x Nk valid), cut to that block's longest row.
+        """One target block, cut to its longest row.
 
         All blocks share the width Nt of the longest (usually alpha) block, so beta and gamma rows
-        are mostly padding; a predictor that runs block by block saves that work with this."""
+        are mostly padding; a predictor that runs block by block saves that work with this.
+
+        Args:
+            k: the block's index, 0 .. 3K - 1.
+
+        Returns:
+            ``(indices, valid)``, both B x Nk (Nk >= 1: the block's longest row).
+        """
         width = max(int(self.target_valid[:, k].sum(1).max()), 1)
         return self.target_idx[:, k, :width], self.target_valid[:, k, :width]
 
     def counts(self) -> dict[str, float]:
-        """Mean per-sample token counts: context, each region (union of its K blocks), target
-        (union of all blocks), and the same as ``<name>_fraction`` of the R * P grid."""
+        """Mean per-sample token counts, for logs and checks.
+
+        Returns:
+            ``"context"``, each region (``"alpha"``, ``"beta"``, ``"gamma"``: the union of its K
+            blocks) and ``"target"`` (the union of all blocks), each also as
+            ``"<name>_fraction"`` of the R * P grid.
+        """
         b, n_rois, n_patches = self.observation.shape
         n_tokens = n_rois * n_patches
         grid = torch.zeros(b, self.n_blocks, n_tokens, dtype=torch.int32, device=self.target_idx.device)
@@ -114,6 +129,17 @@ class MaskBatch:
         return out
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
+        """The same masks on another device.
+
+        Args:
+            device: the target device.
+            non_blocking: passed to :meth:`torch.Tensor.to` (asynchronous copies from pinned
+                memory).
+
+        Returns:
+            A new MaskBatch (``regions`` shared).
+        """
+
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
@@ -127,7 +153,11 @@ class MaskBatch:
         )
 
     def pin_memory(self) -> MaskBatch:
-        """Called by ``DataLoader(pin_memory=True)`` on collated batches."""
+        """The same masks in pinned memory; called by ``DataLoader(pin_memory=True)``.
+
+        Returns:
+            A new MaskBatch with pinned tensors.
+        """
         return MaskBatch(
             self.context_idx.pin_memory(),
             self.context_valid.pin_memory(),
@@ -277,7 +307,11 @@ class SpatiotemporalMasker:
         self.worker_seed_: int | None = None
 
     def describe(self) -> dict:
-        """The settings, as plain data (for run configs and logs)."""
+        """The settings, as plain data (for run configs and logs).
+
+        Returns:
+            The constructor's arguments by name (scales as checked (low, high) tuples).
+        """
         return {
             "n_rois": self.n_rois,
             "n_patches": self.n_patches,
@@ -357,8 +391,19 @@ class SpatiotemporalMasker:
         return observation, blocks.reshape(n, 3 * K, R, P), sizes.reshape(n, 3 * K)
 
     def __call__(self, batch_size: int, rng: np.random.Generator | int | None = None) -> MaskBatch:
-        """Draw masks for ``batch_size`` samples. ``rng``: a numpy Generator, a seed, or None for the
-        masker's own generator (seeded by ``seed``)."""
+        """Draw masks for a batch.
+
+        Args:
+            batch_size: the number of samples B (>= 1).
+            rng: a numpy Generator, a seed, or None for the masker's own generator (seeded by
+                ``seed``).
+
+        Returns:
+            The batch's masks.
+
+        Raises:
+            ConfigError: ``batch_size`` < 1, or ``min_context`` could not be met in 100 draws.
+        """
         if int(batch_size) < 1:
             raise ConfigError(f"SpatiotemporalMasker: batch_size={batch_size} must be >= 1")
         if rng is None:
@@ -410,9 +455,20 @@ class SpatiotemporalMasker:
         return self.rng_
 
     def collate(self, samples: list) -> tuple[torch.Tensor, MaskBatch]:
-        """DataLoader ``collate_fn``: stacks samples (each R x T, or a dict with key ``"x"``) into a
-        B x R x T float tensor and draws a :class:`MaskBatch` for it with the masker's generator
-        (reseeded per worker, see ``_collate_rng``)."""
+        """DataLoader ``collate_fn``: stack the samples and draw their masks.
+
+        The masks come from the masker's generator, reseeded once per DataLoader worker (see the
+        module docstring).
+
+        Args:
+            samples: B samples, each R x T or a dict with key ``"x"``.
+
+        Returns:
+            ``(x, masks)``: the B x R x T stacked tensor and a :class:`MaskBatch` for it.
+
+        Raises:
+            DataError: the samples do not stack to (B, R, T) with the masker's R.
+        """
         xs = [s["x"] if isinstance(s, dict) else s for s in samples]
         x = torch.stack([torch.as_tensor(v) for v in xs])
         if x.ndim != 3 or x.shape[1] != self.n_rois:

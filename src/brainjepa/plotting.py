@@ -28,7 +28,16 @@ def pyplot(purpose: str = "plotting"):
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` (folders created) and close it. Returns ``path``."""
+    """Lay out a figure, write it to a file (folders created) and close it.
+
+    Args:
+        fig: a matplotlib figure.
+        path: the image file; its suffix picks the format.
+        dpi: resolution in dots per inch.
+
+    Returns:
+        ``path``, as a Path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
-    """Open a temporary file next to ``path``; on success it is flushed, synced to disk and
-    renamed to ``path``, on failure deleted (``path`` keeps its previous content).
+    """Open a temporary file that replaces ``path`` when the block succeeds.
+
+    The file is created next to ``path``; on success it is flushed, synced to disk and renamed
+    to ``path``, on failure deleted (``path`` keeps its previous content).
+
 
     Args:
         path: the file to write.
@@ -64,19 +67,45 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_file`). Returns ``path``."""
+    """Write ``text`` to ``path`` atomically (:func:`atomic_file`).
+
+    Args:
+        path: the file to write.
+        text: its whole content.
+
+    Returns:
+        ``path``, as a Path.
+    """
     with atomic_file(path, "w") as f:
         f.write(text)
     return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj, indent: int | None = 2, allow_nan: bool = True) -> Path:
-    """Write ``obj`` as JSON (with a final newline) atomically. Returns ``path``."""
+    """Write ``obj`` as JSON (with a final newline) atomically (:func:`atomic_file`).
+
+    Args:
+        path: the file to write.
+        obj: a JSON-serialisable object.
+        indent: spaces per indentation level; None writes one line.
+        allow_nan: whether NaN and infinities may be written (as ``NaN``/``Infinity``, which
+            Python reads back but strict JSON readers do not); False raises on them.
+
+    Returns:
+        ``path``, as a Path.
+    """
     return write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
 
 
 def incomplete_path(final: str | Path) -> Path:
-    """Where a folder ``final`` is built before :func:`move_into_place`: ``.NAME.incomplete``."""
+    """Where a folder is built before :func:`move_into_place`.
+
+    Args:
+        final: the folder's final path, ``.../NAME``.
+
+    Returns:
+        ``.../.NAME.incomplete``, next to ``final``.
+    """
     final = Path(final)
     return final.with_name(f".{final.name}{INCOMPLETE_SUFFIX}")
 
@@ -85,7 +114,12 @@ def move_into_place(tmp: Path, final: Path) -> None:
     """Rename the finished folder ``tmp`` to ``final``.
 
     An existing ``final`` (which the caller has checked may be replaced) is moved aside first and
-    deleted only after the rename, so a crash in between loses neither.
+    deleted only after the rename, so a crash in between loses neither; an empty ``final`` folder
+    is simply removed.
+
+    Args:
+        tmp: the finished folder (usually :func:`incomplete_path` of ``final``).
+        final: where it goes.
     """
     old = None
     if final.exists():
@@ -103,7 +137,15 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 
 def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
-    """The checkpoints of a run folder: {step: RUN_DIR/checkpoints/step_NNNNNNNN.pt}, by step."""
+    """The checkpoints of a run folder.
+
+    Args:
+        run_dir: the run folder.
+
+    Returns:
+        ``{step: RUN_DIR/checkpoints/step_NNNNNNNN.pt}`` in increasing step order; empty when
+        there are none (files whose name holds no step number are skipped).
+    """
     found = {}
     for p in (Path(run_dir) / CHECKPOINTS).glob("step_*.pt"):
         try:
@@ -114,7 +156,14 @@ def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
 
 
 def checkpoint_path(run_dir: str | Path, step: int | None = None) -> Path:
-    """The checkpoint of ``step`` (None: the latest) of a run folder.
+    """The checkpoint of one step of a run folder.
+
+    Args:
+        run_dir: the run folder.
+        step: the step; None takes the latest.
+
+    Returns:
+        The path of the checkpoint file.
 
     Raises:
         BrainJEPAError: the run has no checkpoint, or none for ``step``.
@@ -133,8 +182,16 @@ def checkpoint_path(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:
-    """Write ``state`` (with an int ``"step"``) as RUN_DIR/checkpoints/step_NNNNNNNN.pt
-    atomically, then delete all but the ``keep_last`` newest. Returns the new file."""
+    """Write a checkpoint atomically, then delete all but the newest ones.
+
+    Args:
+        state: what to save with :func:`torch.save`; must hold an int ``"step"``.
+        run_dir: the run folder; the file is RUN_DIR/checkpoints/step_NNNNNNNN.pt.
+        keep_last: how many of the newest checkpoints to keep (this one included).
+
+    Returns:
+        The new checkpoint file.
+    """
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{int(state['step']):08d}.pt"
@@ -146,8 +203,21 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:
 
 
 def load_latest_checkpoint(run_dir: str | Path) -> dict:
-    """The newest readable checkpoint of a run (``torch.load(weights_only=True)``, on the CPU);
-    a damaged file falls back to the previous one."""
+    """The newest readable checkpoint of a run, loaded on the CPU.
+
+    Files are read with ``torch.load(weights_only=True)``; a damaged file is logged and the
+    previous one tried.
+
+    Args:
+        run_dir: the run folder.
+
+    Returns:
+        The checkpoint's state dict.
+
+    Raises:
+        ConfigError: the run has no checkpoint to resume from.
+        BrainJEPAError: no checkpoint file can be read.
+    """
     found = list(find_checkpoints(run_dir).values())
     if not found:
         raise ConfigError(f"{run_dir}: nothing to resume (no {CHECKPOINTS}/step_*.pt); start the run without --resume")
@@ -163,7 +233,17 @@ def load_latest_checkpoint(run_dir: str | Path) -> dict:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (one JSON object per line)."""
+    """The records of a run's metrics.jsonl (one JSON object per line; blank lines skipped).
+
+    Args:
+        path: the metrics.jsonl file.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        DataError: the file does not exist.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist (is this a pretraining run folder?)")
@@ -196,6 +276,12 @@ class MetricsLog:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        """Append one record (flushed at once); its numbers also go to TensorBoard.
+
+        Args:
+            record: a JSON-serialisable dict with an int ``"step"``; its other int and float
+                values are logged to TensorBoard as ``pretrain/KEY``.
+        """
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -204,6 +290,7 @@ class MetricsLog:
                     self.tb.add_scalar(f"pretrain/{key}", value, record["step"])
 
     def close(self) -> None:
+        """Close the file (and the TensorBoard writer)."""
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -240,6 +327,16 @@ class Heartbeat:
         self.first_step: int | None = None
 
     def __call__(self, step: int, loss: float | None = None) -> bool:
+        """Log a line if ``every`` seconds have passed since the last one.
+
+        Args:
+            step: the number of steps done, shown as "step k/total" (the rate counts the steps
+                since the one before the first call).
+            loss: the latest known loss; None shows "n/a".
+
+        Returns:
+            Whether a line was logged.
+        """
         now = self.clock()
         if self.first_step is None:
             self.first_step = step - 1

@@ -56,9 +56,18 @@ _BATCH = 64  # subjects integrated together
 class SimulatedCohort:
     """The simulator's output.
 
-    timeseries: N arrays float32 (R, T); labels: 'age' (N,) float, 'patient' (N,) int 0/1,
-    'site' (N,) int; networks: (R,) int network index; network_names; roi_labels: R names;
-    coords: (R, 3) mm; connectome: (R, R) structural weights; latents: 'coupling' (N,) etc.
+    Attributes:
+        timeseries: N float32 arrays (R, T), one per subject.
+        labels: ``"age"`` (N,) float, ``"patient"`` (N,) int 0/1, ``"site"`` (N,) int.
+        networks: (R,) int, each ROI's network index into ``network_names``.
+        network_names: the names of the networks.
+        roi_labels: R ROI names (hemisphere, network, number).
+        coords: (R, 3) ROI coordinates in mm.
+        connectome: (R, R) structural weights.
+        tr: the repetition time in seconds.
+        subjects: N subject IDs (``sub-0001``, ...).
+        latents: the hidden per-subject values behind the labels: ``"coupling"`` (N,) global
+            coupling, ``"network_cut"`` (N,) fraction of in-network coupling removed.
     """
 
     timeseries: list[np.ndarray]
@@ -73,7 +82,11 @@ class SimulatedCohort:
     latents: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_cohort(self):
-        """An in-memory :class:`brainjepa.data.Cohort` with the labels attached."""
+        """The scans as an in-memory cohort.
+
+        Returns:
+            A :class:`brainjepa.data.Cohort` with the labels, subject IDs and ROI labels attached.
+        """
         cohort = open_cohort(self.timeseries, tr=self.tr, labels=self.labels)
         cohort.subjects = list(self.subjects)
         cohort.roi_labels = list(self.roi_labels)
@@ -81,11 +94,24 @@ class SimulatedCohort:
 
 
 def make_connectome(n_rois: int, n_networks: int, rng: np.random.Generator):
-    """(coords (R, 3) mm, networks (R,) int, weights (R, R)) of a modular, distance-dependent brain.
+    """A modular, distance-dependent structural connectome.
 
     ROIs lie near the surface of an ellipsoid (70 x 100 x 60 mm half-axes); the right hemisphere
-    mirrors the left (homotopic pairs i, i + R // 2). Networks are balanced in size, bilateral,
-    and each gathers the ROIs nearest to its two hubs (one anterior, one posterior).
+    mirrors the left (homotopic pairs i, i + R // 2; an odd R adds one midline ROI). Networks are
+    balanced in size, bilateral, and each gathers the ROIs nearest to its two hubs (one
+    anterior, one posterior).
+
+    Args:
+        n_rois: the number of ROIs R, at least 2 per network.
+        n_networks: the number of networks.
+        rng: the random generator (advanced by the call).
+
+    Returns:
+        ``(coords, networks, weights)``: (R, 3) mm, (R,) int network indices, and (R, R)
+        symmetric weights with a zero diagonal and mean row sum 1.
+
+    Raises:
+        ConfigError: fewer than 2 ROIs per network.
     """
     if n_rois < 2 * n_networks:
         raise ConfigError(f"need at least 2 ROIs per network: {n_rois} ROIs for {n_networks} networks")
@@ -147,11 +173,32 @@ def simulate_cohort(
     max_dt: float = 0.05,
     burn_in: float = 60.0,
 ) -> SimulatedCohort:
-    """Simulate resting-state BOLD for ``n_subjects`` (R, T) scans; T = round(minutes * 60 / tr).
+    """Simulate a resting-state BOLD cohort (see the module docstring for the model).
 
-    coupling: global coupling G of the youngest and oldest subjects (G falls with age);
-    patient_effect: fraction by which coupling inside ``patient_network`` is cut in patients;
-    noise: thermal noise std relative to the BOLD signal's std. See the module docstring.
+    Args:
+        n_subjects: the number of subjects (one scan each).
+        n_rois: the number of ROIs R.
+        tr: the repetition time in seconds.
+        minutes: the scan length; T = round(minutes * 60 / tr) time points.
+        seed: the random seed; the same arguments give the same cohort.
+        n_networks: the number of functional networks (at most 8, the length of
+            :data:`NETWORK_NAMES`).
+        n_sites: the number of acquisition sites.
+        patient_fraction: the probability that a subject is a patient.
+        patient_network: the network whose internal coupling is weakened in patients.
+        patient_effect: the fraction by which coupling inside ``patient_network`` is cut in
+            patients (jittered by +-30 % per patient).
+        coupling: global coupling G of the youngest and oldest subjects (G falls with age).
+        noise: thermal noise std relative to the BOLD signal's std.
+        max_dt: the largest integration step in seconds (the TR is split into equal steps).
+        burn_in: seconds simulated and discarded before the first sample.
+
+    Returns:
+        The cohort: N float32 (R, T) scans of raw-BOLD-like values (baselines of a few hundred
+        units, ~1 % signal change), labels, networks and latents.
+
+    Raises:
+        ConfigError: invalid sizes, or a ``patient_network`` not among the networks.
     """
     if n_subjects < 1 or n_rois < 2 or tr <= 0 or minutes <= 0:
         raise ConfigError("simulate_cohort needs n_subjects >= 1, n_rois >= 2, tr > 0, minutes > 0")
@@ -276,12 +323,24 @@ def _available(fmt: str) -> bool:
 def write_cohort(cohort: SimulatedCohort, out_dir, fmt: str = "tsv") -> Path:
     """Write every scan in a real file format plus ``manifest.csv`` and ``rois.tsv``.
 
-    fmt: 'tsv' (XCP-D ``*_seg-..._timeseries.tsv`` + JSON sidecar), 'csv' (UK Biobank layout,
-    gzipped; TR in the manifest), 'npy' (+ sidecar), 'npz', 'mat', 'h5', 'nifti' (4-D image +
-    a shared label atlas), or 'mixed' (cycles through all of them, XCP-D files alternating the
-    ``seg-`` and older ``atlas-`` entity; h5/nifti only when h5py/nilearn are installed).
     The manifest has path (relative), subject, tr (only where the file cannot carry it), atlas
-    (NIfTI rows) and the label columns. Returns the manifest's path.
+    (NIfTI rows) and the label columns; rois.tsv has each ROI's index, name, network and
+    coordinates.
+
+    Args:
+        cohort: the simulated cohort (:func:`simulate_cohort`).
+        out_dir: the folder to write (created if needed).
+        fmt: ``"tsv"`` (XCP-D ``*_seg-..._timeseries.tsv`` + JSON sidecar), ``"csv"`` (UK
+            Biobank layout, gzipped; TR in the manifest), ``"npy"`` (+ sidecar), ``"npz"``,
+            ``"mat"``, ``"h5"``, ``"nifti"`` (4-D image + a shared label atlas), or ``"mixed"``
+            (cycles through all of them, XCP-D files alternating the ``seg-`` and older
+            ``atlas-`` entity; h5/nifti only when h5py/nilearn are installed).
+
+    Returns:
+        The path of manifest.csv.
+
+    Raises:
+        ConfigError: an unknown format, or one whose optional package is not installed.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")

@@ -70,11 +70,29 @@ def _positive(value, name: str) -> float:
 
 
 def same_tr(tr_in: float, tr_out: float) -> bool:
+    """Whether two repetition times are equal up to a relative 1e-6 (no resampling needed).
+
+    Args:
+        tr_in: the series' TR in seconds.
+        tr_out: the target TR in seconds.
+
+    Returns:
+        True when ``|tr_in - tr_out| <= 1e-6 * tr_out``.
+    """
     return abs(tr_in - tr_out) <= 1e-6 * tr_out
 
 
 def resampled_length(n_frames: int, tr_in: float, tr_out: float) -> int:
-    """Number of samples at ``tr_out`` that fit in ``n_frames`` frames at ``tr_in`` (same span)."""
+    """The number of samples at ``tr_out`` that fit in the time span of ``n_frames`` at ``tr_in``.
+
+    Args:
+        n_frames: the number of input frames T.
+        tr_in: the input TR in seconds.
+        tr_out: the output TR in seconds.
+
+    Returns:
+        ``floor((T - 1) * tr_in / tr_out) + 1``, or T when the TRs are the same (:func:`same_tr`).
+    """
     if same_tr(tr_in, tr_out):
         return n_frames
     return int(np.floor((n_frames - 1) * tr_in / tr_out + 1e-9)) + 1
@@ -100,7 +118,19 @@ def _weights(positions: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray
 
 
 def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
-    """Frame indices start..stop-1 of an n-frame series, mirrored (edge not repeated) outside 0..n-1."""
+    """Frame indices ``start .. stop - 1`` of an n-frame series, mirrored outside ``0 .. n - 1``.
+
+    The mirror does not repeat the edge frame (-1 maps to 1, n maps to n - 2); a one-frame series
+    maps everything to 0.
+
+    Args:
+        start: the first index (may be negative).
+        stop: one past the last index (may exceed n).
+        n: the number of frames of the series.
+
+    Returns:
+        (stop - start,) int array of indices in ``0 .. n - 1``.
+    """
     idx = np.arange(start, stop)
     if n == 1:
         return np.zeros_like(idx)
@@ -118,10 +148,21 @@ def _reflect_take(x: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 def resample_tr(x: np.ndarray, tr_in: float, tr_out: float) -> np.ndarray:
-    """Resample (R, T) ``x`` sampled every ``tr_in`` s to every ``tr_out`` s -> (R, T').
+    """Resample a series from one TR to another with a band-limited interpolator.
 
-    T' = floor((T - 1) * tr_in / tr_out) + 1; output k is the band-limited value at time
-    k * tr_out (see the module docstring). Same TR returns ``x`` as float32 unchanged.
+    Output k is the band-limited value at time k * tr_out (see the module docstring). The same TR
+    returns ``x`` as float32 unchanged.
+
+    Args:
+        x: (R, T) series (any leading axes work; time is last), sampled every ``tr_in`` seconds.
+        tr_in: the input TR in seconds.
+        tr_out: the output TR in seconds.
+
+    Returns:
+        (R, T') float32 with T' = floor((T - 1) * tr_in / tr_out) + 1 (:func:`resampled_length`).
+
+    Raises:
+        DataError: a TR is not a positive number.
     """
     tr_in, tr_out = _positive(tr_in, "tr_in"), _positive(tr_out, "tr_out")
     x = np.asarray(x, dtype=np.float32)
@@ -147,6 +188,14 @@ class WindowResampler:
     (mirror-padded at the ends) first. Equals ``resample_tr(x, ...)[:, k0:k0 + n]`` whenever
     start == k0 * step. The weight matrix is banded, so it is applied in blocks of 32 outputs,
     each touching only its ~(32 * step + 2 * margin) input frames (3-4x fewer flops than dense).
+
+    Args:
+        tr_in: the input TR in seconds.
+        tr_out: the output TR in seconds.
+        n: the number of outputs per window.
+
+    Raises:
+        DataError: a TR is not a positive number.
     """
 
     BLOCK = 32
@@ -169,11 +218,23 @@ class WindowResampler:
             self._blocks.append((lo, hi, k0, torch.from_numpy(np.ascontiguousarray(cols[lo:hi]))))
 
     def raw_extent(self) -> int:
-        """Input frames spanned by the n outputs themselves (excluding the filter margins)."""
+        """The input frames spanned by the n outputs themselves (excluding the filter margins).
+
+        Returns:
+            ``floor((n - 1) * step) + 1`` frames, step = tr_out / tr_in.
+        """
         return int(np.floor((self.n - 1) * self.step + 1e-9)) + 1
 
     def apply(self, seg: np.ndarray) -> np.ndarray:
-        """(R, S) input frames -> (R, n) float32."""
+        """Resample S input frames to the window's n outputs.
+
+        Args:
+            seg: (R, S) input frames, the ``margin`` frames before the window's first output
+                frame first.
+
+        Returns:
+            (R, n) float32.
+        """
         # torch rather than numpy for the products: its thread count can be limited per call,
         # numpy's BLAS threads cannot (and would oversubscribe the CPU in every DataLoader worker)
         seg_t = torch.from_numpy(np.asarray(seg, dtype=np.float32))
@@ -184,6 +245,15 @@ class WindowResampler:
         return out.numpy()
 
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
+        """Resample the window whose first output sits on input frame ``start``.
+
+        Args:
+            x: (R, T) series at ``tr_in``; frames outside 0 .. T - 1 are mirror-padded.
+            start: the input frame of the first output.
+
+        Returns:
+            (R, n) float32, equal to ``resample_tr(x, ...)[:, k0:k0 + n]`` when start == k0 * step.
+        """
         return self.apply(_reflect_take(x, start - self.margin, start - self.margin + self.span))
 
 
@@ -195,16 +265,37 @@ def _check_window(n_frames: int, length: int) -> None:
 
 
 def center_window(x: np.ndarray, length: int) -> np.ndarray:
-    """The centred window of (R, T) ``x`` (deterministic, for evaluation)."""
+    """The centred window of a series (deterministic, for evaluation).
+
+    Args:
+        x: (R, T) series (any leading axes; time is last).
+        length: the window length in time points; when T - length is odd, the end loses one
+            frame more than the start.
+
+
+    Returns:
+        (R, length) view of ``x``.
+
+    Raises:
+        ConfigError: ``length`` is not positive.
+        DataError: the series is shorter than ``length``.
+    """
     _check_window(x.shape[-1], length)
     start = (x.shape[-1] - length) // 2
     return x[..., start : start + length]
 
 
 def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """Per-sample z-scoring: each ROI of (..., R, T) ``x`` to zero mean, unit std over time.
+    """Per-sample z-scoring: each ROI to zero mean and unit std over time.
 
     A constant ROI becomes zeros (its std is floored at ``eps``).
+
+    Args:
+        x: (..., R, T) series.
+        eps: the smallest std divided by.
+
+    Returns:
+        (..., R, T) float32.
     """
     x = np.asarray(x, dtype=np.float32)
     mean = x.mean(axis=-1, keepdims=True)
@@ -213,16 +304,32 @@ def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
 
 
 def has_raw_baseline(x: np.ndarray) -> np.ndarray:
-    """Per ROI of (..., R, T) ``x``: is its mean clearly positive next to its fluctuations (raw
-    BOLD), as percent signal change needs? (..., R) bool."""
+    """Per ROI: is its mean clearly positive next to its fluctuations (raw BOLD)?
+
+    Percent signal change needs such a baseline to divide by.
+
+    Args:
+
+        x: (..., R, T) series.
+
+    Returns:
+        (..., R) bool: mean over time > :data:`PSC_MIN_MEAN_TO_STD` times the std over time.
+    """
     return x.mean(axis=-1) > PSC_MIN_MEAN_TO_STD * x.std(axis=-1)
 
 
 def percent_signal_change(x: np.ndarray) -> np.ndarray:
-    """Per ROI 100 * (x / mean - 1) over the last axis of (..., R, T) raw BOLD ``x``.
+    """Percent signal change per ROI: 100 * (x / mean - 1), the mean taken over time.
 
-    Raises DataError when an ROI's mean is not clearly positive (the series is already centred
-    or scaled), since dividing by it would blow the noise up.
+    Args:
+        x: (..., R, T) raw BOLD.
+
+    Returns:
+        (..., R, T) float32.
+
+    Raises:
+        DataError: an ROI's mean is not clearly positive (:func:`has_raw_baseline`; the series is
+            already centred or scaled), since dividing by it would blow the noise up.
     """
     x = np.asarray(x, dtype=np.float32)
     mean = x.mean(axis=-1, keepdims=True)
@@ -238,8 +345,19 @@ def percent_signal_change(x: np.ndarray) -> np.ndarray:
 
 
 def scan_transform(x: np.ndarray, method: str) -> np.ndarray:
-    """The per-scan part of a normalisation, before any cohort statistics: percent signal
-    change ('psc'), demeaning ('center'), or nothing (other methods)."""
+    """The per-scan part of a normalisation, before any cohort statistics.
+
+    Args:
+        x: (..., R, T) series of one scan.
+        method: ``"psc"`` (percent signal change), ``"center"`` (demean each ROI over time), or
+            any other method (nothing to do per scan).
+
+    Returns:
+        (..., R, T) float32.
+
+    Raises:
+        DataError: ``"psc"`` on a series that is not raw BOLD (:func:`percent_signal_change`).
+    """
     if method == "psc":
         return percent_signal_change(x)
     x = np.asarray(x, dtype=np.float32)
@@ -256,6 +374,10 @@ class RobustScaler:
     to be in memory at once; the medians and quartiles of 50,000 time points are within about
     0.01 IQR of the full-cohort values. When the cohort has fewer time points the statistics are
     exact. Learned: ``median_`` (R,), ``iqr_`` (R,), ``n_timepoints_seen_``.
+
+    Args:
+        max_timepoints: the size of the reservoir sample, in time points.
+        seed: the seed of the reservoir sampling.
     """
 
     def __init__(self, max_timepoints: int = 50_000, seed: int = 0):
@@ -263,7 +385,17 @@ class RobustScaler:
         self.seed = seed
 
     def fit(self, series: Iterable[np.ndarray]) -> RobustScaler:
-        """series: iterable of (R, T_i) arrays (any T_i, same R)."""
+        """Fit the per-ROI median and IQR on a stream of series.
+
+        Args:
+            series: iterable of (R, T_i) arrays (any T_i, the same R); read once.
+
+        Returns:
+            This scaler, fitted.
+
+        Raises:
+            DataError: no series, series with different numbers of ROIs, or an ROI with zero IQR.
+        """
         rng = np.random.default_rng(self.seed)
         reservoir = None
         seen = 0
@@ -301,7 +433,18 @@ class RobustScaler:
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """(..., R, T) -> (..., R, T) float32, scaled per ROI."""
+        """Scale per ROI: (x - median) / IQR.
+
+        Args:
+            x: (..., R, T) series with the fitted number of ROIs.
+
+        Returns:
+            (..., R, T) float32.
+
+        Raises:
+            ConfigError: the scaler is not fitted.
+            DataError: the number of ROIs differs from the fitted one.
+        """
         if not hasattr(self, "median_"):
             raise ConfigError("RobustScaler is not fitted: call fit(...) or load it with from_dict(...)")
         x = np.asarray(x, dtype=np.float32)
@@ -310,10 +453,31 @@ class RobustScaler:
         return (x - self.median_[:, None]) / self.iqr_[:, None]
 
     def to_dict(self, method: str = "robust") -> dict:
+        """The JSON description of a fitted normalisation (:func:`normalization_to_dict`).
+
+        Args:
+            method: the normalisation these statistics belong to (``"psc"``, ``"center"`` or
+                ``"robust"``).
+
+        Returns:
+            The dict written as normalization.json.
+        """
         return normalization_to_dict(method, self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RobustScaler:
+        """A fitted scaler from its JSON description (:meth:`to_dict`).
+
+        Args:
+            d: a dict with ``"median"`` and ``"iqr"`` lists (R,) and optionally
+                ``"n_timepoints"``.
+
+        Returns:
+            The fitted scaler.
+
+        Raises:
+            ConfigError: the lists are missing, of different lengths, or an IQR is not positive.
+        """
         if "median" not in d or "iqr" not in d or len(d["median"]) != len(d["iqr"]):
             raise ConfigError("robust normalization needs 'median' and 'iqr' lists of equal length")
         scaler = cls()
@@ -326,11 +490,20 @@ class RobustScaler:
 
 
 def normalization_to_dict(method: str, scaler: RobustScaler | None = None) -> dict:
-    """JSON-serialisable description of a normalisation (written as normalization.json).
+    """The JSON-serialisable description of a normalisation (written as normalization.json).
 
-    {"method": "psc" | "center" | "robust", "median": [...R], "iqr": [...R], "n_timepoints": N}
-    (statistics of the per-scan transformed training series) or {"method": "zscore"} /
-    {"method": "none"}.
+    Args:
+        method: one of :data:`NORMALIZATIONS`.
+        scaler: the fitted statistics; needed by the fitted methods (``"psc"``, ``"center"``,
+            ``"robust"``), ignored by the others.
+
+    Returns:
+        ``{"method": "psc" | "center" | "robust", "median": [...R], "iqr": [...R],
+        "n_timepoints": N}`` (statistics of the per-scan transformed training series), or
+        ``{"method": "zscore"}`` / ``{"method": "none"}``.
+
+    Raises:
+        ConfigError: an unknown method, or a fitted method without a fitted scaler.
     """
     if method not in NORMALIZATIONS:
         raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
@@ -347,7 +520,17 @@ def normalization_to_dict(method: str, scaler: RobustScaler | None = None) -> di
 
 
 def normalization_from_dict(d: dict) -> tuple[str, RobustScaler | None]:
-    """Inverse of :func:`normalization_to_dict`: (method, scaler or None)."""
+    """The inverse of :func:`normalization_to_dict`.
+
+    Args:
+        d: the description, as read from normalization.json.
+
+    Returns:
+        ``(method, scaler)``; the scaler is None for the methods without fitted statistics.
+
+    Raises:
+        ConfigError: an unknown method or invalid statistics.
+    """
     method = d.get("method")
     if method not in NORMALIZATIONS:
         raise ConfigError(f"normalization.json: 'method' must be one of {NORMALIZATIONS}, got {method!r}")
@@ -355,7 +538,20 @@ def normalization_from_dict(d: dict) -> tuple[str, RobustScaler | None]:
 
 
 def normalize(x: np.ndarray, method: str, scaler: RobustScaler | None = None) -> np.ndarray:
-    """Apply a normalisation to (..., R, T) ``x`` (the fitted methods need ``scaler``)."""
+    """Apply a normalisation: the per-scan part (:func:`scan_transform`), then the cohort scaling.
+
+    Args:
+        x: (..., R, T) series.
+        method: one of :data:`NORMALIZATIONS`.
+        scaler: the fitted statistics, needed by the fitted methods.
+
+    Returns:
+        (..., R, T) float32.
+
+    Raises:
+        ConfigError: an unknown method, or a fitted method without ``scaler``.
+        DataError: see :func:`scan_transform` and :meth:`RobustScaler.transform`.
+    """
     if method in FITTED_NORMALIZATIONS:
         if scaler is None:
             raise ConfigError(f"normalization={method!r} needs a fitted RobustScaler")
@@ -386,17 +582,33 @@ MAX_ABS_VALUE = 1e9
 
 
 def scan_levels(x: np.ndarray) -> tuple[float, float]:
-    """(level, fluctuation) of one (R, T) series: the median over ROIs of |mean over time| and
-    the median over ROIs of the std over time, in float64."""
+    """The typical intensity level and fluctuation of one scan.
+
+    Args:
+        x: (R, T) series.
+
+    Returns:
+        ``(level, fluctuation)``: the median over ROIs of |mean over time| and the median over
+        ROIs of the std over time, computed in float64.
+    """
     x = np.asarray(x, dtype=np.float64)
     return float(np.median(np.abs(x.mean(axis=-1)))), float(np.median(x.std(axis=-1)))
 
 
 def cohort_offset_problem(levels, fluctuations, names) -> str | None:
-    """A message when scans' intensity levels differ across the cohort by more than
-    :data:`COHORT_OFFSET_RATIO` typical fluctuations (site or scanner offsets), else None.
+    """Check whether scans' intensity levels differ across a cohort (site or scanner offsets).
 
-    levels, fluctuations: per scan, as from :func:`scan_levels`; names: per scan."""
+    The spread is the interquartile range of the levels; it is a problem when it exceeds
+    :data:`COHORT_OFFSET_RATIO` times the median fluctuation (and 1.0).
+
+    Args:
+        levels: per scan, the level from :func:`scan_levels`.
+        fluctuations: per scan, the fluctuation from :func:`scan_levels`.
+        names: per scan, its name for the message.
+
+    Returns:
+        A message naming the lowest and highest scans, or None (also for fewer than 2 scans).
+    """
     levels = np.asarray(levels, dtype=np.float64)
     fluct = np.asarray(fluctuations, dtype=np.float64)
     if len(levels) < 2:
@@ -415,8 +627,15 @@ def cohort_offset_problem(levels, fluctuations, names) -> str | None:
 
 
 def magnitude_problem(x: np.ndarray) -> str | None:
-    """A message when a finite (R, T) series cannot be a usable signal at float32: values beyond
-    :data:`MAX_ABS_VALUE`, or offsets so large against the fluctuations that float32 loses them."""
+    """Check whether a finite series can be a usable signal at float32.
+
+    Args:
+        x: (R, T) finite series.
+
+    Returns:
+        A message when values go beyond :data:`MAX_ABS_VALUE` or the offsets are more than
+        :data:`PRECISION_OFFSET_RATIO` times the fluctuations (float32 loses them), else None.
+    """
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     if peak > MAX_ABS_VALUE:
         return (

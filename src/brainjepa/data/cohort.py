@@ -92,11 +92,25 @@ class Cohort:
         return x[:, reflect_indices(start, stop, x.shape[1])]
 
     def tr(self, i: int) -> float | None:
-        """The TR of scan ``i`` in seconds, or None when unknown."""
+        """The TR of a scan.
+
+        Args:
+            i: the scan's index.
+
+        Returns:
+            The TR in seconds, or None when unknown.
+        """
         return self.trs[i]
 
     def length(self, i: int) -> int:
-        """The number of time points of scan ``i``."""
+        """The number of time points of a scan.
+
+        Args:
+            i: the scan's index.
+
+        Returns:
+            T_i, in the scan's own TR.
+        """
         return int(self.lengths[i])
 
     def split_indices(self, split: str) -> np.ndarray:
@@ -111,7 +125,14 @@ class Cohort:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
 
     def name(self, i: int) -> str:
-        """Scan ``i``'s source file, else its subject, for messages."""
+        """A scan's name for messages.
+
+        Args:
+            i: the scan's index.
+
+        Returns:
+            Its source file, else its subject.
+        """
         return self.paths[i] or self.subjects[i]
 
     def __repr__(self) -> str:
@@ -131,6 +152,14 @@ class ArrayCohort(Cohort):
         super().__init__(lengths=[a.shape[1] for a in self._arrays], **meta)
 
     def series(self, i: int) -> np.ndarray:
+        """The array of a scan, as given (no copy).
+
+        Args:
+            i: the scan's index.
+
+        Returns:
+            (R, T_i).
+        """
         return self._arrays[i]
 
 
@@ -150,12 +179,23 @@ class FileCohort(Cohort):
         super().__init__(**meta)
 
     def series(self, i: int) -> np.ndarray:
+        """Read a scan's file.
+
+        Args:
+            i: the scan's index.
+
+        Returns:
+            float32 (R, T_i).
+        """
         return self._records[i].read(self._tr, self._orientation).data
 
 
 class NamedSeries(np.ndarray):
-    """A scan's (R, T) array that knows where it came from (``source_name``), so that messages
-    about it (e.g. from :meth:`brainjepa.bundle.BrainJEPA.prepare`) can name the file."""
+    """A scan's (R, T) array that knows where it came from (``source_name``).
+
+    Messages about it (e.g. from :meth:`brainjepa.bundle.BrainJEPA.prepare`) can then name the
+    file.
+    """
 
     source_name: str | None = None
 
@@ -179,8 +219,10 @@ class NamedSeries(np.ndarray):
 
 
 class CohortSeries:
-    """Lazy sequence view of a cohort's raw (R, T_i) series, read one subject at a time (group FC,
-    embedding) without holding the cohort in memory.
+    """Lazy sequence view of a cohort's raw (R, T_i) series, read one subject at a time.
+
+    For group FC and embedding without holding the cohort in memory.
+
 
     Args:
         cohort: the cohort.
@@ -199,5 +241,9 @@ class CohortSeries:
         return NamedSeries.of(self.cohort.series(k), self.cohort.name(k))
 
     def trs(self) -> list:
-        """The TRs of the viewed scans (None where unknown)."""
+        """The TRs of the viewed scans.
+
+        Returns:
+            One TR in seconds per viewed scan, in order (None where unknown).
+        """
         return [self.cohort.tr(int(i)) for i in self.index]

@@ -54,7 +54,11 @@ class PrepareReport:
     trs: list = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line for people: scans, ROIs, size, splits, TRs, the folder and what was skipped."""
+        """One line for people about the packed store.
+
+        Returns:
+            The scans, ROIs, size, splits, TRs, the folder and what was skipped.
+        """
         split = ", ".join(f"{k} {v}" for k, v in self.splits.items())
         known = [t for t in self.trs if t is not None]
         if not known:

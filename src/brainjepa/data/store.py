@@ -146,11 +146,30 @@ class Store(Cohort):
         return block + self._roi_means(i) if self.centered else block
 
     def series(self, i: int) -> np.ndarray:
-        """The raw float32 (R, T_i) series of scan ``i`` (see :meth:`Cohort.series`)."""
+        """The raw series of a scan, read from disk (see :meth:`Cohort.series`).
+
+        Args:
+            i: the scan's index.
+
+        Returns:
+            float32 (R, T_i), with the ROI means added back for a float16 (centred) store.
+        """
         return np.ascontiguousarray(self._frames(i, 0, self.length(i)))
 
     def read(self, i: int, start: int, stop: int) -> np.ndarray:
-        """Frames start..stop-1 of scan ``i``, read from disk alone (see :meth:`Cohort.read`)."""
+        """A stretch of frames of a scan, reading only those frames from disk.
+
+        Same result as :meth:`Cohort.read`, without reading the whole scan.
+
+
+        Args:
+            i: the scan's index.
+            start: the first frame (may be negative).
+            stop: one past the last frame (may exceed the scan's length).
+
+        Returns:
+            float32 (R, stop - start), mirror-padded where it runs past the ends.
+        """
         n = self.length(i)
         if 0 <= start and stop <= n:
             return self._frames(i, start, stop)

@@ -130,7 +130,11 @@ class WindowDataset(torch.utils.data.Dataset):
         return fit_scaler(self.cohort, method=self.normalization, seed=self.seed)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose random windows the items are."""
+        """Choose the epoch whose random windows the items are.
+
+        Args:
+            epoch: the epoch; item i's random window depends only on (seed, epoch, i).
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
