@@ -73,6 +73,21 @@ class BrainJEPA(nn.Module):
     (dict, as in normalization.json), ``roi_labels`` (list or None), ``target_tr`` (seconds or
     None), ``info`` (loss, which encoder the weights are, format and version that wrote them),
     ``provenance`` (dict, as in provenance.json).
+
+    Args:
+        config: the architecture.
+        gradients: (R, m) brain gradients, array-like.
+        normalization: how inputs are scaled, as in normalization.json; None: ``{"method":
+            "unknown"}`` (preparing data then asks for a choice).
+        roi_labels: the ROI names in model order, or None.
+        target_tr: the TR (seconds) the model was trained at, or None.
+        predictor: also build a predictor (needed by the diagnostics).
+        info: loss, which encoder the weights are, format and version that wrote them.
+
+    Raises:
+        DataError: ``roi_labels`` or the normalisation statistics do not match the ROI count, or
+            ``gradients`` have the wrong shape.
+        ConfigError: an unknown normalisation method.
     """
 
     def __init__(
@@ -103,11 +118,22 @@ class BrainJEPA(nn.Module):
     # --- use -------------------------------------------------------------------------------
 
     def encode(self, x, roi_labels: Sequence[str] | None = None) -> torch.Tensor:
-        """Token features of prepared input: x (B, R, T) -> (B, R*P, D), token r*P + t.
+        """Token features of prepared input.
 
-        ``x`` must be scaled like the training data (see :meth:`prepare`); the input is checked
-        first (:meth:`check_input`). Autograd is not switched off: wrap inference in
-        ``torch.no_grad()`` (or ``torch.inference_mode()``).
+        Autograd is not switched off: wrap inference in ``torch.no_grad()`` (or
+        ``torch.inference_mode()``).
+
+        Args:
+            x: (B, R, T) input scaled like the training data (see :meth:`prepare`); it is checked
+                first (:meth:`check_input`), its scale only when it does not come from :meth:`prepare`.
+            roi_labels: the input's ROI names, compared with the model's (a warning when they differ).
+
+        Returns:
+            (B, R*P, D), token r*P + t.
+
+        Raises:
+            DataError: input that does not fit the model (:meth:`check_input`), or an output with
+                NaN/Inf (naming the samples, and saying whether the weights are damaged).
         """
         prepared = isinstance(x, PreparedInput)
         x = self._as_input(x)
@@ -127,7 +153,15 @@ class BrainJEPA(nn.Module):
         return h
 
     def embed(self, x, roi_labels: Sequence[str] | None = None) -> torch.Tensor:
-        """Subject embeddings (B, D): token features averaged, then LayerNorm (no affine)."""
+        """Subject embeddings: token features averaged, then LayerNorm (no affine).
+
+        Args:
+            x: (B, R, T) prepared input, as for :meth:`encode`.
+            roi_labels: the input's ROI names, compared with the model's.
+
+        Returns:
+            (B, D).
+        """
         h = self.encode(x, roi_labels).mean(dim=1)
         return F.layer_norm(h, h.shape[-1:], eps=self.config.layernorm_eps)
 
@@ -139,25 +173,68 @@ class BrainJEPA(nn.Module):
         normalization: str | dict | None = None,
         name: str | None = None,
     ) -> torch.Tensor:
-        """One subject's raw (R, T) series -> the model's (R, n_timepoints) input
-        (:func:`brainjepa.inputs.prepare_series`: resampled to the model's TR, one window,
-        normalised as the model's training data)."""
+        """One subject's raw series -> the model's input (:func:`brainjepa.inputs.prepare_series`).
+
+        Resampled to the model's TR, one window, normalised as the model's training data.
+
+        Args:
+            series: (R, T) raw series.
+            tr: the series' TR in seconds (needed when the model has a TR to resample to).
+            window: "center" (the centre window) or "start" (the first n_timepoints).
+            normalization: None (the model's own), "zscore", "none", a robust dict or a fitted
+                RobustScaler.
+            name: the series' name for messages (default: its ``source_name`` attribute).
+
+        Returns:
+            (R, n_timepoints) float32, a :class:`~brainjepa.inputs.PreparedInput`.
+
+        Raises:
+            DataError: a series that cannot be used (shape, NaN/Inf, too short, another scale).
+            ConfigError: a bad ``window``, or no normalisation known.
+        """
         return prepare_series(self, series, tr, window, normalization, name)
 
     def prepare_windows(
         self, series, tr: float | None = None, normalization: str | dict | None = None, name: str | None = None
     ) -> tuple[torch.Tensor, int]:
-        """One subject's raw (R, T) series -> every window of it, and the number of time
-        patches that hold data (:func:`brainjepa.inputs.series_windows`)."""
+        """One subject's raw series -> every window of it (:func:`brainjepa.inputs.series_windows`).
+
+        Args:
+            series: (R, T) raw series.
+            tr: the series' TR in seconds.
+            normalization: None (the model's own), "zscore", "none", a robust dict or a fitted
+                RobustScaler.
+            name: the series' name for messages (default: its ``source_name`` attribute).
+
+        Returns:
+            (W, R, n_timepoints) float32 windows, and the number of time patches that hold data.
+        """
         return series_windows(self, series, tr, normalization, name)
 
     def set_normalization(self, normalization: str | dict) -> None:
-        """Record how inputs are scaled: "zscore", "none", a robust dict or a fitted RobustScaler
-        (stats per ROI, fitted on your cohort); saved with :meth:`save_pretrained`."""
+        """Record how inputs are scaled; saved with :meth:`save_pretrained`.
+
+        Args:
+            normalization: "zscore", "none", a robust dict or a fitted RobustScaler (stats per ROI,
+                fitted on your cohort).
+
+        Raises:
+            ConfigError: an unknown method, or a fitted method given by name without statistics.
+            DataError: statistics for another number of ROIs.
+        """
         self.normalization = check_normalization(normalization_dict(normalization), self.config.n_rois)
 
     def check_input(self, x, roi_labels: Sequence[str] | None = None, *, scale_checked: bool = False) -> None:
-        """Check a prepared batch (B, R, T) against the model (:func:`brainjepa.inputs.check_batch`)."""
+        """Check a prepared batch against the model (:func:`brainjepa.inputs.check_batch`).
+
+        Args:
+            x: (B, R, T) prepared input.
+            roi_labels: the input's ROI names, compared with the model's.
+            scale_checked: the scale was checked already (by :meth:`prepare`): skip that check.
+
+        Raises:
+            DataError: not 3-D, wrong ROI count, too few time points, NaN/Inf.
+        """
         check_batch(self, x, roi_labels, scale_checked=scale_checked)
 
     def _as_input(self, x) -> torch.Tensor:
@@ -168,8 +245,19 @@ class BrainJEPA(nn.Module):
     # --- save / load ----------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, provenance: dict | None = None) -> Path:
-        """Write the bundle folder (config.json, model.safetensors, gradients.csv,
-        normalization.json, provenance.json); ``provenance`` entries extend the model's."""
+        """Write the bundle folder.
+
+        The files are config.json, model.safetensors, gradients.csv, normalization.json and
+        provenance.json; the folder is built next to ``directory`` and moved into place, so an
+        interrupted save never leaves a half-written bundle.
+
+        Args:
+            directory: the bundle folder (created, or its bundle files replaced).
+            provenance: entries that extend the model's provenance.
+
+        Returns:
+            The bundle folder.
+        """
 
         final = Path(directory)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +295,19 @@ class BrainJEPA(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> BrainJEPA:
         """Load a bundle folder, or a Hugging Face Hub id "owner/name" (extra ``hub``).
 
-        Only JSON, CSV and safetensors are read. Returns the model in eval mode.
+        Only JSON, CSV and safetensors are read.
+
+        Args:
+            path: the bundle folder or hub id.
+            device: where to put the model; None: the CPU.
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            BrainJEPAError: a missing, incomplete, damaged or inconsistent bundle, or one written by a
+                newer brainjepa.
+            ConfigError: an invalid architecture or normalisation file.
         """
         folder = resolve_bundle(path)
         config = read_json(folder / CONFIG_FILE)
@@ -256,9 +356,24 @@ class BrainJEPA(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, encoder: str = "target", predictor: bool = True) -> BrainJEPA:
-        """Load a pretraining checkpoint (RUN_DIR/checkpoints/step_*.pt) with
-        ``torch.load(weights_only=True)``; gradients.csv and normalization.json come from its
-        run folder. ``encoder``: "target" (EMA, default) or "context"."""
+        """Load a pretraining checkpoint (RUN_DIR/checkpoints/step_*.pt).
+
+        The file is read with ``torch.load(weights_only=True)``; gradients.csv, normalization.json and
+        config.yaml come from its run folder (an unknown normalisation is an :class:`InputWarning`).
+
+        Args:
+            checkpoint: the checkpoint file.
+            encoder: "target" (the EMA target encoder, default) or "context".
+            predictor: also load the predictor.
+
+        Returns:
+            The model in eval mode.
+
+        Raises:
+            ConfigError: an unknown ``encoder``.
+            DataError: not a brainjepa pretraining checkpoint.
+            BrainJEPAError: an unreadable file, or weights that do not fit the architecture.
+        """
         path = Path(checkpoint)
         if encoder not in ENCODERS:
             raise ConfigError(f"encoder must be one of {sorted(ENCODERS)}, not {encoder!r}")
@@ -324,8 +439,20 @@ class BrainJEPA(nn.Module):
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> BrainJEPA:
-    """A bundle folder, a run folder (its ``bundle/``, else its latest checkpoint), a
-    checkpoint file (.pt) or a Hugging Face Hub id -> BrainJEPA in eval mode."""
+    """Load a model from whatever holds one.
+
+    Args:
+        path: a bundle folder, a run folder (its ``bundle/``, else its latest checkpoint), a
+            checkpoint file (.pt) or a Hugging Face Hub id.
+        device: where to put the model; None: the CPU.
+
+    Returns:
+        The :class:`BrainJEPA` in eval mode.
+
+    Raises:
+        BrainJEPAError: a folder that is neither a bundle nor a run folder, or what
+            :meth:`BrainJEPA.from_pretrained` / :meth:`BrainJEPA.from_checkpoint` raise.
+    """
     p = Path(path)
     if p.is_file():
         model = BrainJEPA.from_checkpoint(p)
@@ -350,8 +477,18 @@ def export_run(
     encoder: str = "target",
     predictor: bool = True,
 ) -> Path:
-    """Bundle a pretraining run's checkpoint (the latest, or ``step``) into ``out``
-    (default RUN_DIR/bundle); returns the bundle folder."""
+    """Bundle a pretraining run's checkpoint.
+
+    Args:
+        run_dir: the run folder.
+        step: the checkpoint's step; None: the latest.
+        out: the bundle folder; None: RUN_DIR/bundle.
+        encoder: "target" (the EMA target encoder, default) or "context".
+        predictor: include the predictor.
+
+    Returns:
+        The bundle folder.
+    """
     run_dir = Path(run_dir)
     checkpoint = checkpoint_path(run_dir, step)
     model = BrainJEPA.from_checkpoint(checkpoint, encoder=encoder, predictor=predictor)

@@ -57,7 +57,17 @@ SPATIAL_POSITIONS = {
 
 
 def bundle_config(model, version: str) -> dict:
-    """The content of config.json for ``model``."""
+    """The content of config.json for a model.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA` to save.
+        version: the brainjepa version writing the bundle.
+
+    Returns:
+        The JSON-ready dict: format and versions, architecture, target TR, normalisation method,
+        positional embedding in words, loss, which encoder the weights are, whether a predictor is
+        included.
+    """
     cfg = model.config
     return {
         "format": "brainjepa-bundle",
@@ -85,8 +95,22 @@ def bundle_config(model, version: str) -> dict:
 
 
 def load_torch_file(path: str | Path, *, trust_pickle: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` with clear errors; arbitrary unpickling only with
-    ``trust_pickle=True`` (and a warning), when the safe load refuses the file."""
+    """``torch.load(weights_only=True)`` on the CPU, with clear errors.
+
+    Arbitrary unpickling happens only with ``trust_pickle=True`` (and a warning), when the safe
+    load refuses the file.
+
+    Args:
+        path: the PyTorch file.
+        trust_pickle: allow full unpickling, which can run code embedded in the file.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        BrainJEPAError: a missing or unreadable file, or one the safe loader refuses without
+            ``trust_pickle``.
+    """
     path = Path(path)
     if not path.is_file():
         raise BrainJEPAError(f"{path}: checkpoint file not found")
@@ -123,6 +147,20 @@ def _unpickling_reason(exc: Exception) -> str:
 
 
 def resolve_bundle(path: str | Path) -> Path:
+    """The local folder of a bundle, downloading it first for a Hugging Face Hub id.
+
+    From the hub, only the bundle's files are fetched (never a pickle).
+
+    Args:
+        path: a bundle folder, or a hub id "owner/name" (extra ``hub``).
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        BrainJEPAError: an incomplete save, a folder without config.json, a file, a failed
+            download, or a path that is neither a folder nor a hub id.
+    """
     p = Path(path)
     partial = incomplete_path(p)
     if not (p / CONFIG_FILE).exists() and partial.is_dir():
@@ -156,6 +194,17 @@ def resolve_bundle(path: str | Path) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """Read a bundle's JSON file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its object.
+
+    Raises:
+        BrainJEPAError: a missing file, invalid JSON, or JSON that is not an object.
+    """
     try:
         with open(path) as f:
             value = json.load(f)
@@ -169,16 +218,40 @@ def read_json(path: Path) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
+    """Read a YAML file (a run's config.yaml).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its mapping; an empty file gives {}.
+    """
     with open(path) as f:
         return yaml.safe_load(f) or {}
 
 
 def sha256_json(value) -> str:
+    """The sha256 of a JSON value, independent of key order and spacing.
+
+    Args:
+        value: anything JSON can write (other objects as their ``str``).
+
+    Returns:
+        The hex digest.
+    """
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -187,6 +260,18 @@ def sha256_file(path: Path) -> str:
 
 
 def read_safetensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """Read model.safetensors on the CPU, checking its recorded sha256.
+
+    Args:
+        path: the weights file.
+        sha256: its digest from provenance.json; None: not checked.
+
+    Returns:
+        {name: tensor}.
+
+    Raises:
+        BrainJEPAError: a missing, damaged or replaced file.
+    """
     if not path.is_file():
         raise BrainJEPAError(f"{path}: missing; the bundle has no weights")
     try:
@@ -207,7 +292,18 @@ def read_safetensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
 
 
 def check_gradients_csv(path: Path, gradients: torch.Tensor) -> list[str] | None:
-    """gradients.csv must hold the model's gradient buffer; returns its ROI labels."""
+    """Check that gradients.csv holds the model's gradient buffer.
+
+    Args:
+        path: the bundle's gradients.csv.
+        gradients: (R, m) the weights' gradient buffer.
+
+    Returns:
+        The file's ROI labels, or None when it has none.
+
+    Raises:
+        BrainJEPAError: a missing file, or gradients that differ from the buffer.
+    """
 
     if not path.exists():
         raise BrainJEPAError(f"{path}: missing; the bundle needs its ROI order and gradients")
@@ -223,7 +319,14 @@ def check_gradients_csv(path: Path, gradients: torch.Tensor) -> list[str] | None
 
 
 def strip_wrappers(state: dict) -> dict:
-    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes."""
+    """Drop DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes from a state dict's keys.
+
+    Args:
+        state: the state dict.
+
+    Returns:
+        A new dict with the plain keys.
+    """
     out = {}
     for k, v in state.items():
         for prefix in ("module.", "_orig_mod."):
@@ -233,6 +336,15 @@ def strip_wrappers(state: dict) -> dict:
 
 
 def state_tensors(model) -> dict[str, torch.Tensor]:
+    """A model's state dict ready for safetensors.
+
+    Args:
+        model: the module.
+
+    Returns:
+        {name: tensor}, detached, on the CPU, contiguous, tensors that shared storage cloned
+        (safetensors refuses shared storage).
+    """
     tensors, seen = {}, set()
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -244,7 +356,17 @@ def state_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def load_tensors(model, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Load a flat {"encoder.*", "predictor.*"} dict, naming any tensor that does not fit."""
+    """Load a flat {"encoder.*", "predictor.*"} dict into a model, naming any tensor that does not fit.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        tensors: {name: tensor}, every tensor of the model's state dict and no other.
+        source: the file the tensors come from, for messages.
+
+    Raises:
+        BrainJEPAError: missing or unexpected tensors, a shape that differs from the architecture,
+            or NaN/Inf values.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -27,12 +27,23 @@ _OFFICIAL_BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "
 
 
 def map_official_state_dict(state: dict, part: str) -> dict:
-    """Rename one of the authors' state dicts (``part`` = "encoder" or "predictor") to ours.
+    """Rename one of the authors' state dicts to ours.
 
-    Strips DDP ``module.`` prefixes, renames keys, reshapes the Conv2d patch embedding (D,1,1,p)
+    Strips DDP ``module.`` prefixes, renames keys, reshapes the Conv2d patch embedding (D, 1, 1, p)
     into a Linear (D, p), and drops the fixed sine-cosine tables (we recompute them; they are
-    checked against ours so a checkpoint built with another temporal code is refused). Raises
-    DataError on any key it does not know, so nothing is silently lost.
+    checked against ours so a checkpoint built with another temporal code is refused).
+
+    Args:
+        state: the authors' encoder or predictor state dict.
+        part: "encoder" or "predictor".
+
+    Returns:
+        The state dict with our names (no ``gradients`` buffer).
+
+    Raises:
+        ValueError: another ``part``.
+        DataError: a key it does not know (so nothing is silently lost), or a sine-cosine table
+            that differs from ours.
     """
     if part not in ("encoder", "predictor"):
         raise ValueError(f"part must be 'encoder' or 'predictor', not {part!r}")
@@ -105,9 +116,24 @@ def infer_official_config(
     num_heads: int | None = None,
     predictor_num_heads: int | None = None,
 ) -> ModelConfig:
-    """Infer the architecture from the authors' tensor shapes (heads are not stored in weights:
-    by default 64-dim heads for the encoder as in ViT-S/B/L, and the encoder's head count for
-    the predictor, as in the authors' setup)."""
+    """Infer the architecture from the authors' tensor shapes.
+
+    Head counts are not stored in the weights: by default the encoder gets 64-dim heads as in
+    ViT-S/B/L, and the predictor the encoder's head count, as in the authors' setup.
+
+    Args:
+        encoder_state: the authors' encoder state dict.
+        predictor_state: the authors' predictor state dict.
+        n_timepoints: the window length the checkpoint was trained on.
+        num_heads: encoder heads; None: embed_dim // 64.
+        predictor_num_heads: predictor heads; None: the encoder's.
+
+    Returns:
+        The architecture (with the authors' min-max rescaled positions).
+
+    Raises:
+        DataError: a token count that is not a whole number of ROIs for ``n_timepoints``.
+    """
     enc = {k.removeprefix("module."): v for k, v in encoder_state.items()}
     pred = {k.removeprefix("module."): v for k, v in predictor_state.items()}
     D = enc["patch_embed.proj.weight"].shape[0]
@@ -159,9 +185,29 @@ def convert_official(
     The checkpoint is read with ``torch.load(weights_only=True)``; only ``trust_pickle=True``
     allows full unpickling (which can run arbitrary code) when that fails. Keys are mapped with
     :func:`map_official_state_dict`, the size is inferred from tensor shapes
-    (heads are not stored: ``num_heads`` defaults to 64-dim heads, 12 for ViT-B), and the
-    bundle records the authors' min-max rescaled positional embedding. ``encoder``: "target"
-    (EMA target encoder, default) or "context". ``gradients_csv`` is their (R, 30) matrix.
+    (:func:`infer_official_config`), and the bundle records the authors' min-max rescaled
+    positional embedding and an "unknown" normalisation (their statistics are not shipped).
+
+    Args:
+        checkpoint: the authors' checkpoint file.
+        gradients_csv: their (R, 30) gradient matrix.
+        out: the bundle folder to write.
+        trust_pickle: allow full unpickling when the safe load refuses the file.
+        n_timepoints: the window length the checkpoint was trained on.
+        num_heads: encoder heads (not stored in the weights); None: 64-dim heads, 12 for ViT-B.
+        predictor_num_heads: predictor heads; None: the encoder's.
+        encoder: "target" (the EMA target encoder, default) or "context".
+        predictor: include the predictor.
+        roi_labels: the ROI names; None: the labels in ``gradients_csv``, if any.
+        target_tr: the TR (seconds) of the training data, recorded in the bundle; None: unknown.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        ConfigError: an unknown ``encoder``.
+        DataError: not an authors' checkpoint, or gradients of another shape than it needs.
+        BrainJEPAError: an unreadable or refused file, or weights that do not fit.
     """
     checkpoint = Path(checkpoint)
     if encoder not in ENCODERS:

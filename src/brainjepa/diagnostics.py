@@ -55,11 +55,16 @@ MAX_POSITION_SHARE = 0.90  # tokens that are more than 90% position
 
 @torch.no_grad()
 def feature_stats(h: torch.Tensor, max_tokens: int = 512) -> dict[str, torch.Tensor]:
-    """Collapse monitor on features h (... x D, e.g. the valid target tokens, n x D).
+    """Collapse monitor on features, e.g. the valid target tokens.
 
-    ``std``: std of each feature over the tokens, averaged over features (0 when every token
-    maps to the same vector). ``cos``: mean cosine similarity between distinct tokens, at most
-    ``max_tokens`` taken evenly (1 when collapsed).
+    Args:
+        h: (..., D) features; every leading dimension counts as tokens (e.g. (n, D)).
+        max_tokens: at most this many tokens, taken evenly, enter the cosine.
+
+    Returns:
+        ``std``: the std of each feature over the tokens, averaged over features (0 when every
+        token maps to the same vector); ``cos``: the mean cosine similarity between distinct tokens
+        (1 when collapsed). Both 0-d tensors.
     """
     flat = h.reshape(-1, h.shape[-1]).float()
     std = flat.std(0).mean() if flat.shape[0] > 1 else flat.new_zeros(())
@@ -71,9 +76,18 @@ def feature_stats(h: torch.Tensor, max_tokens: int = 512) -> dict[str, torch.Ten
 
 
 def variance_shares(h: torch.Tensor) -> dict[str, float]:
-    """Shares of the variance of token features h (B x N x D) explained by the token position
-    (variance of the per-position means over samples) and by the sample (variance of the
-    per-sample means over positions), each relative to the total variance over (B, N)."""
+    """Shares of the variance of token features explained by the token position and by the sample.
+
+    The position's part is the variance of the per-position means over samples, the sample's the
+    variance of the per-sample means over positions, each relative to the total variance over
+    (B, N).
+
+    Args:
+        h: (B, N, D) token features.
+
+    Returns:
+        {"position_share": float, "subject_share": float}.
+    """
     h = h.float()
     total = h.reshape(-1, h.shape[-1]).var(0, unbiased=False).sum()
     position = h.mean(0).var(0, unbiased=False).sum()
@@ -83,7 +97,14 @@ def variance_shares(h: torch.Tensor) -> dict[str, float]:
 
 
 def effective_rank(X: torch.Tensor) -> float:
-    """exp(entropy) of the normalised squared singular values of the centred rows of X (n x D)."""
+    """exp(entropy) of the normalised squared singular values of the centred rows of X.
+
+    Args:
+        X: (n, D), e.g. the samples' mean-pooled features.
+
+    Returns:
+        The effective rank (at most n - 1; 0 when X has no variance).
+    """
     X = X.float() - X.float().mean(0, keepdim=True)
     s2 = torch.linalg.svdvals(X).pow(2)
     if float(s2.sum()) <= 0:
@@ -94,7 +115,15 @@ def effective_rank(X: torch.Tensor) -> float:
 
 
 def ema_init_share(momentum_at, step: int) -> float:
-    """prod over the first ``step`` optimizer steps of the EMA momentum (``momentum_at(s)``)."""
+    """The weight the target encoder still gives its random initialisation after ``step`` steps.
+
+    Args:
+        momentum_at: the EMA momentum of an optimizer step, ``momentum_at(s)``.
+        step: the number of optimizer steps done.
+
+    Returns:
+        The product of the momenta of steps 0 .. step - 1.
+    """
     return math.exp(sum(math.log(max(momentum_at(s), 1e-300)) for s in range(step)))
 
 
@@ -131,10 +160,24 @@ def diagnose_batch(
     center: bool = True,
     autocast=None,
 ) -> dict[str, float]:
-    """Every diagnostic of the module notes on one batch x (B x R x T, B >= 2) with its masks.
+    """Every diagnostic of the module notes on one batch with its masks.
 
-    encoder: the context encoder (for a bundle, its one encoder serves as both). The modules
-    are put in eval mode for the check and restored. Returns a flat dict of floats.
+    The modules are put in eval mode for the check and restored.
+
+    Args:
+        encoder: the context encoder (for a bundle, its one encoder serves as both).
+        target_encoder: the target encoder.
+        predictor: the predictor.
+        x: (B, R, T) input, B >= 2.
+        masks: the batch's masks.
+        loss: "smooth_l1" or "l2".
+        center: centre the targets per position, as in training.
+        autocast: a context manager for the forward passes (e.g. bf16 autocast); None: none.
+
+    Returns:
+        A flat dict of floats: loss_own, loss_other, loss_zero, loss_position, context_gain,
+        target_std, target_cos, context_std, context_cos, position_share, subject_share,
+        effective_rank.
     """
     autocast = autocast or torch.autocast("cpu", enabled=False)
     device = next(encoder.parameters()).device
@@ -175,7 +218,15 @@ def diagnose_batch(
 
 
 def problems(diag: dict[str, float], collapse_std: float = 0.1) -> list[str]:
-    """Plain-language warnings for a :func:`diagnose_batch` result (empty when healthy)."""
+    """Plain-language warnings for a :func:`diagnose_batch` result.
+
+    Args:
+        diag: the diagnostics (or their means over batches).
+        collapse_std: a feature std below this counts as collapsing.
+
+    Returns:
+        The messages; empty when healthy.
+    """
     out = []
     if diag["context_gain"] < MIN_CONTEXT_GAIN:
         out.append(
@@ -209,8 +260,21 @@ def diagnose_model(
     ``batch_size`` subjects (the first ``n_batches * batch_size`` of a seeded permutation) get
     masks drawn as in the model's training run (its recorded mask settings, else the defaults),
     and the loss and target centring it was trained with. The bundle's encoder (the EMA target
-    encoder) plays both encoders. Returns {"mean": {name: value}, "batches": [...],
-    "problems": [message, ...], "settings": {...}}.
+    encoder) plays both encoders.
+
+    Args:
+        model: the bundle (:class:`~brainjepa.bundle.BrainJEPA`), with its predictor.
+        cohort: the cohort.
+        batch_size: subjects per batch (at most the cohort's size).
+        n_batches: batches to average over (fewer when the cohort runs out).
+        seed: seed of the permutation and the masks.
+        progress: print a line per batch.
+
+    Returns:
+        {"mean": {name: value}, "batches": [...], "problems": [message, ...], "settings": {...}}.
+
+    Raises:
+        DataError: the bundle has no predictor, or the cohort has fewer than 2 subjects.
     """
 
     if model.predictor is None:
@@ -260,7 +324,14 @@ def diagnose_model(
 
 
 def format_diagnostics(result: dict) -> str:
-    """A plain-text table of :func:`diagnose_model`'s means and its verdicts."""
+    """A plain-text table of :func:`diagnose_model`'s means and its verdicts.
+
+    Args:
+        result: what :func:`diagnose_model` returned.
+
+    Returns:
+        The table, then one line per problem (or a healthy verdict).
+    """
     m = result["mean"]
     rows = [
         ("predictor loss, own context", m["loss_own"]),
@@ -292,8 +363,15 @@ DIAGNOSTIC_LOSSES = (
 
 
 def plot_diagnostics(result: dict, path: str | Path) -> Path:
-    """Bars of :func:`brainjepa.diagnostics.diagnose_model`'s predictor losses and the variance
-    shares of the target features."""
+    """Bars of :func:`diagnose_model`'s predictor losses and the variance shares of the target features.
+
+    Args:
+        result: what :func:`diagnose_model` returned.
+        path: the image file to write.
+
+    Returns:
+        The written file.
+    """
     m = result["mean"]
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [2, 1]})

@@ -41,11 +41,31 @@ class GeluLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias):
+        """Compute linear(gelu(h)), saving only h, weight and bias.
+
+        Args:
+            ctx: the autograd context.
+            h: (..., hidden) pre-activation.
+            weight: (out, hidden) linear weight (cast to h's dtype for the matmul).
+            bias: (out,) linear bias.
+
+        Returns:
+            (..., out) in h's dtype.
+        """
         ctx.save_for_backward(h, weight, bias)
         return F.linear(F.gelu(h), weight.to(h.dtype), bias.to(h.dtype))
 
     @staticmethod
     def backward(ctx, dy):
+        """Recompute gelu(h) and return the gradients of h, weight and bias.
+
+        Args:
+            ctx: the autograd context holding h, weight and bias.
+            dy: (..., out) gradient of the output.
+
+        Returns:
+            The gradients of h (h's dtype), weight and bias (their own dtypes, e.g. fp32 under autocast).
+        """
         h, weight, bias = ctx.saved_tensors
         dy = dy.to(h.dtype)
         with torch.enable_grad():
@@ -57,7 +77,15 @@ class GeluLinear(torch.autograd.Function):
 
 
 def mlp(module: MLP, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``, recomputing the GELU in the backward pass when gradients are needed."""
+    """``module(x)``, recomputing the GELU in the backward pass when gradients are needed.
+
+    Args:
+        module: the block's MLP.
+        x: (..., C) input.
+
+    Returns:
+        (..., C), the same numbers as ``module(x)``.
+    """
     h = module.fc1(x)
     if torch.is_grad_enabled() and h.requires_grad:
         return GeluLinear.apply(h, module.fc2.weight, module.fc2.bias)
@@ -65,19 +93,46 @@ def mlp(module: MLP, x: torch.Tensor) -> torch.Tensor:
 
 
 def project(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (B, N, C) -> queries, keys, values, each (B, H, N, C / H)."""
+    """The queries, keys and values of an attention layer.
+
+    Args:
+        attn: the attention layer (its qkv projection and head count H).
+        x: (B, N, C) normed tokens.
+
+    Returns:
+        Queries, keys, values, each (B, H, N, C / H).
+    """
     B, N, C = x.shape
     return attn.qkv(x).view(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
 
 
 def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
-    """Per-head outputs (B, H, N, d) -> the output projection of the merged heads (B, N, H*d)."""
+    """Merge the heads and apply the output projection.
+
+    Args:
+        attn: the attention layer (its output projection).
+        out: (B, H, N, d) per-head attention outputs.
+
+    Returns:
+        (B, N, H*d).
+    """
     B, H, N, d = out.shape
     return attn.proj(out.transpose(1, 2).reshape(B, N, H * d))
 
 
 def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx: torch.Tensor | None = None):
-    """``blk(x, key_mask)``, or only its outputs at ``query_idx`` (B, M) -> (B, M, C)."""
+    """``blk(x, key_mask)``, or only its outputs at some queries (query pruning).
+
+    Args:
+        blk: the transformer block.
+        x: (B, N, C) tokens.
+        key_mask: (B, N) bool validity of the keys, or None.
+        query_idx: (B, M) the positions whose outputs are wanted; None: all.
+
+    Returns:
+        (B, N, C), or (B, M, C) with ``query_idx``: the same numbers as those rows of
+        ``blk(x, key_mask)``.
+    """
     a = blk.norm1(x)
     if query_idx is None:
         q, k, v = project(blk.attn, a)
@@ -95,13 +150,30 @@ def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx:
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
-    """The order (B, N) that puts each row's valid tokens first, in their order (a stable sort),
-    and its padding last."""
+    """The order that puts each row's valid tokens first, in their order (a stable sort), and its padding last.
+
+    Args:
+        valid: (B, N) bool validity.
+
+    Returns:
+        (B, N) indices.
+    """
     return torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
 
 
 def cat_valid(a: torch.Tensor | None, b: torch.Tensor | None, na: int, nb: int) -> torch.Tensor | None:
-    """Validity of the concatenation of two token lists (B, na) and (B, nb); None = all valid."""
+    """Validity of the concatenation of two token lists.
+
+    Args:
+        a: (B, na) bool validity of the first list, or None (all valid).
+        b: (B, nb) bool validity of the second list, or None (all valid).
+        na: length of the first list.
+        nb: length of the second list.
+
+    Returns:
+        (B, na + nb) key-padding mask (:func:`brainjepa.model.padding_mask`), or None when every
+        token is valid.
+    """
     if a is None and b is None:
         return None
     ref = a if a is not None else b
@@ -114,8 +186,18 @@ class FastEncoder(BrainEncoder):
     """:class:`~brainjepa.model.BrainEncoder` with query pruning and recomputed GELU."""
 
     def forward(self, x, token_idx=None, token_valid=None, output_idx: torch.Tensor | None = None):
-        """As :meth:`BrainEncoder.forward`; ``output_idx`` (B, M) returns only these positions
-        of the encoded sequence, (B, M, D), and the last block works on those queries alone."""
+        """As :meth:`BrainEncoder.forward`, optionally computing only some outputs in the last block.
+
+        Args:
+            x: the input windows, (B, R, T).
+            token_idx: which tokens to encode, (B, N); None: all R*P.
+            token_valid: (B, N) bool, False for padding entries of a ragged ``token_idx``.
+            output_idx: (B, M) positions in the encoded sequence whose outputs are wanted; the last
+                block then works on those queries alone. None: all.
+
+        Returns:
+            (B, N, D) features after the final LayerNorm, or (B, M, D) with ``output_idx``.
+        """
         h = self.tokens(x)
         if token_idx is not None:
             h = gather(h, token_idx)
@@ -128,10 +210,16 @@ class FastEncoder(BrainEncoder):
 
 @dataclass
 class ContextState:
-    """The context tokens' part of the predictor's first block, which does not depend on the
-    target tokens. x: (B, Nc, C) the embedded context tokens; q, k, v: (B, H, Nc, d) their
-    projections; out, lse: (B, H, Nc, d) / (B, H, Nc) the context queries' attention over the
-    context keys and its log-sum-exp."""
+    """The context tokens' part of the predictor's first block, which does not depend on the target tokens.
+
+    Args:
+        x: (B, Nc, C) the embedded context tokens.
+        q: (B, H, Nc, d) their queries.
+        k: (B, H, Nc, d) their keys.
+        v: (B, H, Nc, d) their values.
+        out: (B, H, Nc, d) the context queries' attention over the context keys.
+        lse: (B, H, Nc) the log-sum-exp of that attention.
+    """
 
     x: torch.Tensor
     q: torch.Tensor
@@ -141,17 +229,38 @@ class ContextState:
     lse: torch.Tensor
 
     def tensors(self) -> list[torch.Tensor]:
+        """The fields in order.
+
+        Returns:
+            [x, q, k, v, out, lse].
+        """
         return [getattr(self, f.name) for f in fields(self)]
 
     def detached(self) -> ContextState:
-        """Leaf copies that collect the gradients of several passes (see :meth:`backward`)."""
+        """Leaf copies that collect the gradients of several passes (see :meth:`backward`).
+
+        Returns:
+            A state of detached tensors that require gradients.
+        """
         return ContextState(*(t.detach().requires_grad_() for t in self.tensors()))
 
     def repeat_interleave(self, k: int) -> ContextState:
+        """Every tensor repeated ``k`` times along the batch (one copy per target block).
+
+        Args:
+            k: repeats per sample.
+
+        Returns:
+            A state with batch B * k.
+        """
         return ContextState(*(t.repeat_interleave(k, 0) for t in self.tensors()))
 
     def backward(self, leaves: ContextState) -> None:
-        """Backpropagate the gradients accumulated on ``leaves`` (from :meth:`detached`)."""
+        """Backpropagate the gradients accumulated on ``leaves`` into this state's graph.
+
+        Args:
+            leaves: the state from :meth:`detached` after the passes' backward calls.
+        """
         pairs = [(t, leaf.grad) for t, leaf in zip(self.tensors(), leaves.tensors()) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward(*zip(*pairs))
@@ -165,9 +274,21 @@ def block_with_context(
     target_valid: torch.Tensor | None,
     context_outputs: bool = True,
 ) -> torch.Tensor:
-    """``blk`` on the tokens [context; t] given the context's own part: the same numbers as
-    :func:`block` on the concatenation. t: (B, Nt, C). Returns (B, Nc + Nt, C), or (B, Nt, C)
-    (the t tokens only) without ``context_outputs``."""
+    """``blk`` on the tokens [context; t] given the context's own part.
+
+    The same numbers as :func:`block` on the concatenation.
+
+    Args:
+        blk: the predictor's first block.
+        context: the context's part of that block (:meth:`FastPredictor.context_state`).
+        t: (B, Nt, C) the target (mask) tokens.
+        context_valid: (B, Nc) bool validity of the context tokens, or None.
+        target_valid: (B, Nt) bool validity of the t tokens, or None.
+        context_outputs: also compute the context tokens' outputs (needed when more blocks follow).
+
+    Returns:
+        (B, Nc + Nt, C), or (B, Nt, C) (the t tokens only) without ``context_outputs``.
+    """
     qt, kt, vt = project(blk.attn, blk.norm1(t))
     k, v = torch.cat([context.k, kt], 2), torch.cat([context.v, vt], 2)
     key_mask = cat_valid(context_valid, target_valid, context.k.shape[2], t.shape[1])
@@ -192,9 +313,19 @@ class FastPredictor(BrainPredictor):
     GELU and the shared context state."""
 
     def context_state(self, context, context_idx, context_valid=None) -> ContextState:
-        """The first block's work on the context alone (embedding, projections, the context
-        queries' attention over the context keys with its log-sum-exp), the same for every set
-        of target tokens: pass it as ``forward(..., shared=state)``."""
+        """The first block's work on the context alone, the same for every set of target tokens.
+
+        That is the embedding, the projections, and the context queries' attention over the context
+        keys with its log-sum-exp; pass it as ``forward(..., shared=state)``.
+
+        Args:
+            context: context features from the encoder, (B, Nc, D).
+            context_idx: their token positions, (B, Nc).
+            context_valid: (B, Nc) bool validity of ragged context entries, or None.
+
+        Returns:
+            The context state.
+        """
         pos = self.pos_embed(self.gradients)
         x = self.embed(context) + gather(pos, context_idx)
         first = self.blocks[0]
@@ -203,8 +334,19 @@ class FastPredictor(BrainPredictor):
         return ContextState(x, q, k, v, out, lse)
 
     def forward(self, context, context_idx, target_idx, context_valid=None, target_valid=None, shared=None):
-        """As :meth:`BrainPredictor.forward`; ``shared`` is the context's part of the first block
-        from :meth:`context_state` (then ``context`` is not used)."""
+        """As :meth:`BrainPredictor.forward`, optionally from a shared context state.
+
+        Args:
+            context: context features from the encoder, (B, Nc, D); not used with ``shared``.
+            context_idx: their token positions, (B, Nc).
+            target_idx: the token positions to predict, (B, Nt).
+            context_valid: (B, Nc) bool validity of ragged context entries, or None.
+            target_valid: (B, Nt) bool validity of ragged target entries, or None.
+            shared: the context's part of the first block from :meth:`context_state`, or None.
+
+        Returns:
+            (B, Nt, D) predictions.
+        """
         B, Nc = context_idx.shape
         blocks = list(self.blocks)
         if shared is None:

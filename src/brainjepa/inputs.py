@@ -72,14 +72,28 @@ def prepare_series(
 ) -> torch.Tensor:
     """One subject's raw (R, T) series -> the model's (R, n_timepoints) float32 input.
 
-    Resamples from ``tr`` to the model's ``target_tr`` (when the bundle has one), takes the
-    centre window (``window="start"``: the first n_timepoints) and applies the bundle's
-    normalisation, or ``normalization`` ("robust" dict / RobustScaler, "zscore", "none")
-    when given. A bundle without statistics (method "unknown") needs that choice. ``name``
-    (default: the series' ``source_name`` attribute, set for cohort scans) starts every
-    message. Errors: wrong shape, NaN/Inf, absurd magnitudes, too short, and values that
-    the model's scaling leaves far outside the training data's range (another scale);
-    a milder mismatch of scale is an :class:`InputWarning`.
+    Resamples from ``tr`` to the model's ``target_tr`` (when the bundle has one), takes one window
+    and applies the bundle's normalisation, or ``normalization`` when given. A bundle without
+    statistics (method "unknown") needs that choice. A mild mismatch of scale is an
+    :class:`InputWarning`.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA` (its config, TR and normalisation).
+        series: (R, T) raw series.
+        tr: the series' TR in seconds; without it a model with a TR warns and does not resample.
+        window: "center" (the centre window) or "start" (the first n_timepoints).
+        normalization: None (the bundle's), "zscore", "none", a "robust" dict or a fitted
+            RobustScaler.
+        name: starts every message; default: the series' ``source_name`` attribute (set for
+            cohort scans), else "prepare".
+
+    Returns:
+        (R, n_timepoints) float32, a :class:`PreparedInput`.
+
+    Raises:
+        DataError: wrong shape, NaN/Inf, absurd magnitudes, too short, or values that the model's
+            scaling leaves far outside the training data's range (another scale).
+        ConfigError: a bad ``window``, or no normalisation known.
     """
     cfg = model.config
     who = name or getattr(series, "source_name", None) or "prepare"
@@ -101,17 +115,31 @@ def prepare_series(
 def series_windows(
     model, series, tr: float | None = None, normalization: str | dict | None = None, name: str | None = None
 ) -> tuple[torch.Tensor, int]:
-    """One subject's raw (R, T) series -> every window of it: ((W, R, n_timepoints) float32,
-    n_patches_valid).
+    """One subject's raw (R, T) series -> every window of it.
 
     Resampled to ``target_tr`` as in :func:`prepare_series`; then W = ceil(T / n_timepoints)
     windows (T counted after resampling) start at evenly spaced frames from 0 to
-    T - n_timepoints (rounded), so together they cover the whole scan and the last one ends
-    at its final frame. Each window is normalised on its own, exactly as :func:`prepare_series`
-    normalises its one window. A scan shorter than one window gives one window: its real
-    frames normalised (using only them), then zeros; ``n_patches_valid`` = T // patch_size
-    says how many time patches hold data (all ``n_patches`` otherwise), and only the tokens
-    of those patches should be encoded (``token_idx``).
+    T - n_timepoints (rounded), so together they cover the whole scan and the last one ends at its
+    final frame. Each window is normalised on its own, exactly as :func:`prepare_series`
+    normalises its one window. A scan shorter than one window gives one window: its real frames
+    normalised (using only them), then zeros.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        series: (R, T) raw series.
+        tr: the series' TR in seconds.
+        normalization: None (the bundle's), "zscore", "none", a "robust" dict or a fitted
+            RobustScaler.
+        name: starts every message; default: the series' ``source_name`` attribute, else
+            "prepare_windows".
+
+    Returns:
+        (W, R, n_timepoints) float32 windows (a :class:`PreparedInput`), and n_patches_valid:
+        how many time patches hold data, T // patch_size for a short scan (all ``n_patches``
+        otherwise); only the tokens of those patches should be encoded (``token_idx``).
+
+    Raises:
+        DataError: as :func:`prepare_series`, or a scan shorter than one time patch.
     """
     cfg = model.config
     who = name or getattr(series, "source_name", None) or "prepare_windows"
@@ -145,13 +173,21 @@ def series_windows(
 
 
 def check_batch(model, x, roi_labels: Sequence[str] | None = None, *, scale_checked: bool = False) -> None:
-    """Check a prepared batch (B, R, T) against the model.
+    """Check a prepared batch against the model.
 
-    Errors (DataError): not 3-D, wrong ROI count, too few time points, NaN/Inf.
-    Warnings (InputWarning): ROI labels that differ from the model's; more time points
-    than the model uses; statistics unlike the model's normalisation (e.g. raw BOLD with
-    offsets of 1e3-1e4 fed to a model trained on scaled data, which gives chance-level
-    results).
+    Warnings (:class:`InputWarning`): ROI labels that differ from the model's; more time points
+    than the model uses; statistics unlike the model's normalisation (e.g. raw BOLD with offsets
+    of 1e3-1e4 fed to a model trained on scaled data, which gives chance-level results).
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        x: (B, R, T) prepared input.
+        roi_labels: the input's ROI names, or None (not compared).
+        scale_checked: the scale was checked already (by ``model.prepare``): skip the statistics.
+
+    Raises:
+        DataError: not 3-D, wrong ROI count, too few time points, NaN/Inf, or ROI labels of
+            another length.
     """
     cfg = model.config
     x = torch.as_tensor(x)
@@ -203,6 +239,18 @@ def check_batch(model, x, roi_labels: Sequence[str] | None = None, *, scale_chec
 
 
 def normalization_dict(normalization) -> dict:
+    """The dict form of a normalisation given by the user.
+
+    Args:
+        normalization: a fitted RobustScaler, a method name without statistics ("zscore",
+            "none", ...) or a dict.
+
+    Returns:
+        {"method": ..., plus any statistics}.
+
+    Raises:
+        ConfigError: a method that needs statistics given by name, or another type.
+    """
     if isinstance(normalization, RobustScaler):
         return normalization.to_dict()
     if isinstance(normalization, str):
@@ -220,6 +268,19 @@ def normalization_dict(normalization) -> dict:
 
 
 def check_normalization(d: dict, n_rois: int) -> dict:
+    """Check a normalisation dict against the model.
+
+    Args:
+        d: the normalisation, as in normalization.json.
+        n_rois: the model's ROI count.
+
+    Returns:
+        ``d`` itself.
+
+    Raises:
+        ConfigError: an unknown method or invalid statistics.
+        DataError: statistics for another number of ROIs.
+    """
     method = d.get("method")
     if method not in NORMALIZATION_METHODS:
         raise ConfigError(f"normalization method must be one of {NORMALIZATION_METHODS}, got {method!r}")
@@ -252,8 +313,16 @@ def _scale_fix(method: str) -> str:
 
 
 def statistics_problem(x: torch.Tensor, normalization: dict, prepared: bool = False) -> str | None:
-    """A message when prepared input (B, R, T) looks unlike what the model was trained on.
-    ``prepared``: the input came out of model.prepare (the message then cannot ask for it)."""
+    """A message when prepared input looks unlike what the model was trained on.
+
+    Args:
+        x: (B, R, T) prepared input (the first 8 samples are looked at).
+        normalization: the model's normalisation dict.
+        prepared: the input came out of model.prepare (the message then cannot ask for it).
+
+    Returns:
+        The message, or None when the input looks right.
+    """
     method = normalization["method"]
     if method == "unknown":
         method = normalization.get("expected", "unknown")
@@ -302,8 +371,20 @@ def statistics_problem(x: torch.Tensor, normalization: dict, prepared: bool = Fa
 
 
 def resampled_input(model, series, tr: float | None, who: str) -> tuple[np.ndarray, str]:
-    """A checked (R, T) float32 series at the model's TR, and a note on the resampling for
-    messages (shared by prepare and prepare_windows). ``who`` starts every message."""
+    """A checked series at the model's TR (shared by prepare and prepare_windows).
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        series: (R, T) raw series.
+        tr: its TR in seconds; None: not resampled (with a warning when the model has a TR).
+        who: starts every message.
+
+    Returns:
+        The (R, T') float32 series, and a note on the resampling for messages ("" when none).
+
+    Raises:
+        DataError: wrong shape, NaN/Inf, or absurd magnitudes.
+    """
     cfg = model.config
     x = np.asarray(series, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] != cfg.n_rois:
@@ -333,9 +414,23 @@ def resampled_input(model, series, tr: float | None, who: str) -> tuple[np.ndarr
 
 
 def normalized_window(model, x: np.ndarray, normalization, who: str) -> tuple[np.ndarray, str | None]:
-    """One (R, t) window scaled by the model's normalisation, or by ``normalization`` when given,
-    and a message when it is mildly off the training scale (None when not). A window the scaling
-    leaves far off (beyond MAX_SCALED_VALUE) is an error naming ``who``."""
+    """One window scaled by the model's normalisation, or by ``normalization`` when given.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        x: (R, t) window.
+        normalization: None (the model's), or any form :func:`normalization_dict` takes.
+        who: starts every message.
+
+    Returns:
+        The scaled (R, t) float32 window, and a message when it is mildly off the training scale
+        (None when not).
+
+    Raises:
+        ConfigError: no normalisation known (method "unknown").
+        DataError: a window the scaling leaves far off (beyond MAX_SCALED_VALUE, or a per-scan
+            method's spread more than 10 times off).
+    """
     norm = (
         model.normalization
         if normalization is None

@@ -55,6 +55,32 @@ class ModelConfig:
 
     The defaults describe the authors' published model (ViT-B, 450 ROIs, 160 time points); the
     pretraining config (:mod:`brainjepa.pretrain.config`) takes its model defaults from here.
+
+    Args:
+        n_rois: R, the number of ROIs.
+        n_timepoints: T, the time points of one input window (a multiple of ``patch_size``).
+        patch_size: time points per token.
+        n_gradients: m, the brain gradients per ROI.
+        embed_dim: encoder width D (default: ViT-B's 768).
+        depth: encoder blocks (default: 12).
+        num_heads: encoder attention heads (default: 12).
+        mlp_ratio: MLP hidden width over block width.
+        qkv_bias: biases in the query/key/value projections.
+        predictor_embed_dim: predictor width Dp (default: 384).
+        predictor_depth: predictor blocks (default: 6).
+        predictor_num_heads: predictor attention heads (default: 12).
+        pos_minmax: rescale the spatial half of the positions to [-1, 1] over all ROIs at every
+            forward, as the authors' code does.
+        pos_embed: spatial half of the positions: "gradient" (the method), "sincos" (of the ROI
+            index) or "learned" (a free R x d/2 table); the last two are the paper's ablations.
+        patch_norm: LayerNorm on the embedded patches before the positions are added
+            (docs/method.md, "Recipe").
+        drop_path: stochastic-depth rate of the last block (growing linearly from 0).
+        layernorm_eps: epsilon of every LayerNorm.
+
+    Raises:
+        ConfigError: an unknown ``pos_embed``, a depth below 1, a window that is not a whole number
+            of patches, or a width not divisible by its heads and by 4.
     """
 
     n_rois: int = 450
@@ -69,13 +95,8 @@ class ModelConfig:
     predictor_embed_dim: int = _BASE["predictor_embed_dim"]
     predictor_depth: int = _BASE["predictor_depth"]
     predictor_num_heads: int = _BASE["predictor_num_heads"]
-    # rescale the spatial half of the positions to [-1, 1] over all ROIs at every forward, as
-    # the authors' code does
     pos_minmax: bool = True
-    # spatial half of the positions: "gradient" (the method), "sincos" (of the ROI index) or
-    # "learned" (a free R x d/2 table); the last two are the paper's ablations
     pos_embed: str = "gradient"
-    # LayerNorm on the embedded patches before the positions are added (docs/method.md, "Recipe")
     patch_norm: bool = False
     drop_path: float = 0.0
     layernorm_eps: float = 1e-6
@@ -104,25 +125,53 @@ class ModelConfig:
 
     @property
     def n_patches(self) -> int:
+        """Time patches per ROI, P = n_timepoints // patch_size."""
         return self.n_timepoints // self.patch_size
 
     @property
     def n_tokens(self) -> int:
+        """Tokens per window, R * P."""
         return self.n_rois * self.n_patches
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> ModelConfig:
-        """A preset of :data:`MODEL_SIZES` with ``overrides`` (any other field)."""
+        """A preset of :data:`MODEL_SIZES` with some fields changed.
+
+        Args:
+            size: a key of :data:`MODEL_SIZES` ("tiny", "small", "base", "large").
+            **overrides: any other field of the config.
+
+        Returns:
+            The config.
+
+        Raises:
+            ConfigError: an unknown ``size``.
+        """
         if size not in MODEL_SIZES:
             raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
         return cls(**{**MODEL_SIZES[size], **overrides})
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (JSON-ready).
+
+        Returns:
+            {field: value} for every field.
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """The inverse of :meth:`to_dict`; unknown keys are an error."""
+        """The inverse of :meth:`to_dict`.
+
+        Args:
+            d: {field: value}; missing fields take their defaults.
+
+        Returns:
+            The config.
+
+        Raises:
+            ConfigError: a key that is not a field.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -134,7 +183,15 @@ class ModelConfig:
 
 
 def sincos_1d(n_positions: int, dim: int) -> torch.Tensor:
-    """Fixed sine-cosine code, (n_positions, dim): [sin(p w_i) | cos(p w_i)], w_i = 1e4^(-i / (dim/2))."""
+    """Fixed sine-cosine code: [sin(p w_i) | cos(p w_i)], w_i = 1e4^(-i / (dim/2)).
+
+    Args:
+        n_positions: positions p = 0 .. n_positions - 1.
+        dim: code width (even).
+
+    Returns:
+        (n_positions, dim) float32.
+    """
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * omega[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
@@ -146,6 +203,14 @@ class GradientPositions(nn.Module):
     spatial(r) is ``Linear(gradients[r])`` ("gradient"), the sine-cosine code of the ROI index
     ("sincos") or a learned row per ROI ("learned"). With ``minmax`` a learned spatial table is
     rescaled to [-1, 1] over all ROIs at every forward.
+
+    Args:
+        n_gradients: m, the input width of the "gradient" projection.
+        n_patches: P, time patches per ROI.
+        dim: embedding width (each half dim/2).
+        minmax: rescale the spatial half to [-1, 1] (not for "sincos").
+        kind: "gradient", "sincos" or "learned".
+        n_rois: R, the table size for "sincos" and "learned".
     """
 
     def __init__(
@@ -163,6 +228,7 @@ class GradientPositions(nn.Module):
         self.register_buffer("temporal", sincos_1d(n_patches, dim // 2), persistent=False)
 
     def forward(self, gradients: torch.Tensor) -> torch.Tensor:
+        """gradients (R, m) -> positions (R*P, dim), ROI-major."""
         spatial = self.proj(gradients) if self.kind == "gradient" else self.table  # (R, d/2)
         if self.minmax and self.kind != "sincos":  # over the whole table
             lo, hi = spatial.min(), spatial.max()
@@ -177,13 +243,18 @@ class GradientPositions(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for whole samples with probability p (training)."""
+    """Stochastic depth: drop a residual branch for whole samples with probability p (training).
+
+    Args:
+        p: drop probability (0: identity).
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) -> x (B, ...), each sample's branch kept with probability 1 - p and rescaled."""
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
@@ -191,7 +262,13 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; padding keys (``key_mask`` False) are never attended to."""
+    """Multi-head self-attention; padding keys (``key_mask`` False) are never attended to.
+
+    Args:
+        dim: width C.
+        num_heads: heads H (C // H wide each).
+        qkv_bias: biases in the query/key/value projection.
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -209,17 +286,34 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Feed-forward part of a block: Linear, GELU, Linear.
+
+    Args:
+        dim: input and output width.
+        hidden: hidden width.
+    """
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-LayerNorm transformer block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    Args:
+        dim: width C.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width over ``dim``.
+        qkv_bias: biases in the query/key/value projection.
+        drop_path: stochastic-depth probability of both branches.
+        eps: LayerNorm epsilon.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float, eps: float):
         super().__init__()
@@ -230,18 +324,33 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C), key_mask (B, N) bool or None -> (B, N, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def make_blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:
-    """``depth`` blocks whose drop-path rate grows linearly to ``cfg.drop_path``."""
+    """``depth`` blocks whose drop-path rate grows linearly from 0 to ``cfg.drop_path``.
+
+    Args:
+        cfg: the architecture (MLP ratio, biases, drop path, LayerNorm epsilon).
+        dim: block width.
+        depth: number of blocks.
+        heads: attention heads per block.
+
+    Returns:
+        The blocks.
+    """
     rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, cfg.qkv_bias, r, cfg.layernorm_eps) for r in rates)
 
 
 def init_weights(module: nn.Module) -> None:
-    """Truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms."""
+    """Truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms, in place.
+
+    Args:
+        module: every Linear and LayerNorm inside it is initialised.
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -253,15 +362,29 @@ def init_weights(module: nn.Module) -> None:
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` (B, K) of x (B, N, C), or of a shared table x (N, C) -> (B, K, C)."""
+    """Rows ``idx`` of each sample's tokens, or of one table shared by all samples.
+
+    Args:
+        x: (B, N, C) tokens, or a shared (N, C) table.
+        idx: (B, K) row indices.
+
+    Returns:
+        (B, K, C).
+    """
     if x.ndim == 2:
         return x[idx]
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
-    """A key-padding mask from a validity mask, or None when every token is real (the fastest
-    attention kernels take no mask)."""
+    """A key-padding mask from a validity mask.
+
+    Args:
+        valid: (B, N) bool, True for real tokens, or None.
+
+    Returns:
+        ``valid``, or None when every token is real (the fastest attention kernels take no mask).
+    """
     return None if valid is None or bool(valid.all()) else valid
 
 
@@ -286,7 +409,16 @@ def _positions(cfg: ModelConfig, dim: int) -> GradientPositions:
 
 
 class BrainEncoder(nn.Module):
-    """ViT over (ROI, time patch) tokens: the context encoder and the (EMA) target encoder."""
+    """ViT over (ROI, time patch) tokens: the context encoder and the (EMA) target encoder.
+
+    Args:
+        cfg: the architecture.
+        gradients: (R, m) brain gradients for the positions; None: zeros, a placeholder until the
+            real ones are loaded (e.g. from a bundle).
+
+    Raises:
+        DataError: ``gradients`` of another shape than (cfg.n_rois, cfg.n_gradients).
+    """
 
     def __init__(self, cfg: ModelConfig, gradients: torch.Tensor | None = None):
         super().__init__()
@@ -301,7 +433,17 @@ class BrainEncoder(nn.Module):
         init_weights(self)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens with their positions: x (B, R, T) -> (B, R*P, D)."""
+        """Embedded tokens with their positions.
+
+        Args:
+            x: (B, R, T) input; only the first ``n_timepoints`` time points are used.
+
+        Returns:
+            (B, R*P, D), token r*P + t.
+
+        Raises:
+            DataError: another R, or fewer than ``n_timepoints`` time points.
+        """
         cfg = self.cfg
         B, R, T = x.shape
         if R != cfg.n_rois or T < cfg.n_timepoints:
@@ -339,7 +481,16 @@ class BrainEncoder(nn.Module):
 
 
 class BrainPredictor(nn.Module):
-    """Narrow ViT that predicts target-token features from context features and positions."""
+    """Narrow ViT that predicts target-token features from context features and positions.
+
+    Args:
+        cfg: the architecture.
+        gradients: (R, m) brain gradients for the positions; None: zeros, a placeholder until the
+            real ones are loaded.
+
+    Raises:
+        DataError: ``gradients`` of another shape than (cfg.n_rois, cfg.n_gradients).
+    """
 
     def __init__(self, cfg: ModelConfig, gradients: torch.Tensor | None = None):
         super().__init__()
@@ -358,8 +509,17 @@ class BrainPredictor(nn.Module):
     def inputs(
         self, context: torch.Tensor, context_idx: torch.Tensor, target_idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The predictor's input tokens: the embedded context plus its positions (B, Nc, Dp), and
-        the mask token plus each target's position (B, Nt, Dp)."""
+        """The predictor's input tokens.
+
+        Args:
+            context: context features from the encoder, (B, Nc, D).
+            context_idx: their token positions, (B, Nc).
+            target_idx: the token positions to predict, (B, Nt).
+
+        Returns:
+            The embedded context plus its positions (B, Nc, Dp), and the mask token plus each target's
+            position (B, Nt, Dp).
+        """
         pos = self.pos_embed(self.gradients)  # (R*P, Dp)
         return self.embed(context) + gather(pos, context_idx), self.mask_token + gather(pos, target_idx)
 
@@ -398,4 +558,12 @@ class BrainPredictor(nn.Module):
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a module.
+
+    Args:
+        module: the module.
+
+    Returns:
+        The count of parameter elements (trainable or not).
+    """
     return sum(p.numel() for p in module.parameters())

@@ -28,8 +28,18 @@ LOSSES = ("smooth_l1", "l2")
 
 
 def pad_width(idx: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut or pad (with invalid entries pointing at token 0) the last dim of idx / valid to
-    ``width`` rounded up to a multiple of PAD_MULTIPLE."""
+    """Cut or pad the token lists to ``width`` rounded up to a multiple of PAD_MULTIPLE.
+
+    Padding entries are invalid and point at token 0.
+
+    Args:
+        idx: (..., n) token indices.
+        valid: (..., n) bool validity.
+        width: the wanted width before rounding (at least 1 is used).
+
+    Returns:
+        idx and valid with last dimension the rounded width.
+    """
     width = -(-max(width, 1) // PAD_MULTIPLE) * PAD_MULTIPLE
     extra = width - idx.shape[-1]
     if extra <= 0:
@@ -38,9 +48,17 @@ def pad_width(idx: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch
 
 
 def block_groups(masks: MaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Target blocks grouped by region: [(idx B x K x w, valid B x K x w)], each group cut to its
-    last column holding a valid token (only all-padding columns go; every target token stays),
-    then padded to a multiple of PAD_MULTIPLE."""
+    """Target blocks grouped by region (alpha, beta, gamma), in the order the regions first appear.
+
+    Each group is cut to its last column holding a valid token (only all-padding columns go; every
+    target token stays), then padded to a multiple of PAD_MULTIPLE.
+
+    Args:
+        masks: the batch's masks.
+
+    Returns:
+        [(idx (B, K, w), valid (B, K, w))], one pair per region.
+    """
     groups = []
     for region in dict.fromkeys(masks.regions):
         sel = torch.tensor([i for i, r in enumerate(masks.regions) if r == region])
@@ -51,16 +69,32 @@ def block_groups(masks: MaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def context_tokens(masks: MaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The context's (idx B x Nc, valid B x Nc), padded to a multiple of PAD_MULTIPLE."""
+    """The context's tokens, padded to a multiple of PAD_MULTIPLE.
+
+    Args:
+        masks: the batch's masks.
+
+    Returns:
+        idx (B, Nc) and valid (B, Nc).
+    """
     return pad_width(masks.context_idx, masks.context_valid, masks.context_idx.shape[1])
 
 
 def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch.Tensor, center: bool) -> torch.Tensor:
-    """Targets (B x M x D, float32) at tokens ``token_idx`` (B x M) of input x (B x R x T).
+    """Targets at some tokens: the target encoder's features, layer-normed.
 
-    The target encoder's features, layer-normed; with ``center`` each position's mean over the
-    batch is subtracted (which needs the full grid). Without it a
-    :class:`~brainjepa.fast.FastEncoder` computes only the requested tokens in its last block.
+    With ``center`` each position's mean over the batch is subtracted (which needs the full grid).
+    Without it a :class:`~brainjepa.fast.FastEncoder` computes only the requested tokens in its
+    last block.
+
+    Args:
+        target_encoder: the (EMA) target encoder.
+        x: (B, R, T) input.
+        token_idx: (B, M) the target tokens.
+        center: subtract each position's batch mean.
+
+    Returns:
+        (B, M, D) float32.
     """
     if not center:
         if isinstance(target_encoder, FastEncoder):
@@ -75,19 +109,44 @@ def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch
 
 
 def gather_tokens(h: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
-    """Features h (B x N x D) at tokens token_idx (B x M) -> B x M x D."""
+    """Features at some tokens.
+
+    Args:
+        h: (B, N, D) features.
+        token_idx: (B, M) token indices.
+
+    Returns:
+        (B, M, D).
+    """
     return torch.gather(h, 1, token_idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
 def token_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-token distance (... x D -> ...), averaged over features."""
+    """Per-token distance, averaged over features.
+
+    Args:
+        pred: (..., D) predictions.
+        target: (..., D) targets.
+        loss: "smooth_l1", else squared error ("l2").
+
+    Returns:
+        (...) one value per token.
+    """
     if loss == "smooth_l1":
         return F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
     return (pred - target).pow(2).mean(-1)
 
 
 def masked_block_mean(err: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-block mean over the valid tokens of per-token errors (n x w -> n); 0 if none."""
+    """Per-block mean of per-token errors over the valid tokens.
+
+    Args:
+        err: (n, w) per-token errors.
+        valid: (n, w) bool validity.
+
+    Returns:
+        (n,) the means; 0 for a block without valid tokens.
+    """
     v = valid.to(err.dtype)
     return (err * v).sum(-1) / v.sum(-1).clamp_min(1)
 
@@ -105,11 +164,23 @@ def block_loss_sum(
 ) -> torch.Tensor:
     """Predict one group of K target blocks and sum their losses over samples and blocks.
 
-    z: B x Nc x D context features at context_idx (B x Nc, validity context_valid);
-    target_idx/valid: B x K x w; targets: B x K x w x D target features at target_idx.
     Each block gets its own predictor pass (z repeated K times). A block without valid tokens
-    adds 0. ``shared``: the context state of a :class:`~brainjepa.fast.FastPredictor` for z
-    (``predictor.context_state``), reused by every pass.
+    adds 0.
+
+    Args:
+        predictor: the predictor (a :class:`~brainjepa.fast.FastPredictor` to use ``shared``).
+        z: (B, Nc, D) context features at ``context_idx``.
+        context_idx: (B, Nc) context token positions.
+        context_valid: (B, Nc) bool validity of the context tokens.
+        target_idx: (B, K, w) target token positions.
+        target_valid: (B, K, w) bool validity of the target tokens.
+        targets: (B, K, w, D) target features at ``target_idx``.
+        loss: "smooth_l1" or "l2" (:func:`token_loss`).
+        shared: the predictor's context state for z (``predictor.context_state``), reused by every
+            pass; None: each pass computes it.
+
+    Returns:
+        A scalar: the sum of the K * B block losses.
     """
     B, K, w = target_idx.shape
     D = targets.shape[-1]
@@ -124,8 +195,15 @@ def block_loss_sum(
 
 
 def split_targets(h: torch.Tensor, groups) -> list[torch.Tensor]:
-    """Cut target features h (B x M x D, the groups' tokens concatenated) into one
-    B x K x w x D tensor per group."""
+    """Cut the groups' concatenated target features into one tensor per group.
+
+    Args:
+        h: (B, M, D) target features, the groups' tokens concatenated (:func:`group_tokens`).
+        groups: the groups from :func:`block_groups`.
+
+    Returns:
+        One (B, K, w, D) tensor per group.
+    """
     out, offset = [], 0
     for idx, _ in groups:
         out.append(h[:, offset : offset + idx[0].numel()].reshape(*idx.shape, -1))
@@ -134,10 +212,24 @@ def split_targets(h: torch.Tensor, groups) -> list[torch.Tensor]:
 
 
 def group_tokens(groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """All groups' target tokens and their validity, concatenated: (B x M, B x M)."""
+    """All groups' target tokens and their validity, concatenated.
+
+    Args:
+        groups: the groups from :func:`block_groups`.
+
+    Returns:
+        idx (B, M) and valid (B, M).
+    """
     return tuple(torch.cat([t.reshape(t.shape[0], -1) for t in part], 1) for part in zip(*groups))
 
 
 def n_blocks(masks: MaskBatch) -> int:
-    """Blocks with at least one valid token (the loss's denominator), at least 1."""
+    """Blocks with at least one valid token: the loss's denominator.
+
+    Args:
+        masks: the batch's masks.
+
+    Returns:
+        Their number over the batch, at least 1.
+    """
     return max(int(masks.target_valid.any(-1).sum()), 1)

@@ -143,7 +143,11 @@ RESUMABLE_CHANGES = {
 
 
 def default_config() -> dict:
-    """Every key at its default (the schema's defaults)."""
+    """Every key at its default (the schema's defaults).
+
+    Returns:
+        A new resolved config dict (the ``tiny`` preset).
+    """
     return {s: {k: copy.deepcopy(spec[0]) for k, spec in keys.items()} for s, keys in SCHEMA.items()}
 
 
@@ -292,7 +296,18 @@ def _read_yaml(path: Path) -> dict:
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
-    """``"optim.lr=5e-4"`` -> ("optim", "lr", "5e-4" parsed as YAML)."""
+    """Parse one ``--set`` override, e.g. ``"optim.lr=5e-4"``.
+
+    Args:
+        text: ``"section.key=value"``; the value is parsed as YAML, an empty value is null.
+
+    Returns:
+        (section, key, value), e.g. ("optim", "lr", "5e-4"): YAML 1.1 leaves such a number a
+        string, which the schema check accepts.
+
+    Raises:
+        ConfigError: no ``section.key=``, an unknown section or key, or a value that is not YAML.
+    """
     key, sep, raw = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot:
@@ -329,9 +344,24 @@ def load_config(name_or_path: str | Path, overrides=()) -> dict:
 
 
 def dump_config(config: dict) -> str:
-    """The resolved config as YAML: one block per section, one line per key."""
+    """The resolved config as YAML: one block per section, one line per key.
+
+    Args:
+        config: the resolved config.
+
+    Returns:
+        The YAML text.
+    """
 
     def value(v) -> str:
+        """One value as a single line of flow-style YAML.
+
+        Args:
+            v: the value.
+
+        Returns:
+            Its YAML text.
+        """
         return yaml.safe_dump(v, default_flow_style=True).replace("\n...", "").strip()
 
     return "".join(
@@ -340,7 +370,15 @@ def dump_config(config: dict) -> str:
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-    """The keys whose values differ between two resolved configs, except :data:`RESUMABLE_CHANGES`."""
+    """The keys whose values differ between two resolved configs, except :data:`RESUMABLE_CHANGES`.
+
+    Args:
+        old: the checkpoint's config.
+        new: this run's config.
+
+    Returns:
+        One line per differing key: ``"section.key: OLD in the checkpoint, NEW now"``.
+    """
     out = []
     for section in new:
         for key, value in new[section].items():
@@ -353,6 +391,15 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 def model_config(cfg: dict, n_rois: int, n_gradients: int) -> ModelConfig:
     """The architecture of a resolved config for data with ``n_rois`` ROIs.
+
+    Args:
+        cfg: the resolved config; a null model key takes the size preset's value (else ModelConfig's
+            default).
+        n_rois: the data's ROI count.
+        n_gradients: brain gradients per ROI.
+
+    Returns:
+        The architecture.
 
     Raises:
         DataError: ``model.n_rois`` is set and differs from the data's.

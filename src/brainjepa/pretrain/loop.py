@@ -81,17 +81,30 @@ def pretrain(
 ) -> dict:
     """Pretrain a Brain-JEPA model; see the module docstring for the recipe.
 
-    config: a built-in name or YAML path (:func:`load_config`) or a config dict (partial dicts are
-    completed with defaults); data: anything :func:`brainjepa.data.open_cohort` opens (a folder of
-    series files, a manifest, a prepared store, a list of R x T arrays) — its training split is
-    used; out_dir: the run folder. ``resume`` continues from the latest checkpoint in out_dir;
-    ``max_steps`` and ``seed`` override train.max_steps / train.seed. ``stop_after`` ends this
-    call after that optimizer step (checkpointed) without changing the schedule, for jobs with a
-    time limit that will be resumed.
+    Args:
+        config: a built-in name or YAML path (:func:`load_config`) or a config dict (partial dicts
+            are completed with defaults).
+        data: anything :func:`brainjepa.data.open_cohort` opens (a folder of series files, a
+            manifest, a prepared store, a list of R x T arrays); its training split is used.
+        out_dir: the run folder.
+        resume: continue from the latest checkpoint in ``out_dir``.
+        max_steps: overrides train.max_steps.
+        seed: overrides train.seed.
+        progress: show a progress bar (else a heartbeat line every 30 s).
+        stop_after: end this call after that optimizer step (checkpointed) without changing the
+            schedule, for jobs with a time limit that will be resumed.
 
-    Returns {"run_dir", "steps", "total_steps", "final_loss", "bundle" (None unless the run
-    finished), "world_size", "rank", "models": {"encoder", "target_encoder", "predictor"}} (the
-    trained modules, for interactive use).
+    Returns:
+        {"run_dir", "steps", "total_steps", "final_loss", "bundle" (None unless the run finished),
+        "world_size", "rank", "models": {"encoder", "target_encoder", "predictor"}} (the trained
+        modules, for interactive use).
+
+    Raises:
+        ConfigError: an invalid config, checkpoints in ``out_dir`` without ``resume``, or a
+            resume whose config or process count differs from the checkpoint's.
+        DataError: data that cannot be trained on (no training scans, too few for one step,
+            gradients that do not fit).
+        BrainJEPAError: a loss that becomes NaN/Inf.
     """
     cfg = copy.deepcopy(config) if isinstance(config, dict) else load_config(config)
     train = dict(cfg.get("train") or {})
@@ -269,8 +282,15 @@ class _Batches:
         self._epoch, self._iter = None, None
 
     def step_batches(self, step: int, masker) -> list[tuple[torch.Tensor, MaskBatch]]:
-        """The (x, masks) micro-batches of optimizer step ``step``; seeds the global torch RNG
-        (drop path) for the step."""
+        """The micro-batches of one optimizer step; seeds the global torch RNG (drop path) for it.
+
+        Args:
+            step: the optimizer step (0-based).
+            masker: draws the masks of a micro-batch.
+
+        Returns:
+            ``accum_steps`` pairs (x B x R x T, masks).
+        """
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:  # a new epoch, or the first step of this call
             self.sampler.set_epoch(epoch, skip_batches=position * self.accum)
@@ -286,7 +306,15 @@ class _Batches:
         return micro
 
     def scan_names(self, step: int, cohort) -> list[str]:
-        """The scans of optimizer step ``step``'s batches (for an error message)."""
+        """The scans of one optimizer step's batches (for an error message).
+
+        Args:
+            step: the optimizer step (0-based).
+            cohort: the cohort (its scan names).
+
+        Returns:
+            The names, in batch order.
+        """
         epoch = step // self.steps_per_epoch
         replay = ShardSampler(self.sampler.n, self.batch, self.ctx.rank, self.ctx.world_size, self.seed)
         replay.set_epoch(epoch)
@@ -365,8 +393,16 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
 
 
 def nonfinite_loss_error(loss: float, step: int, names: list[str]) -> BrainJEPAError:
-    """The error for a loss that became NaN/Inf at optimizer step ``step`` (1-based), naming the
-    scans of that step's batch."""
+    """The error for a loss that became NaN/Inf, naming the scans of that step's batch.
+
+    Args:
+        loss: the loss value.
+        step: the optimizer step (1-based).
+        names: the scans of the step's batches (repeats are shown once).
+
+    Returns:
+        The error, to raise.
+    """
     unique = list(dict.fromkeys(names))
     shown = ", ".join(unique[:8]) + (f" and {len(unique) - 8} more" if len(unique) > 8 else "")
     return BrainJEPAError(
@@ -377,8 +413,16 @@ def nonfinite_loss_error(loss: float, step: int, names: list[str]) -> BrainJEPAE
 
 
 def check_gradient_inputs(cfg: dict, n_rois: int) -> None:
-    """Refuse, before any work, gradients that cannot fit the data: too many gradients for the
-    ROI count (computed gradients), or a gradient file with another ROI count or too few columns."""
+    """Refuse, before any work, gradients that cannot fit the data.
+
+    Args:
+        cfg: the resolved config (model.n_gradients, data.gradients).
+        n_rois: the data's ROI count.
+
+    Raises:
+        ConfigError: too many gradients for the ROI count (computed gradients), or a gradient file
+            with another ROI count or too few columns.
+    """
     n_grad = cfg["model"]["n_gradients"]
     path = cfg["data"]["gradients"]
     if path is None:

@@ -24,8 +24,22 @@ COLLAPSE_WARN_EVERY = 1000  # steps between repeated collapse warnings
 
 
 class Monitor:
-    """What a run reports: the progress bar or heartbeat, metrics.jsonl records with the
-    diagnostics, and warnings (collapse, the EMA's share of the initialisation)."""
+    """What a run reports: progress, metrics.jsonl records with the diagnostics, and warnings.
+
+    Progress is a progress bar or a heartbeat line; the warnings are about collapse and the
+    EMA's share of the initialisation. Only rank 0 writes and warns.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the run folder (metrics.jsonl).
+        trainer: the :class:`~brainjepa.pretrain.step.Trainer`.
+        batches: the run's data order (batch size, accumulation, steps per epoch).
+        total: the schedule's horizon in optimizer steps.
+        step: the step the run starts from.
+        resume: a resumed run keeps the metrics records up to ``step``.
+        progress: show a progress bar (else a heartbeat line every 30 s).
+        ctx: the processes (:class:`~brainjepa.pretrain.runtime.Dist`).
+    """
 
     def __init__(self, cfg, run_dir, trainer, batches, total, step, resume, progress, ctx):
         self.cfg, self.trainer, self.batches, self.ctx = cfg, trainer, batches, ctx
@@ -52,14 +66,43 @@ class Monitor:
             )
 
     def diagnose_at(self, step: int, end: int) -> bool:
+        """Whether optimizer step ``step`` runs the diagnostics (on rank 0).
+
+        Args:
+            step: the step about to run (0-based).
+            end: the step this call stops at.
+
+        Returns:
+            True every ``train.diagnose_every`` steps and at the last step (never when it is 0).
+        """
         every = self.train["diagnose_every"]
         return self.rank0 and every > 0 and ((step + 1) % every == 0 or step + 1 == end)
 
     def log_at(self, step: int, end: int) -> bool:
+        """Whether optimizer step ``step`` is logged.
+
+        Args:
+            step: the step about to run (0-based).
+            end: the step this call stops at.
+
+        Returns:
+            True every ``train.log_every`` steps, at the first step of this call and at the last.
+        """
         return (step + 1) % self.train["log_every"] == 0 or step + 1 == end or step == self.first_step
 
     def after_step(self, step: int, stats: dict, micro, monitored: bool, diagnose: bool) -> None:
-        """Book-keeping after optimizer step ``step`` (1-based); a record when it was monitored."""
+        """Book-keeping after an optimizer step; a record when it was monitored.
+
+        Args:
+            step: the step just done (1-based).
+            stats: what :meth:`~brainjepa.pretrain.step.Trainer.step` returned.
+            micro: the step's (x, masks) micro-batches.
+            monitored: the step was monitored: average the loss over ranks and write a record.
+            diagnose: also run the diagnostics on the first micro-batch.
+
+        Raises:
+            BrainJEPAError: the loss became NaN/Inf.
+        """
         self.init_share *= stats["momentum"]
         if self.bar is not None:
             self.bar.update(1)
@@ -105,6 +148,11 @@ class Monitor:
             )
 
     def heartbeat(self, step: int) -> None:
+        """A heartbeat line (when there is no progress bar), after the step's loss is known.
+
+        Args:
+            step: the step just done (1-based).
+        """
         if self._heartbeat is not None:  # after the step's loss is known
             self._heartbeat(step, self.final_loss)
 
@@ -116,6 +164,17 @@ class Monitor:
 
 
 def log_start(cfg, trainer, batches, n_rois, total, step, ctx) -> None:
+    """Log what the run is about to do: model, data, processes, precision and steps.
+
+    Args:
+        cfg: the resolved config.
+        trainer: the :class:`~brainjepa.pretrain.step.Trainer`.
+        batches: the run's data order.
+        n_rois: the data's ROI count.
+        total: the schedule's horizon in optimizer steps.
+        step: the step the run starts from.
+        ctx: the processes (:class:`~brainjepa.pretrain.runtime.Dist`).
+    """
     log.info(
         "pretraining %s (%s trainable parameters) on %d scans x %d ROIs, %d process(es) on %s, %s; %d steps of "
         "%d x %d samples (%d per epoch), from step %d",

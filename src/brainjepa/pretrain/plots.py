@@ -12,7 +12,18 @@ from ..runio import read_metrics
 
 
 def plot_loss_curve(metrics: str | Path | Sequence[dict], path: str | Path) -> Path:
-    """Pretraining loss (and learning rate, when logged) against optimizer step."""
+    """Pretraining loss (and learning rate, when logged) against optimizer step.
+
+    Args:
+        metrics: a metrics.jsonl file, or its records; those with a step and a loss are plotted.
+        path: the image file to write (loss.png in a run folder).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        DataError: no record with a step and a loss.
+    """
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     records = [r for r in records if "loss" in r and "step" in r]
     if not records:
@@ -31,7 +42,18 @@ def plot_loss_curve(metrics: str | Path | Sequence[dict], path: str | Path) -> P
 
 
 def plot_diagnostics_history(metrics: str | Path | Sequence[dict], path: str | Path) -> Path:
-    """The training-time diagnostics (``diag_*`` in metrics.jsonl) against optimizer step."""
+    """The training-time diagnostics (``diag_*`` in metrics.jsonl) against optimizer step.
+
+    Args:
+        metrics: a metrics.jsonl file, or its records; those with diagnostics are plotted.
+        path: the image file to write (diagnostics.png in a run folder).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        DataError: no diagnostics records (train.diagnose_every was 0).
+    """
     records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
     records = [r for r in records if "diag_loss_own" in r]
     if not records:

@@ -56,9 +56,19 @@ def free_memory_to_os() -> None:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 autocast where the hardware computes in bf16 natively (CUDA GPUs that
-    support it; CPUs with AVX512-BF16 or AMX, where bf16 matmuls run 4x faster than fp32),
-    fp32 elsewhere (bf16 there is emulated and no faster)."""
+    """Whether to train under bf16 autocast.
+
+    ``auto`` chooses bf16 where the hardware computes in bf16 natively (CUDA GPUs that support it;
+    CPUs with AVX512-BF16 or AMX, where bf16 matmuls run 4x faster than fp32), fp32 elsewhere (bf16
+    there is emulated and no faster).
+
+    Args:
+        precision: "auto", "bf16" or "fp32" (train.precision).
+        device: the training device.
+
+    Returns:
+        True for bf16.
+    """
     if precision == "bf16":
         return True
     if precision == "fp32":
@@ -69,16 +79,30 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX).
+
+    Returns:
+        True if so; False also where torch cannot tell.
+    """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: may move
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 @dataclass
 class Dist:
+    """This process's place in the run: rank, process count and device.
+
+    Args:
+        rank: this process's rank (0: the one that writes files).
+        world_size: the number of processes.
+        device: this process's device.
+        created: this call initialised the process group (and tears it down).
+    """
+
     rank: int
     world_size: int
     device: torch.device
-    created: bool  # this call initialised the process group (and tears it down)
+    created: bool
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -124,6 +148,21 @@ class Dist:
 
 
 def setup_distributed(device_option: str) -> Dist:
+    """Choose the device and join the process group under torchrun.
+
+    With WORLD_SIZE > 1 the process group is initialised from env:// (NCCL on GPUs, gloo on CPUs);
+    each process takes the GPU of its LOCAL_RANK.
+
+    Args:
+        device_option: train.device: "auto" (this process's GPU if there is one, else the CPU),
+            "cpu", "cuda" or "cuda:N".
+
+    Returns:
+        The process's :class:`Dist`.
+
+    Raises:
+        ConfigError: not a device, or CUDA asked for where it is not available.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_option == "auto":
@@ -149,6 +188,14 @@ def setup_distributed(device_option: str) -> Dist:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB.
+
+    Args:
+        device: on CUDA the peak allocated by tensors, else the process's peak resident memory.
+
+    Returns:
+        The peak in MiB.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -159,8 +206,14 @@ class ShardSampler(torch.utils.data.Sampler):
 
     The permutation of the ``n`` samples is a function of (seed, epoch) only; it is padded by
     wrapping around to a multiple of ``world_size`` (as DistributedSampler does) and rank r takes
-    every world_size-th entry from r. Each rank yields ``n_batches * batch_size`` indices;
-    ``set_epoch(epoch, skip_batches=k)`` starts the epoch after its first k batches (resume).
+    every world_size-th entry from r. Each rank yields ``n_batches * batch_size`` indices.
+
+    Args:
+        n: the number of samples.
+        batch_size: samples per batch.
+        rank: this process's rank.
+        world_size: the number of processes.
+        seed: the run's seed.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -171,6 +224,12 @@ class ShardSampler(torch.utils.data.Sampler):
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Choose the epoch to iterate, and where in it to start.
+
+        Args:
+            epoch: the epoch (sets the permutation).
+            skip_batches: start after the epoch's first ``skip_batches`` batches (resume).
+        """
         self.epoch, self.skip = int(epoch), int(skip_batches)
 
     def __len__(self) -> int:

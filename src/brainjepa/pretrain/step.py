@@ -137,15 +137,25 @@ class Trainer:
                 os.environ.setdefault(name, value)
 
     def share_context(self) -> bool:
-        """Whether the predictor's context part is computed once per micro-batch: where the CPU
-        attention kernel runs anyway (its log-sum-exp output makes the sharing exact), and
-        neither DDP (its gradient hooks expect one backward per forward) nor torch.compile (it
-        compiles the predictor's plain forward) is in use."""
+        """Whether the predictor's context part is computed once per micro-batch.
+
+        It is where the CPU attention kernel runs anyway (its log-sum-exp output makes the sharing
+        exact), and neither DDP (its gradient hooks expect one backward per forward) nor torch.compile
+        (it compiles the predictor's plain forward) is in use.
+
+        Returns:
+            True when the context part is shared.
+        """
         if self.ddp or self.compiled:
             return False
         return uses_chunked_attention(self.device, torch.bfloat16 if self.bf16 else torch.float32)
 
     def autocast(self):
+        """The autocast context of this run's forward passes.
+
+        Returns:
+            bf16 autocast on the training device, disabled in fp32.
+        """
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _sync(self, module: nn.Module, sync: bool):
@@ -236,8 +246,17 @@ class Trainer:
         return {"lr": lr, "wd": wd, "momentum": self.schedule.momentum_at(step)}
 
     def diagnose(self, x: torch.Tensor, masks: MaskBatch) -> dict[str, float]:
-        """:func:`brainjepa.diagnostics.diagnose_batch` on one micro-batch, with this run's
-        modules, loss and target centring."""
+        """:func:`brainjepa.diagnostics.diagnose_batch` on one micro-batch.
+
+        With this run's modules, loss and target centring.
+
+        Args:
+            x: (B, R, T) input.
+            masks: its masks.
+
+        Returns:
+            The diagnostics, a flat dict of floats.
+        """
         return diagnose_batch(
             self.encoder,
             self.target_encoder,
@@ -250,6 +269,11 @@ class Trainer:
         )
 
     def state_dict(self) -> dict:
+        """What a checkpoint holds of the trainer.
+
+        Returns:
+            The state dicts of the encoder, the target encoder, the predictor and the optimizer.
+        """
         return {
             "encoder": self.encoder.state_dict(),
             "target_encoder": self.target_encoder.state_dict(),
@@ -258,6 +282,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the networks and the optimizer from a checkpoint.
+
+        Args:
+            state: a checkpoint with the entries of :meth:`state_dict`.
+        """
         self.encoder.load_state_dict(state["encoder"])
         self.target_encoder.load_state_dict(state["target_encoder"])
         self.predictor.load_state_dict(state["predictor"])
