@@ -329,28 +329,14 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def make_blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:
-    """``depth`` blocks whose drop-path rate grows linearly from 0 to ``cfg.drop_path``.
-
-    Args:
-        cfg: the architecture (MLP ratio, biases, drop path, LayerNorm epsilon).
-        dim: block width.
-        depth: number of blocks.
-        heads: attention heads per block.
-
-    Returns:
-        The blocks.
-    """
+def _blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:
+    """``depth`` blocks whose drop-path rate grows linearly from 0 to ``cfg.drop_path``."""
     rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList(Block(dim, heads, cfg.mlp_ratio, cfg.qkv_bias, r, cfg.layernorm_eps) for r in rates)
 
 
-def init_weights(module: nn.Module) -> None:
-    """Truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms, in place.
-
-    Args:
-        module: every Linear and LayerNorm inside it is initialised.
-    """
+def _init_weights(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms, in place."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -428,9 +414,9 @@ class BrainEncoder(nn.Module):
         self.patch_embed = nn.Linear(cfg.patch_size, D)
         self.patch_norm = nn.LayerNorm(D, eps=cfg.layernorm_eps) if cfg.patch_norm else nn.Identity()
         self.pos_embed = _positions(cfg, D)
-        self.blocks = make_blocks(cfg, D, cfg.depth, cfg.num_heads)
+        self.blocks = _blocks(cfg, D, cfg.depth, cfg.num_heads)
         self.norm = nn.LayerNorm(D, eps=cfg.layernorm_eps)
-        init_weights(self)
+        _init_weights(self)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Embedded tokens with their positions.
@@ -500,10 +486,10 @@ class BrainPredictor(nn.Module):
         self.embed = nn.Linear(cfg.embed_dim, Dp)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dp))
         self.pos_embed = _positions(cfg, Dp)
-        self.blocks = make_blocks(cfg, Dp, cfg.predictor_depth, cfg.predictor_num_heads)
+        self.blocks = _blocks(cfg, Dp, cfg.predictor_depth, cfg.predictor_num_heads)
         self.norm = nn.LayerNorm(Dp, eps=cfg.layernorm_eps)
         self.proj = nn.Linear(Dp, cfg.embed_dim)
-        init_weights(self)
+        _init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def inputs(
