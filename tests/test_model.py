@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from brainjepa.convert import infer_official_config, map_official_state_dict
+from brainjepa.diagnostics import count_parameters
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.model import (
     BrainEncoder,
     BrainPredictor,
     ModelConfig,
-    count_parameters,
     sincos_1d,
 )
 

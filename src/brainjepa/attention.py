@@ -34,6 +34,8 @@ import torch.nn.functional as F
 __all__ = [
     "attention",
     "merge_attention",
+    "padding_mask",
+    "cat_valid",
     "uses_chunked_attention",
     "ChunkedAttention",
     "set_attention_backend",
@@ -137,6 +139,39 @@ def attention(
         return _chunked_entry()(q, k, v, key_mask, self_attention, return_lse)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """A key-padding mask from a validity mask.
+
+    Args:
+        valid: (B, N) bool, True for real tokens, or None.
+
+    Returns:
+        ``valid``, or None when every token is real (the fastest attention kernels take no mask).
+    """
+    return None if valid is None or bool(valid.all()) else valid
+
+
+def cat_valid(a: torch.Tensor | None, b: torch.Tensor | None, na: int, nb: int) -> torch.Tensor | None:
+    """Validity of the concatenation of two token lists.
+
+    Args:
+        a: (B, na) bool validity of the first list, or None (all valid).
+        b: (B, nb) bool validity of the second list, or None (all valid).
+        na: length of the first list.
+        nb: length of the second list.
+
+    Returns:
+        (B, na + nb) key-padding mask (:func:`padding_mask`), or None when every
+        token is valid.
+    """
+    if a is None and b is None:
+        return None
+    ref = a if a is not None else b
+    a = a if a is not None else ref.new_ones(ref.shape[0], na)
+    b = b if b is not None else ref.new_ones(ref.shape[0], nb)
+    return padding_mask(torch.cat([a, b], dim=1))
 
 
 def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,11 @@ from torch import nn
 from .data import CohortSeries
 from .errors import DataError
 from .masking import MaskBatch, SpatiotemporalMasker
+from .model import gather
 from .objective import (
     block_groups,
     block_loss_sum,
     context_tokens,
-    gather_tokens,
     group_tokens,
     masked_block_mean,
     n_blocks,
@@ -143,7 +143,7 @@ def _position_floor(full: torch.Tensor, groups, loss: str, blocks: int) -> float
     total = 0.0
     for idx, valid in groups:
         flat = idx.reshape(B, -1)
-        err = token_loss(gather_tokens(loo, flat), gather_tokens(full, flat), loss).reshape(idx.shape)
+        err = token_loss(gather(loo, flat), gather(full, flat), loss).reshape(idx.shape)
         total += float(masked_block_mean(err, valid).sum())
     return total / blocks
 
@@ -194,7 +194,7 @@ def diagnose_batch(
         raw = F.layer_norm(raw.float(), raw.shape[-1:])
         full = raw - raw.mean(0, keepdim=True) if center else raw  # the training targets
         tokens, valid = group_tokens(groups)
-        targets = split_targets(gather_tokens(full, tokens), groups)
+        targets = split_targets(gather(full, tokens), groups)
         out: dict[str, float] = {}
         for name, inp in (("own", x), ("other", x.roll(1, 0)), ("zero", torch.zeros_like(x))):
             with autocast:
@@ -205,7 +205,7 @@ def diagnose_batch(
         out["loss_position"] = _position_floor(full, groups, loss, blocks)
         out["context_gain"] = out["loss_other"] / max(out["loss_own"], 1e-12) - 1.0
         # collapse statistics on the un-centred features at the valid target tokens
-        valid_h = gather_tokens(raw, tokens)[valid]
+        valid_h = gather(raw, tokens)[valid]
         for prefix, feats in (("target", valid_h), ("context", valid_z)):
             stats = feature_stats(feats)
             out[f"{prefix}_std"], out[f"{prefix}_cos"] = float(stats["std"]), float(stats["cos"])
@@ -384,3 +384,15 @@ def plot_diagnostics(result: dict, path: str | Path) -> Path:
     ax2.set_ylim(0, 1)
     ax2.set_title("target variance share")
     return save_figure(fig, path)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a module.
+
+    Args:
+        module: the module.
+
+    Returns:
+        The count of parameter elements (trainable or not).
+    """
+    return sum(p.numel() for p in module.parameters())

@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .attention import attention, merge_attention
-from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, gather, padding_mask
+from .attention import attention, cat_valid, merge_attention, padding_mask
+from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, gather
 
 
 class GeluLinear(torch.autograd.Function):
@@ -159,27 +159,6 @@ def valid_first(valid: torch.Tensor) -> torch.Tensor:
         (B, N) indices.
     """
     return torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
-
-
-def cat_valid(a: torch.Tensor | None, b: torch.Tensor | None, na: int, nb: int) -> torch.Tensor | None:
-    """Validity of the concatenation of two token lists.
-
-    Args:
-        a: (B, na) bool validity of the first list, or None (all valid).
-        b: (B, nb) bool validity of the second list, or None (all valid).
-        na: length of the first list.
-        nb: length of the second list.
-
-    Returns:
-        (B, na + nb) key-padding mask (:func:`brainjepa.model.padding_mask`), or None when every
-        token is valid.
-    """
-    if a is None and b is None:
-        return None
-    ref = a if a is not None else b
-    a = a if a is not None else ref.new_ones(ref.shape[0], na)
-    b = b if b is not None else ref.new_ones(ref.shape[0], nb)
-    return padding_mask(torch.cat([a, b], dim=1))
 
 
 class FastEncoder(BrainEncoder):

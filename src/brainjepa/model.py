@@ -6,15 +6,11 @@ points plus its position ``[temporal | spatial]``, each half d/2 wide: a fixed s
 of t, and a learned linear map of ROI r's row of brain gradients (R x m, see
 :mod:`brainjepa.gradients`).
 
-- :class:`BrainEncoder`: a ViT over the tokens it is given (all, or the context tokens). The
-  context encoder and its EMA copy, the target encoder, are both this class.
-- :class:`BrainPredictor`: a narrow ViT that reads the context features and, at each target
-  position, a learned mask token plus that position's embedding, and predicts the target
-  encoder's feature there.
-
-Ragged batches carry a boolean validity mask (True = a real token) that becomes a key-padding
-mask. This module computes everything the plain way; :mod:`brainjepa.fast` holds the exact
-shortcuts the training step uses (tested equal to this module).
+:class:`BrainEncoder` is a ViT over the tokens it is given (the context encoder and its EMA copy,
+the target encoder); :class:`BrainPredictor` a narrow ViT that reads the context features and, at
+each target position, a mask token plus that position's embedding. Ragged batches carry a
+validity mask (True = a real token). This module computes everything the plain way;
+:mod:`brainjepa.fast` holds the exact shortcuts the training step takes, tested equal to it.
 """
 
 from __future__ import annotations
@@ -25,25 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, cat_valid, padding_mask
 from .errors import ConfigError, DataError
 
 # ----------------------------------------------------------------------------- configuration
 
 # Architecture presets. Encoder sizes follow ViT-S/B/L; predictor widths and depths follow the
 # paper (384 for B and L, 192 for S; depth 6, 12 for L). "tiny" is for CPU tests and demos.
+# fmt: off
 MODEL_SIZES: dict[str, dict] = {
-    "tiny": dict(embed_dim=192, depth=4, num_heads=3, predictor_embed_dim=96, predictor_depth=2, predictor_num_heads=3),
-    "small": dict(
-        embed_dim=384, depth=12, num_heads=6, predictor_embed_dim=192, predictor_depth=6, predictor_num_heads=6
-    ),
-    "base": dict(
-        embed_dim=768, depth=12, num_heads=12, predictor_embed_dim=384, predictor_depth=6, predictor_num_heads=12
-    ),
-    "large": dict(
-        embed_dim=1024, depth=24, num_heads=16, predictor_embed_dim=384, predictor_depth=12, predictor_num_heads=16
-    ),
+    "tiny":  dict(embed_dim=192,  depth=4,  num_heads=3,  predictor_embed_dim=96,  predictor_depth=2,  predictor_num_heads=3),   # noqa: E501
+    "small": dict(embed_dim=384,  depth=12, num_heads=6,  predictor_embed_dim=192, predictor_depth=6,  predictor_num_heads=6),   # noqa: E501
+    "base":  dict(embed_dim=768,  depth=12, num_heads=12, predictor_embed_dim=384, predictor_depth=6,  predictor_num_heads=12),  # noqa: E501
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, predictor_embed_dim=384, predictor_depth=12, predictor_num_heads=16),  # noqa: E501
 }
+# fmt: on
 _BASE = MODEL_SIZES["base"]  # a bare ModelConfig() is the authors' ViT-B
 
 POS_EMBEDS = ("gradient", "sincos", "learned")
@@ -135,14 +127,11 @@ class ModelConfig:
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> ModelConfig:
-        """A preset of :data:`MODEL_SIZES` with some fields changed.
+        """A preset of :data:`MODEL_SIZES` ("tiny", "small", "base", "large") with some fields changed.
 
         Args:
-            size: a key of :data:`MODEL_SIZES` ("tiny", "small", "base", "large").
+            size: the preset.
             **overrides: any other field of the config.
-
-        Returns:
-            The config.
 
         Raises:
             ConfigError: an unknown ``size``.
@@ -152,11 +141,7 @@ class ModelConfig:
         return cls(**{**MODEL_SIZES[size], **overrides})
 
     def to_dict(self) -> dict:
-        """The config as a plain dict (JSON-ready).
-
-        Returns:
-            {field: value} for every field.
-        """
+        """The config as a plain dict, {field: value}, ready for JSON."""
         return asdict(self)
 
     @classmethod
@@ -165,9 +150,6 @@ class ModelConfig:
 
         Args:
             d: {field: value}; missing fields take their defaults.
-
-        Returns:
-            The config.
 
         Raises:
             ConfigError: a key that is not a field.
@@ -362,18 +344,6 @@ def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
-    """A key-padding mask from a validity mask.
-
-    Args:
-        valid: (B, N) bool, True for real tokens, or None.
-
-    Returns:
-        ``valid``, or None when every token is real (the fastest attention kernels take no mask).
-    """
-    return None if valid is None or bool(valid.all()) else valid
-
-
 def _check_gradients(gradients, cfg: ModelConfig) -> torch.Tensor:
     if gradients is None:  # a placeholder until real gradients are loaded (e.g. from a bundle)
         return torch.zeros(cfg.n_rois, cfg.n_gradients)
@@ -531,25 +501,7 @@ class BrainPredictor(nn.Module):
         """
         ctx, tgt = self.inputs(context, context_idx, target_idx)
         h = torch.cat([ctx, tgt], dim=1)
-        key_mask = None
-        if context_valid is not None or target_valid is not None:
-            valid = [
-                torch.ones(v_shape, dtype=torch.bool, device=h.device) if v is None else v
-                for v, v_shape in ((context_valid, ctx.shape[:2]), (target_valid, tgt.shape[:2]))
-            ]
-            key_mask = padding_mask(torch.cat(valid, dim=1))
+        key_mask = cat_valid(context_valid, target_valid, ctx.shape[1], tgt.shape[1])
         for block in self.blocks:
             h = block(h, key_mask)
         return self.proj(self.norm(h[:, ctx.shape[1] :]))
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters of a module.
-
-    Args:
-        module: the module.
-
-    Returns:
-        The count of parameter elements (trainable or not).
-    """
-    return sum(p.numel() for p in module.parameters())

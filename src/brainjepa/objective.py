@@ -18,6 +18,7 @@ from torch import nn
 
 from .fast import FastEncoder
 from .masking import MaskBatch
+from .model import gather
 
 # Padded token lists are rounded up to a multiple of this (extra entries invalid). Sequence
 # lengths then come from a small set, and so do the matmul shapes: oneDNN (bf16 on CPU) compiles
@@ -100,25 +101,12 @@ def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch
         if isinstance(target_encoder, FastEncoder):
             h = target_encoder(x, output_idx=token_idx)
         else:
-            h = gather_tokens(target_encoder(x), token_idx)
+            h = gather(target_encoder(x), token_idx)
         return F.layer_norm(h.float(), h.shape[-1:])
     full = target_encoder(x)
     full = F.layer_norm(full.float(), full.shape[-1:])
     full = full - full.mean(0, keepdim=True)
-    return gather_tokens(full, token_idx)
-
-
-def gather_tokens(h: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
-    """Features at some tokens.
-
-    Args:
-        h: (B, N, D) features.
-        token_idx: (B, M) token indices.
-
-    Returns:
-        (B, M, D).
-    """
-    return torch.gather(h, 1, token_idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    return gather(full, token_idx)
 
 
 def token_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:

@@ -16,11 +16,10 @@ import numpy as np
 
 from ..bundle import load_model
 from ..data import open_cohort
-from ..diagnostics import MIN_CONTEXT_GAIN, diagnose_model, format_diagnostics, plot_diagnostics
+from ..diagnostics import MIN_CONTEXT_GAIN, count_parameters, diagnose_model, format_diagnostics, plot_diagnostics
 from ..errors import ConfigError, require
 from ..evaluate import MODEL, READOUTS, probe_cohort, probe_features
 from ..gradients import BrainGradients, connectivity, plot_gradients, save_gradients_csv
-from ..model import count_parameters
 from ..pretrain import load_config, pretrain
 from ..pretrain.plots import plot_diagnostics_history, plot_loss_curve
 from ..runio import read_metrics
