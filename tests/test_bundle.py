@@ -173,8 +173,9 @@ def test_prepare_resamples_windows_and_normalises():
     assert np.allclose(
         model.prepare(series, tr=2.0, normalization="zscore").numpy(), zscore(center_window(series, 32)), atol=1e-6
     )
-    with pytest.warns(InputWarning, match="tr="):
+    with pytest.warns(InputWarning, match="tr=") as caught:
         model.prepare(series)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     with pytest.raises(DataError, match="ROIs"):
         model.prepare(series[:4], tr=2.0)
     with pytest.raises(DataError, match="shorter"):

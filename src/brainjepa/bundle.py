@@ -165,51 +165,10 @@ class BrainJEPA(nn.Module):
         h = self.encode(x, roi_labels).mean(dim=1)
         return F.layer_norm(h, h.shape[-1:], eps=self.config.layernorm_eps)
 
-    def prepare(
-        self,
-        series,
-        tr: float | None = None,
-        window: str = "center",
-        normalization: str | dict | None = None,
-        name: str | None = None,
-    ) -> torch.Tensor:
-        """One subject's raw series -> the model's input (:func:`brainjepa.inputs.prepare_series`).
-
-        Resampled to the model's TR, one window, normalised as the model's training data.
-
-        Args:
-            series: (R, T) raw series.
-            tr: the series' TR in seconds (needed when the model has a TR to resample to).
-            window: "center" (the centre window) or "start" (the first n_timepoints).
-            normalization: None (the model's own), "zscore", "none", a robust dict or a fitted
-                RobustScaler.
-            name: the series' name for messages (default: its ``source_name`` attribute).
-
-        Returns:
-            (R, n_timepoints) float32, a :class:`~brainjepa.inputs.PreparedInput`.
-
-        Raises:
-            DataError: a series that cannot be used (shape, NaN/Inf, too short, another scale).
-            ConfigError: a bad ``window``, or no normalisation known.
-        """
-        return prepare_series(self, series, tr, window, normalization, name)
-
-    def prepare_windows(
-        self, series, tr: float | None = None, normalization: str | dict | None = None, name: str | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """One subject's raw series -> every window of it (:func:`brainjepa.inputs.series_windows`).
-
-        Args:
-            series: (R, T) raw series.
-            tr: the series' TR in seconds.
-            normalization: None (the model's own), "zscore", "none", a robust dict or a fitted
-                RobustScaler.
-            name: the series' name for messages (default: its ``source_name`` attribute).
-
-        Returns:
-            (W, R, n_timepoints) float32 windows, and the number of time patches that hold data.
-        """
-        return series_windows(self, series, tr, normalization, name)
+    # preparing raw series and checking prepared input (brainjepa.inputs), as methods
+    prepare = prepare_series
+    prepare_windows = series_windows
+    check_input = check_batch
 
     def set_normalization(self, normalization: str | dict) -> None:
         """Record how inputs are scaled; saved with :meth:`save_pretrained`.
@@ -223,19 +182,6 @@ class BrainJEPA(nn.Module):
             DataError: statistics for another number of ROIs.
         """
         self.normalization = check_normalization(normalization_dict(normalization), self.config.n_rois)
-
-    def check_input(self, x, roi_labels: Sequence[str] | None = None, *, scale_checked: bool = False) -> None:
-        """Check a prepared batch against the model (:func:`brainjepa.inputs.check_batch`).
-
-        Args:
-            x: (B, R, T) prepared input.
-            roi_labels: the input's ROI names, compared with the model's.
-            scale_checked: the scale was checked already (by :meth:`prepare`): skip that check.
-
-        Raises:
-            DataError: not 3-D, wrong ROI count, too few time points, NaN/Inf.
-        """
-        check_batch(self, x, roi_labels, scale_checked=scale_checked)
 
     def _as_input(self, x) -> torch.Tensor:
         p = next(self.encoder.parameters())

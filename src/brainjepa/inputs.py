@@ -108,7 +108,7 @@ def prepare_series(
     x = center_window(x, cfg.n_timepoints) if window == "center" else x[:, : cfg.n_timepoints]
     out, problem = normalized_window(model, x, normalization, who)
     if problem:
-        warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=4)
+        warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
     return torch.from_numpy(out).as_subclass(PreparedInput)
 
 
@@ -157,14 +157,14 @@ def series_windows(
         # statistics of the real frames only: the padding must not shift the scaling
         window[:, :n_frames], problem = normalized_window(model, x, normalization, who)
         if problem:
-            warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=4)
+            warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
         return torch.from_numpy(window[None]).as_subclass(PreparedInput), n_valid
     n_windows = -(-n_frames // length)
     starts = np.rint(np.linspace(0, n_frames - length, n_windows)).astype(int)
     scaled = [normalized_window(model, x[:, s : s + length], normalization, who) for s in starts]
     problem = next((pr for _, pr in scaled if pr), None)
     if problem:  # once per series
-        warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=4)
+        warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
     windows = np.stack([w for w, _ in scaled])
     return (
         torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).as_subclass(PreparedInput),
@@ -235,7 +235,7 @@ def check_batch(model, x, roi_labels: Sequence[str] | None = None, *, scale_chec
         return
     problem = statistics_problem(x[:, :, : cfg.n_timepoints], model.normalization)
     if problem:
-        warnings.warn(problem, InputWarning, stacklevel=4)
+        warnings.warn(problem, InputWarning, stacklevel=3)
 
 
 def normalization_dict(normalization) -> dict:
