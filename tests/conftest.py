@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from brainjepa.model import ModelConfig
+
 
 def write_manifest(folder, rows, columns=("path", "subject", "tr", "age", "group")):
     """folder/manifest.csv with ``columns`` as header and ``rows``; returns its path."""
@@ -66,3 +68,18 @@ def check_png(path, fig, dpi: int = 120) -> np.ndarray:
 def line_data(ax) -> list[tuple[list, list]]:
     """(x, y) of every line drawn on a matplotlib Axes, as plain lists."""
     return [(list(map(float, line.get_xdata())), list(map(float, line.get_ydata()))) for line in ax.get_lines()]
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    """A 6-ROI, 64-frame model config small enough for exact float64 checks, with changes ``kw``."""
+    base = dict(
+        n_rois=6,
+        n_timepoints=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        predictor_embed_dim=16,
+        predictor_depth=1,
+        predictor_num_heads=2,
+    )
+    return ModelConfig(**{**base, **kw})

@@ -5,26 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_cfg
 
 from brainjepa import fast
 from brainjepa.fast import FastEncoder, FastPredictor
-from brainjepa.model import MLP, BrainEncoder, BrainPredictor, ModelConfig
+from brainjepa.model import MLP, BrainEncoder, BrainPredictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        n_rois=6,
-        n_timepoints=64,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        predictor_embed_dim=16,
-        predictor_depth=1,
-        predictor_num_heads=2,
-    )
-    return ModelConfig(**{**base, **kw})
 
 
 def pair(reference_cls, fast_cls, cfg):

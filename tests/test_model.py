@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 from safetensors.torch import load_file
 
 from brainjepa.convert import infer_official_config, map_official_state_dict
@@ -21,20 +22,6 @@ from brainjepa.model import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official_parity"
-
-
-def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(
-        n_rois=6,
-        n_timepoints=64,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        predictor_embed_dim=16,
-        predictor_depth=1,
-        predictor_num_heads=2,
-    )
-    return ModelConfig(**{**base, **kw})
 
 
 @pytest.mark.parametrize("size,spec", [("small", 21e6), ("base", 85e6), ("large", 302e6)])
