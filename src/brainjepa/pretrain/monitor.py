@@ -53,17 +53,18 @@ class Monitor:
         self._heartbeat = Heartbeat(total) if self.rank0 and self.bar is None else None  # a line every 30 s
         self.init_share = ema_init_share(trainer.schedule.momentum_at, step)  # of the target encoder
         self.last_time, self.last_step, self.last_warn, self.final_loss = time.perf_counter(), step, None, None
-        final_share = ema_init_share(trainer.schedule.momentum_at, total)
-        if self.rank0 and step == 0 and final_share > 0.5:
-            log.warning(
-                "the EMA schedule (optim.ema_start %g -> ema_end %g over %d steps) leaves %.0f%% of the target "
-                "encoder's random initialisation in it at the end: lower optim.ema_start / optim.ema_end for a "
-                "run this short",
-                cfg["optim"]["ema_start"],
-                cfg["optim"]["ema_end"],
-                total,
-                100 * final_share,
-            )
+        if self.rank0 and step == 0:  # a new run: will the EMA forget its random initialisation?
+            final_share = ema_init_share(trainer.schedule.momentum_at, total)
+            if final_share > 0.5:
+                log.warning(
+                    "the EMA schedule (optim.ema_start %g -> ema_end %g over %d steps) leaves %.0f%% of the target "
+                    "encoder's random initialisation in it at the end: lower optim.ema_start / optim.ema_end for "
+                    "a run this short",
+                    cfg["optim"]["ema_start"],
+                    cfg["optim"]["ema_end"],
+                    total,
+                    100 * final_share,
+                )
 
     def diagnose_at(self, step: int, end: int) -> bool:
         """Whether optimizer step ``step`` runs the diagnostics (on rank 0).
