@@ -42,8 +42,12 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, start: float,
     """
     if step < warmup:
         return start + (peak - start) * step / warmup
-    span = total - 1 - warmup
-    return cosine(peak, final, 1.0 if span <= 0 else (step - warmup) / span)
+    return cosine(peak, final, _progress(step, warmup, total - 1))
+
+
+def _progress(step: int, first: int, last: int) -> float:
+    """Where ``step`` lies from ``first`` (0) to ``last`` (1), clipped; 1 when they coincide."""
+    return 1.0 if last <= first else min(max((step - first) / (last - first), 0.0), 1.0)
 
 
 @dataclass
@@ -136,6 +140,4 @@ class Schedule:
         Returns:
             The momentum (linear from ``ema_start`` to ``ema_end``, clipped at both ends).
         """
-        span = self.total_steps - 1
-        t = 1.0 if span <= 0 else min(max(step / span, 0.0), 1.0)
-        return self.ema_start + (self.ema_end - self.ema_start) * t
+        return self.ema_start + (self.ema_end - self.ema_start) * _progress(step, 0, self.total_steps - 1)
