@@ -32,6 +32,7 @@ def test_fast_encoder_output_idx_equals_the_reference_outputs_at_those_tokens():
     with torch.no_grad():
         torch.testing.assert_close(twin(x), ref(x), atol=1e-12, rtol=0)
         torch.testing.assert_close(twin(x, output_idx=out), ref(x)[rows, out], atol=1e-12, rtol=0)
+        torch.testing.assert_close(ref(x, output_idx=out), ref(x)[rows, out], atol=0, rtol=0)
         # with a padded token selection: positions refer to the selected sequence
         idx = torch.tensor([[0, 4, 9, 0, 0], [1, 2, 3, 7, 8]])
         valid = torch.tensor([[True, True, True, False, False], [True] * 5])

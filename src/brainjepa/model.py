@@ -411,7 +411,11 @@ class BrainEncoder(nn.Module):
         return self.patch_norm(self.patch_embed(patches)) + self.pos_embed(self.gradients)
 
     def forward(
-        self, x: torch.Tensor, token_idx: torch.Tensor | None = None, token_valid: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_idx: torch.Tensor | None = None,
+        token_valid: torch.Tensor | None = None,
+        output_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Features of the tokens ``token_idx`` (B, N) of x (B, R, T), all tokens if None.
 
@@ -420,9 +424,10 @@ class BrainEncoder(nn.Module):
             token_idx: which tokens to encode, (B, N); None: all R*P.
             token_valid: (B, N) bool, False for padding entries of a ragged ``token_idx``; they are
                 never attended to (their own outputs are meaningless).
+            output_idx: (B, M) positions of the encoded sequence to return; None: all.
 
         Returns:
-            (B, N, D) features after the final LayerNorm.
+            (B, N, D) features after the final LayerNorm, or (B, M, D) at ``output_idx``.
         """
         h = self.tokens(x)
         if token_idx is not None:
@@ -430,7 +435,8 @@ class BrainEncoder(nn.Module):
         key_mask = padding_mask(token_valid)
         for block in self.blocks:
             h = block(h, key_mask)
-        return self.norm(h)
+        h = self.norm(h)
+        return h if output_idx is None else gather(h, output_idx)
 
 
 # ----------------------------------------------------------------------------- predictor

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast import FastEncoder
 from .masking import MaskBatch
 from .model import gather
 
@@ -98,10 +97,7 @@ def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch
         (B, M, D) float32.
     """
     if not center:
-        if isinstance(target_encoder, FastEncoder):
-            h = target_encoder(x, output_idx=token_idx)
-        else:
-            h = gather(target_encoder(x), token_idx)
+        h = target_encoder(x, output_idx=token_idx)
         return F.layer_norm(h.float(), h.shape[-1:])
     full = target_encoder(x)
     full = F.layer_norm(full.float(), full.shape[-1:])
