@@ -23,8 +23,11 @@ from .transforms import (
     RobustScaler,
     center_window,
     magnitude_problem,
+    PER_SCAN_METHODS,
+    SCOPES,
     normalization_from_dict,
     normalize,
+    scan_statistics,
     resample_tr,
     same_tr,
 )
@@ -105,8 +108,9 @@ def prepare_series(
             f"{who}: {x.shape[1]} time points{at}, shorter than the model's window of "
             f"{cfg.n_timepoints}; use longer scans or leave this one out"
         )
+    stats = window_statistics(model, x, normalization)
     x = center_window(x, cfg.n_timepoints) if window == "center" else x[:, : cfg.n_timepoints]
-    out, problem = normalized_window(model, x, normalization, who)
+    out, problem = normalized_window(model, x, normalization, who, stats)
     if problem:
         warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
     return torch.from_numpy(out).as_subclass(PreparedInput)
@@ -120,9 +124,10 @@ def series_windows(
     Resampled to ``target_tr`` as in :func:`prepare_series`; then W = ceil(T / n_timepoints)
     windows (T counted after resampling) start at evenly spaced frames from 0 to
     T - n_timepoints (rounded), so together they cover the whole scan and the last one ends at its
-    final frame. Each window is normalised on its own, exactly as :func:`prepare_series`
-    normalises its one window. A scan shorter than one window gives one window: its real frames
-    normalised (using only them), then zeros.
+    final frame. Each window is normalised as :func:`prepare_series` normalises its one window:
+    with the whole scan's statistics in scope ``scan``, with its own in scope ``window``. A scan
+    shorter than one window gives one window: its real frames normalised (using only them), then
+    zeros.
 
     Args:
         model: the :class:`~brainjepa.bundle.BrainJEPA`.
@@ -159,9 +164,10 @@ def series_windows(
         if problem:
             warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
         return torch.from_numpy(window[None]).as_subclass(PreparedInput), n_valid
-    n_windows = -(-n_frames // length)
-    starts = np.rint(np.linspace(0, n_frames - length, n_windows)).astype(int)
-    scaled = [normalized_window(model, x[:, s : s + length], normalization, who) for s in starts]
+    stats = window_statistics(model, x, normalization)
+    scaled = [
+        normalized_window(model, x[:, s : s + length], normalization, who, stats) for s in window_starts(n_frames, length)
+    ]
     problem = next((pr for _, pr in scaled if pr), None)
     if problem:  # once per series
         warnings.warn(f"{who}: {problem}", InputWarning, stacklevel=2)
@@ -170,6 +176,19 @@ def series_windows(
         torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).as_subclass(PreparedInput),
         cfg.n_patches,
     )
+
+
+def window_starts(n_frames: int, length: int) -> np.ndarray:
+    """The start frames of the windows that cover a scan (:func:`series_windows`).
+
+    Args:
+        n_frames: the scan's frames (at the model's TR), at least ``length``.
+        length: the window length in frames.
+
+    Returns:
+        (W,) int, W = ceil(n_frames / length) evenly spaced starts from 0 to n_frames - length.
+    """
+    return np.rint(np.linspace(0, n_frames - length, -(-n_frames // length))).astype(int)
 
 
 def check_batch(model, x, roi_labels: Sequence[str] | None = None, *, scale_checked: bool = False) -> None:
@@ -284,6 +303,8 @@ def check_normalization(d: dict, n_rois: int) -> dict:
     method = d.get("method")
     if method not in NORMALIZATION_METHODS:
         raise ConfigError(f"normalization method must be one of {NORMALIZATION_METHODS}, got {method!r}")
+    if d.get("scope", "window") not in SCOPES:
+        raise ConfigError(f"normalization scope must be one of {SCOPES}, got {d['scope']!r}")
     if method in FITTED_NORMALIZATIONS:
         normalization_from_dict(d)  # validates median / iqr
         if len(d["median"]) != n_rois:
@@ -413,7 +434,42 @@ def resampled_input(model, series, tr: float | None, who: str) -> tuple[np.ndarr
     return x, at
 
 
-def normalized_window(model, x: np.ndarray, normalization, who: str) -> tuple[np.ndarray, str | None]:
+def resolved_normalization(model, normalization=None) -> dict:
+    """The normalisation that applies: the model's, or ``normalization`` when given.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        normalization: None (the model's), or any form :func:`normalization_dict` takes.
+
+    Returns:
+        The normalisation dict (as in normalization.json).
+    """
+    if normalization is None:
+        return model.normalization
+    return check_normalization(normalization_dict(normalization), model.config.n_rois)
+
+
+def window_statistics(model, x: np.ndarray, normalization=None):
+    """The whole scan's statistics that its windows are normalised with, or None.
+
+    Args:
+        model: the :class:`~brainjepa.bundle.BrainJEPA`.
+        x: (R, T) the whole (resampled) scan.
+        normalization: None (the model's), or any form :func:`normalization_dict` takes.
+
+    Returns:
+        :func:`~brainjepa.transforms.scan_statistics` of ``x`` when the normalisation is a
+        per-scan method in scope ``scan``; None when each window uses its own (scope
+        ``window``, the scope of bundles made before scopes existed, or a method without a
+        per-scan part).
+    """
+    norm = resolved_normalization(model, normalization)
+    if norm.get("scope", "window") == "scan" and norm["method"] in PER_SCAN_METHODS:
+        return scan_statistics(x)
+    return None
+
+
+def normalized_window(model, x: np.ndarray, normalization, who: str, stats=None) -> tuple[np.ndarray, str | None]:
     """One window scaled by the model's normalisation, or by ``normalization`` when given.
 
     Args:
@@ -421,6 +477,7 @@ def normalized_window(model, x: np.ndarray, normalization, who: str) -> tuple[np
         x: (R, t) window.
         normalization: None (the model's), or any form :func:`normalization_dict` takes.
         who: starts every message.
+        stats: the whole scan's (mean, std) (:func:`window_statistics`), or None: the window's own.
 
     Returns:
         The scaled (R, t) float32 window, and a message when it is mildly off the training scale
@@ -431,18 +488,14 @@ def normalized_window(model, x: np.ndarray, normalization, who: str) -> tuple[np
         DataError: a window the scaling leaves far off (beyond MAX_SCALED_VALUE, or a per-scan
             method's spread more than 10 times off).
     """
-    norm = (
-        model.normalization
-        if normalization is None
-        else check_normalization(normalization_dict(normalization), model.config.n_rois)
-    )
+    norm = resolved_normalization(model, normalization)
     if norm["method"] == "unknown":
         raise ConfigError(
             f"{who}: this model does not know how its training data was "
             "normalised. " + norm.get("note", OFFICIAL_NORMALIZATION_NOTE)
         )
     method, scaler = normalization_from_dict(norm)
-    out = np.ascontiguousarray(normalize(x, method, scaler), dtype=np.float32)
+    out = np.ascontiguousarray(normalize(x, method, scaler, stats), dtype=np.float32)
     if method == "none":
         return out, None
     peak = float(np.abs(out).max())

@@ -25,6 +25,7 @@ from .model import gather
 # process by ~80 MB per step up to ~600 MB. The padding adds ~1% of the tokens.
 PAD_MULTIPLE = 64
 LOSSES = ("smooth_l1", "l2")
+REGULARIZERS = ("none", "vicreg", "sigreg")
 
 
 def pad_width(idx: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,27 +81,58 @@ def context_tokens(masks: MaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_width(masks.context_idx, masks.context_valid, masks.context_idx.shape[1])
 
 
-def target_features(target_encoder: nn.Module, x: torch.Tensor, token_idx: torch.Tensor, center: bool) -> torch.Tensor:
+def last_layers_mean(encoder: nn.Module, x: torch.Tensor, layers: int) -> torch.Tensor:
+    """The mean of the last ``layers`` blocks' outputs of an encoder, each layer-normed.
+
+    Args:
+        encoder: a :class:`~brainjepa.model.BrainEncoder` (or a subclass with the same blocks).
+        x: (B, R, T) input.
+        layers: how many of the last blocks (1: the last block's output).
+
+    Returns:
+        (B, R * P, D) float32 over every token.
+    """
+    h = encoder.tokens(x)
+    first = len(encoder.blocks) - min(layers, len(encoder.blocks))
+    total = None
+    for i, block in enumerate(encoder.blocks):
+        h = block(h, None)
+        if i >= first:
+            out = F.layer_norm(h.float(), h.shape[-1:])
+            total = out if total is None else total + out
+    return total / (len(encoder.blocks) - first)
+
+
+def target_features(
+    target_encoder: nn.Module, x: torch.Tensor, token_idx: torch.Tensor, center: bool, layers: int = 1
+) -> torch.Tensor:
     """Targets at some tokens: the target encoder's features, layer-normed.
 
     With ``center`` each position's mean over the batch is subtracted (which needs the full grid).
     Without it a :class:`~brainjepa.fast.FastEncoder` computes only the requested tokens in its
-    last block.
+    last block. With ``layers`` > 1 the target is the mean of the last ``layers`` blocks'
+    layer-normed outputs (:func:`last_layers_mean`) instead of the final output.
 
     Args:
         target_encoder: the (EMA) target encoder.
         x: (B, R, T) input.
         token_idx: (B, M) the target tokens.
         center: subtract each position's batch mean.
+        layers: how many of the last blocks the target averages.
 
     Returns:
         (B, M, D) float32.
     """
-    if not center:
+    if layers > 1:
+        full = last_layers_mean(target_encoder, x, layers)
+    elif not center:
         h = target_encoder(x, output_idx=token_idx)
         return F.layer_norm(h.float(), h.shape[-1:])
-    full = target_encoder(x)
+    else:
+        full = target_encoder(x)
     full = F.layer_norm(full.float(), full.shape[-1:])
+    if not center:
+        return gather(full, token_idx)
     full = full - full.mean(0, keepdim=True)
     return gather(full, token_idx)
 
@@ -217,3 +249,98 @@ def n_blocks(masks: MaskBatch) -> int:
         Their number over the batch, at least 1.
     """
     return max(int(masks.target_valid.any(-1).sum()), 1)
+
+
+def vicreg_penalty(z: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """The variance and covariance terms of VICReg on a batch of token features.
+
+    Over the N valid tokens of the batch, with per-feature std s_d and covariance matrix C of the
+    D features: variance = mean_d max(0, 1 - s_d) (each feature keeps a spread of at least 1),
+    covariance = sum of the squared off-diagonal entries of C / D (features decorrelate). The
+    penalty is variance + covariance / 25, VICReg's 25 : 1 ratio of the two terms.
+
+    Args:
+        z: (B, N, D) encoder outputs.
+        valid: (B, N) bool, the tokens that count.
+        eps: added to the variance before the square root.
+
+    Returns:
+        A scalar (0 with fewer than 2 valid tokens).
+    """
+    h = z[valid].float()
+    n, d = h.shape
+    if n < 2:
+        return z.sum() * 0.0
+    h = h - h.mean(0)
+    std = torch.sqrt(h.var(0) + eps)
+    variance = F.relu(1.0 - std).mean()
+    cov = (h.T @ h) / (n - 1)
+    off = cov - torch.diag(torch.diagonal(cov))
+    return variance + off.pow(2).sum() / d / 25.0
+
+
+def sigreg_penalty(
+    z: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None, slices: int = 256, knots: int = 17
+) -> torch.Tensor:
+    """SIGReg: a sketched test that the token features are an isotropic standard Gaussian.
+
+    The features are projected on ``slices`` random unit directions a. For each projection s_n =
+    a'z_n (N valid tokens) the Epps-Pulley statistic compares its empirical characteristic
+    function with the standard normal one, exp(-t^2 / 2), weighted by exp(-t^2 / 2):
+    N * integral over t in [-3, 3] of |mean_n exp(i t s_n) - exp(-t^2 / 2)|^2 w(t) dt, by the
+    trapezoidal rule on ``knots`` points of [0, 3] (the integrand is even). The penalty is the mean
+    over directions of the integral (the test statistic is N times it; leaving N out keeps the
+    penalty's scale independent of the batch size). It is smallest when every 1-D projection is
+    N(0, 1), that is when the features are isotropic Gaussian, so no direction can collapse.
+
+    Args:
+        z: (B, N, D) encoder outputs.
+        valid: (B, N) bool, the tokens that count.
+        generator: the source of the random directions (new directions at every call).
+        slices: the number of random directions.
+        knots: the quadrature points on [0, 3].
+
+    Returns:
+        A scalar (0 with fewer than 2 valid tokens).
+    """
+    h = z[valid].float()
+    n, d = h.shape
+    if n < 2:
+        return z.sum() * 0.0
+    a = torch.randn(d, slices, generator=generator, device="cpu").to(h.device)
+    a = a / a.norm(dim=0, keepdim=True)
+    s = h @ a  # (N, slices)
+    t = torch.linspace(0.0, 3.0, knots, device=h.device)
+    ts = s[:, :, None] * t  # (N, slices, knots)
+    real, imag = torch.cos(ts).mean(0), torch.sin(ts).mean(0)  # (slices, knots)
+    gauss = torch.exp(-0.5 * t**2)
+    err = (real - gauss).pow(2) + imag.pow(2)
+    integrand = err * gauss
+    step = t[1] - t[0]
+    integral = 2.0 * step * (integrand.sum(-1) - 0.5 * (integrand[:, 0] + integrand[:, -1]))
+    return integral.mean()
+
+
+def regularizer_penalty(
+    name: str, z: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The penalty ``name`` (:data:`REGULARIZERS`) of a batch of encoder outputs, in float32.
+
+    Args:
+        name: "vicreg" (:func:`vicreg_penalty`) or "sigreg" (:func:`sigreg_penalty`).
+        z: (B, N, D) encoder outputs.
+        valid: (B, N) bool, the tokens that count.
+        generator: SIGReg's source of random directions.
+
+    Returns:
+        A scalar.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        if name == "vicreg":
+            return vicreg_penalty(z, valid)
+        if name == "sigreg":
+            return sigreg_penalty(z, valid, generator)
+    raise ValueError(f"unknown regularizer {name!r}; choose one of {REGULARIZERS[1:]}")

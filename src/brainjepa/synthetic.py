@@ -21,6 +21,15 @@ Subject latents that become labels:
 - ``patient`` (0/1): coupling inside one network (``patient_network``, "Default") is weakened.
 - ``site`` (0..n_sites-1, nuisance): noise level and the topography of a shared artefact differ.
 
+Brain states within a scan (optional, ``task_network``): the scan alternates between "rest" and
+"task" blocks of random length (``block_seconds``, 20-60 s by default, starting at a random
+phase). In task blocks the oscillators of one network receive an external input
+(``task_drive``, added to the real part, which raises their activity and the BOLD level with
+the hemodynamic delay) and their mutual coupling is strengthened (``task_coupling``, a gain on
+the within-network part of the coupling, which raises their synchrony). The frame-by-frame
+state is returned in ``states``; :func:`brainjepa.evaluate.states.window_states` turns it into a
+label per window.
+
 A linear model on the FC upper triangle recovers each above chance but below ceiling (see
 tests/test_synthetic.py and the README), so the cohort can tell good representations from bad.
 """
@@ -68,6 +77,9 @@ class SimulatedCohort:
         subjects: N subject IDs (``sub-0001``, ...).
         latents: the hidden per-subject values behind the labels: ``"coupling"`` (N,) global
             coupling, ``"network_cut"`` (N,) fraction of in-network coupling removed.
+        states: N int8 arrays (T,), the neural state at each frame (1: task block, 0: rest);
+            empty for a resting cohort (no ``task_network``).
+        task_network: the network driven in task blocks, or None.
     """
 
     timeseries: list[np.ndarray]
@@ -80,6 +92,8 @@ class SimulatedCohort:
     tr: float
     subjects: list[str]
     latents: dict[str, np.ndarray] = field(default_factory=dict)
+    states: list[np.ndarray] = field(default_factory=list)
+    task_network: str | None = None
 
     def to_cohort(self):
         """The scans as an in-memory cohort.
@@ -172,6 +186,10 @@ def simulate_cohort(
     noise: float = 0.5,
     max_dt: float = 0.05,
     burn_in: float = 60.0,
+    task_network: str | None = None,
+    task_drive: float = 0.0,
+    task_coupling: float = 0.0,
+    block_seconds: tuple[float, float] = (20.0, 60.0),
 ) -> SimulatedCohort:
     """Simulate a resting-state BOLD cohort (see the module docstring for the model).
 
@@ -192,13 +210,19 @@ def simulate_cohort(
         noise: thermal noise std relative to the BOLD signal's std.
         max_dt: the largest integration step in seconds (the TR is split into equal steps).
         burn_in: seconds simulated and discarded before the first sample.
+        task_network: the network driven in task blocks (None: a resting cohort, no states).
+        task_drive: the external input to ``task_network``'s oscillators in task blocks.
+        task_coupling: the relative gain of the coupling inside ``task_network`` in task blocks.
+        block_seconds: the shortest and longest block in seconds (rest and task alternate).
 
     Returns:
         The cohort: N float32 (R, T) scans of raw-BOLD-like values (baselines of a few hundred
-        units, ~1 % signal change), labels, networks and latents.
+        units, ~1 % signal change), labels, networks, latents and, with ``task_network``, the
+        frame-by-frame states.
 
     Raises:
-        ConfigError: invalid sizes, or a ``patient_network`` not among the networks.
+        ConfigError: invalid sizes, or a ``patient_network`` or ``task_network`` not among the
+            networks, or invalid block lengths.
     """
     if n_subjects < 1 or n_rois < 2 or tr <= 0 or minutes <= 0:
         raise ConfigError("simulate_cohort needs n_subjects >= 1, n_rois >= 2, tr > 0, minutes > 0")
@@ -206,6 +230,10 @@ def simulate_cohort(
     names = NETWORK_NAMES[:n_networks]
     if patient_network not in names:
         raise ConfigError(f"patient_network {patient_network!r} is not one of {names}")
+    if task_network is not None and task_network not in names:
+        raise ConfigError(f"task_network {task_network!r} is not one of {names}")
+    if not 0 < block_seconds[0] <= block_seconds[1]:
+        raise ConfigError(f"block_seconds must be (shortest, longest) with 0 < shortest <= longest, got {block_seconds}")
     rng = np.random.default_rng(seed)
     coords, networks, w = make_connectome(n_rois, n_networks, rng)
     S, R = n_subjects, n_rois
@@ -221,6 +249,15 @@ def simulate_cohort(
     in_net = networks == names.index(patient_network)
     w_net = w * np.outer(in_net, in_net)  # the part of W that patients lose a fraction of
     omega = 2 * np.pi * rng.uniform(0.04, 0.07, size=R)  # natural frequencies, jittered per subject
+    n_burn = int(np.ceil(burn_in / tr))
+    # the block design has its own random stream, so a resting cohort is the same with or without it
+    on = np.zeros((S, n_burn + n_tr), dtype=np.int8)
+    if task_network is not None:
+        brng = np.random.default_rng([seed, 2718])
+        for i in range(S):
+            on[i] = block_design(n_burn + n_tr, tr, block_seconds, brng)
+    task = networks == names.index(task_network) if task_network is not None else np.zeros(R, dtype=bool)
+    w_task = w * np.outer(task, task)
     phase = 2 * np.pi * np.arange(n_sites) / n_sites
     # sites differ in noise level and in a shared artefactual fluctuation whose topography
     # (e.g. coil sensitivity along the anterior-posterior axis) depends on the scanner
@@ -231,7 +268,10 @@ def simulate_cohort(
         sl = slice(b0, min(b0 + _BATCH, S))
         brng = np.random.default_rng([seed, b0])
         with single_threaded():
-            bold = _hopf_bold(g[sl], cut[sl], omega, w, w_net, tr, n_tr, max_dt, burn_in, brng)
+            bold = _hopf_bold(
+                g[sl], cut[sl], omega, w, w_net, tr, n_tr, max_dt, burn_in, brng,
+                task=(on[sl], task, w_task, task_drive, task_coupling) if task_network is not None else None,
+            )
         bold /= bold.std(axis=2, keepdims=True).mean(axis=1, keepdims=True)  # unit BOLD scale
         n, k = bold.shape[0], site[sl]
         shared = _smooth_noise(brng, (n, 1, n_tr), width=max(1, int(round(8 / tr))))
@@ -258,13 +298,40 @@ def simulate_cohort(
         tr=float(tr),
         subjects=subjects,
         latents={"coupling": g, "network_cut": cut},
+        states=[on[i, n_burn:].copy() for i in range(S)] if task_network is not None else [],
+        task_network=task_network,
     )
 
 
-def _hopf_bold(g, cut, omega, w, w_net, tr, n_tr, max_dt, burn_in, rng) -> np.ndarray:
+def block_design(n_frames: int, tr: float, block_seconds: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Alternating rest (0) and task (1) blocks of random length, one value per frame.
+
+    Args:
+        n_frames: the number of frames.
+        tr: the frame interval in seconds.
+        block_seconds: the shortest and longest block in seconds (uniform in between).
+        rng: the random generator (advanced by the call).
+
+    Returns:
+        (n_frames,) int8; the first block starts at a random phase and is rest or task at random.
+    """
+    out = np.zeros(n_frames, dtype=np.int8)
+    state = int(rng.integers(0, 2))
+    t = -rng.uniform(0, block_seconds[1])  # a random phase: the scan starts inside a block
+    while t < n_frames * tr:
+        end = t + rng.uniform(*block_seconds)
+        first, last = max(0, int(np.ceil(t / tr))), min(n_frames, int(np.ceil(end / tr)))
+        out[first:last] = state
+        state, t = 1 - state, end
+    return out
+
+
+def _hopf_bold(g, cut, omega, w, w_net, tr, n_tr, max_dt, burn_in, rng, task=None) -> np.ndarray:
     """BOLD (B, R, n_tr) of B subjects: Stuart-Landau network -> Balloon-Windkessel, every TR.
 
-    g: (B,) global coupling; cut: (B,) fraction of ``w_net`` removed; omega: (R,) rad/s.
+    g: (B,) global coupling; cut: (B,) fraction of ``w_net`` removed; omega: (R,) rad/s;
+    task: None, or (on (B, n_burn + n_tr) 0/1 per frame, the task network's (R,) mask, its
+    within-network weights, the drive, the coupling gain).
     """
     B, R = len(g), len(omega)
     deg, deg_net = w.sum(axis=1), w_net.sum(axis=1)  # W is symmetric: z @ W == (W z^T)^T
@@ -282,6 +349,9 @@ def _hopf_bold(g, cut, omega, w, w_net, tr, n_tr, max_dt, burn_in, rng) -> np.nd
     n_burn = int(np.ceil(burn_in / tr))
     bold = np.empty((n_tr, B, R))
     w_t, w_net_t = torch.from_numpy(w), torch.from_numpy(w_net)
+    if task is not None:
+        on, mask, w_task, drive, gain = task
+        w_task_t, deg_task = torch.from_numpy(w_task), w_task.sum(axis=1)
 
     def times(z, m):  # (2, B, R) @ (R, R) through torch, whose threads single_threaded() limits
         return (torch.from_numpy(z.reshape(2 * B, R)) @ m).numpy().reshape(2, B, R)
@@ -290,6 +360,10 @@ def _hopf_bold(g, cut, omega, w, w_net, tr, n_tr, max_dt, burn_in, rng) -> np.nd
         kicks = rng.standard_normal((steps_per_tr, 2, B, R)) * (sigma * np.sqrt(dt))
         for k in range(steps_per_tr):
             coupled = gs * (times(z, w_t) - deg * z) - gcut * (times(z, w_net_t) - deg_net * z)
+            if task is not None and on[:, t].any():
+                now = on[:, t][:, None].astype(float)  # (B, 1): subjects in a task block
+                coupled = coupled + gain * now * gs * (times(z, w_task_t) - deg_task * z)
+                coupled[0] += drive * now * mask
             z = z + dt * ((a - (z * z).sum(axis=0)) * z + rot * z[::-1] + coupled) + kicks[k]
             u = z[0]  # neural drive of the hemodynamics (std ~0.05: flow changes of ~10-20 %)
             fv = np.exp(np.log(v) / _ALPHA)

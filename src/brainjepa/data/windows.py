@@ -12,12 +12,15 @@ from ..errors import ConfigError, DataError
 from ..transforms import (
     FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
+    PER_SCAN_METHODS,
+    SCOPES,
     RobustScaler,
     WindowResampler,
     normalization_from_dict,
     normalize,
     resampled_length,
     same_tr,
+    scan_statistics,
 )
 from .scaling import _first_report, fit_scaler, scaling_report
 from .sources import open_cohort
@@ -33,7 +36,10 @@ class WindowDataset(torch.utils.data.Dataset):
     centred) and normalised (the fitted methods 'psc', 'center', 'robust' with ``scaler``, the
     store's stored statistics, or a scaler fitted on the cohort's training split; 'zscore' per
     window; 'none'). The random window of item i depends only on (seed, epoch, i), so a resumed
-    run sees the same windows: call ``set_epoch(epoch)`` at the start of each epoch. Windows are
+    run sees the same windows: call ``set_epoch(epoch)`` at the start of each epoch. With
+    ``scope="scan"`` the per-scan part of 'psc', 'center' and 'zscore' uses the whole scan's mean
+    (and std), computed once per scan and kept, so a window keeps its level relative to its
+    scan; with ``scope="window"`` each window uses its own. Windows are
     read through :meth:`~brainjepa.data.Cohort.read`, so a store streams from disk and only the
     window (plus the resampling filter's margins) is ever loaded.
 
@@ -48,9 +54,11 @@ class WindowDataset(torch.utils.data.Dataset):
             cohort's training split).
         seed: seed of the random windows and of a scaler fitted here.
         indices: the scans to use (default: all).
+        scope: where the per-scan part takes its statistics: "scan" or "window"
+            (:data:`brainjepa.transforms.SCOPES`).
 
     Raises:
-        ConfigError: an unknown normalisation.
+        ConfigError: an unknown normalisation or scope.
         DataError: a scan shorter than the window or without the TR that resampling needs, or
             a scaler with another number of ROIs.
     """
@@ -66,9 +74,14 @@ class WindowDataset(torch.utils.data.Dataset):
         scaler: RobustScaler | None = None,
         seed: int = 0,
         indices=None,
+        scope: str = "window",
     ):
         if normalization not in NORMALIZATIONS:
             raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if scope not in SCOPES:
+            raise ConfigError(f"normalization scope must be one of {SCOPES}, got {scope!r}")
+        self.scope = scope
+        self._scan_stats: dict[int, tuple] = {}
         self.cohort = open_cohort(cohort)
         self.n_timepoints = int(n_timepoints)
         self.target_tr = None if target_tr is None else float(target_tr)
@@ -172,7 +185,24 @@ class WindowDataset(torch.utils.data.Dataset):
         else:
             rs = self._resampler(tr)
             x = rs.apply(self.cohort.read(i, s - rs.margin, s - rs.margin + rs.span))
-        return normalize(x, self.normalization, self.scaler)
+        return normalize(x, self.normalization, self.scaler, self.statistics(i))
+
+    def statistics(self, i: int):
+        """The whole scan's (mean, std) that its windows are normalised with, or None.
+
+        Args:
+            i: the scan's index in the cohort.
+
+        Returns:
+            :func:`~brainjepa.transforms.scan_statistics` of scan ``i`` (computed once) in scope
+            "scan" for a per-scan method; None otherwise (each window uses its own).
+        """
+        if self.scope != "scan" or self.normalization not in PER_SCAN_METHODS:
+            return None
+        if i not in self._scan_stats:
+            mean, std = scan_statistics(self.cohort.series(i))
+            self._scan_stats[i] = (mean.astype(np.float32), std.astype(np.float32))
+        return self._scan_stats[i]
 
     def __getitem__(self, idx: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.window(idx), dtype=np.float32))

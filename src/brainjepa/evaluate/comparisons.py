@@ -209,7 +209,8 @@ def comparison_rows(records: list[dict], metric: str | None = None) -> list[dict
     """The paired comparisons of the pretrained model with every reference present.
 
     For each target and each readout r of the pretrained model: brainjepa:r against
-    random_init(best):r, random_init(mean):r, fc_window, fc_full and amplitude (those present).
+    random_init(best):r, random_init(mean):r, fc_window, fc_full, amplitude and level (those
+    present; ``level`` is a baseline of brain-state decoding, :mod:`brainjepa.evaluate.states`).
 
     Args:
         records: per-seed records, the random-init summaries included.
@@ -231,6 +232,7 @@ def comparison_rows(records: list[dict], metric: str | None = None) -> list[dict
                 "fc_window",
                 "fc_full",
                 "amplitude",
+                "level",
             ]
             for ref in refs:
                 if ref in methods:

@@ -34,8 +34,8 @@ from ..errors import ConfigError, DataError
 from ..io import ORIENTATIONS
 from ..masking import STRATEGIES, SpatiotemporalMasker
 from ..model import MODEL_SIZES, POS_EMBEDS, ModelConfig
-from ..objective import LOSSES
-from ..transforms import NORMALIZATIONS
+from ..objective import LOSSES, REGULARIZERS
+from ..transforms import NORMALIZATIONS, SCOPES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BUILTIN_CONFIGS = (*MODEL_SIZES, "authors")
@@ -82,6 +82,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "tr": (None, "float", (0.0, None)),  # TR of files that do not say
         "orientation": (None, "str", ORIENTATIONS),
         "normalization": (DEFAULT_NORMALIZATION, "str", ("auto", *NORMALIZATIONS)),  # auto: psc or center
+        # where psc / center / zscore take each ROI's mean (and std): the whole scan (a window
+        # keeps its level relative to its scan: brain states survive) or each window on its own
+        "normalization_scope": ("scan", "str", SCOPES),
         "on_error": (ON_ERROR[0], "str", ON_ERROR),
         "num_workers": (0, "int", (0, None)),
         "gradients": (None, "str", None),  # CSV path; null: computed from the data
@@ -124,6 +127,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "device": ("auto", "str", None),
         "collapse_std": (0.1, "float", (0.0, None)),  # warn below (token cosine ~0.99)
         "center_targets": (True, "bool", None),  # subtract the batch mean per position
+        # the target: the mean of the last k blocks' layer-normed outputs (1: the final output)
+        "target_layers": (1, "int", (1, None)),
+        # a penalty on the context encoder's outputs that keeps their variance (docs/method.md)
+        "regularizer": ("none", "str", REGULARIZERS),
+        "reg_weight": (1.0, "float", (0.0, None)),
         "diagnose_every": (100, "int", (0, None)),  # representation diagnostics; 0: off
     },
 }

@@ -128,7 +128,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     ctx.from_rank0(
         lambda: _prepare_inputs(cfg, cohort, train_idx, run_dir, n_grad, resume), f"preparing the run folder {run_dir}"
     )
-    gradients, method, scaler = _read_inputs(run_dir, n_grad)
+    gradients, method, scaler, scope = _read_inputs(run_dir, n_grad)
     arch = model_config(cfg, cohort.n_rois, n_grad)
     dataset = WindowDataset(
         cohort,
@@ -139,6 +139,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
         scaler=scaler,
         seed=cfg["train"]["seed"],
         indices=train_idx,
+        scope=scope,
     )
     batches = _Batches(cfg, dataset, ctx)
     total = cfg["train"]["max_steps"] or cfg["optim"]["epochs"] * batches.steps_per_epoch
@@ -235,16 +236,18 @@ def _training_cohort(cfg: dict, data):
 
 
 def _read_inputs(run_dir: Path, n_gradients: int):
-    """The run's gradients (R x n_gradients, float32) and normalisation (method, scaler)."""
+    """The run's gradients (R x n_gradients, float32) and normalisation (method, scaler, scope;
+    a run folder from before scopes existed normalised each window on its own)."""
     gradients, _ = load_gradients_csv(run_dir / "gradients.csv")
     if gradients.shape[1] < n_gradients:
         raise DataError(
             f"{run_dir / 'gradients.csv'} has {gradients.shape[1]} gradients, model.n_gradients={n_gradients}"
         )
     with open(run_dir / "normalization.json") as f:
-        method, scaler = normalization_from_dict(json.load(f))
+        norm = json.load(f)
+    method, scaler = normalization_from_dict(norm)
     # gradients are ordered by eigenvalue: keep the first
-    return np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32), method, scaler
+    return np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32), method, scaler, norm.get("scope", "window")
 
 
 class _Batches:
@@ -389,7 +392,8 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
                 scaler = normalization_from_dict(stored)[1]
             else:
                 scaler = fit_scaler(cohort, train_idx, method=method, seed=cfg["train"]["seed"])
-        write_text_atomic(norm_file, json.dumps(normalization_to_dict(method, scaler), indent=1) + "\n")
+        norm = {**normalization_to_dict(method, scaler), "scope": cfg["data"]["normalization_scope"]}
+        write_text_atomic(norm_file, json.dumps(norm, indent=1) + "\n")
 
 
 def nonfinite_loss_error(loss: float, step: int, names: list[str]) -> BrainJEPAError:

@@ -222,4 +222,5 @@ def _record(
         "gamma_tokens": mean["gamma"],
         "tokens_per_s": round(tokens_per_s, 1),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
+        **({"reg": float(stats["reg"])} if "reg" in stats else {}),  # train.regularizer's penalty
     }

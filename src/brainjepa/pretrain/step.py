@@ -48,6 +48,7 @@ from ..objective import (
     context_tokens,
     group_tokens,
     n_blocks,
+    regularizer_penalty,
     split_targets,
     target_features,
 )
@@ -87,6 +88,9 @@ class Trainer:
             raise ConfigError(f"train.loss must be one of {LOSSES}, got {train['loss']!r}")
         self.loss = train["loss"]
         self.center_targets = train["center_targets"]
+        self.target_layers = train["target_layers"]
+        self.regularizer, self.reg_weight = train["regularizer"], train["reg_weight"]
+        self.reg_generator = torch.Generator().manual_seed(train["seed"])  # SIGReg's directions
         if self.center_targets and optim["batch_size"] < 2:
             raise ConfigError(
                 "train.center_targets subtracts each position's mean over the micro-batch, which needs "
@@ -179,6 +183,7 @@ class Trainer:
         self.predictor.train()
         n = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
+        reg_sum = torch.zeros((), device=self.device)
         for i, (x, masks) in enumerate(micro_batches):
             last = i == n - 1
             x = x.to(self.device, non_blocking=True)
@@ -191,7 +196,9 @@ class Trainer:
             with self._sync(self.encoder_run, last):
                 # 1. targets: the EMA target encoder's (centred) features at the target tokens
                 with torch.no_grad(), self.autocast():
-                    h = target_features(self.target_run, x, group_tokens(groups)[0], self.center_targets)
+                    h = target_features(
+                        self.target_run, x, group_tokens(groups)[0], self.center_targets, self.target_layers
+                    )
                 # 2. context: the online encoder on the context tokens
                 with self.autocast():
                     z = self.encoder_run(x, ctx_idx, ctx_valid)
@@ -211,12 +218,20 @@ class Trainer:
                             )
                         (block_sum / (blocks * n)).backward()
                     loss_sum += block_sum.detach() / blocks
-                # 4. backward through the encoder, once
+                # 4. backward through the encoder, once, with the optional regulariser of its
+                #    outputs (train.regularizer: VICReg's variance-covariance or SIGReg)
                 if shared is not None:
                     shared.backward(shared_in)  # into z_in and the predictor's first block
-                z.backward(z_in.grad)
+                if self.regularizer == "none":
+                    z.backward(z_in.grad)
+                else:
+                    reg = self.reg_weight * regularizer_penalty(self.regularizer, z, ctx_valid, self.reg_generator)
+                    torch.autograd.backward([z, reg / n], [z_in.grad, None])
+                    reg_sum += reg.detach()
         # 5. optimizer step (optional clipping), then the EMA update of the target encoder
         out["loss"] = loss_sum / n
+        if self.regularizer != "none":
+            out["reg"] = reg_sum / n
         if self.clip_grad is not None:
             out["grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         elif monitor:

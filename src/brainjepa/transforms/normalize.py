@@ -8,7 +8,10 @@ removes the per-scan intensity *scale*, and needs raw BOLD (positive ROI means w
 their fluctuations). ``zscore``: per sample, per ROI (removes amplitude too). ``robust``:
 the authors' per ROI (x - median) / IQR over the cohort, without per-scan centring (kept
 for their checkpoint; on raw data the model then mostly sees per-scan ROI offsets).
-``none``. Fitted statistics live in a :class:`RobustScaler` and are stored with the model;
+``none``. The per-scan part of ``psc``, ``center`` and ``zscore`` takes its mean (and std) from
+the whole scan (scope ``scan``, the default: a window keeps its level relative to its scan,
+which is where brain states show) or from the window itself (scope ``window``: every window is
+centred on its own mean). Fitted statistics live in a :class:`RobustScaler` and are stored with the model;
 :func:`normalization_to_dict` is the JSON description written as ``normalization.json``.
 See docs/method.md for the measurements behind the default.
 """
@@ -27,9 +30,25 @@ FITTED_NORMALIZATIONS = ("psc", "center", "robust")
 # psc needs every ROI's mean this many of its standard deviations above zero (raw BOLD is
 # ~100 std above; demeaned or z-scored data is ~0)
 PSC_MIN_MEAN_TO_STD = 3.0
+# where the per-scan part takes its statistics: the whole scan, or each window on its own
+SCOPES = ("scan", "window")
+PER_SCAN_METHODS = ("psc", "center", "zscore")
 
 
-def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+def scan_statistics(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each ROI's mean and std over a whole scan, for the ``scan`` scope.
+
+    Args:
+        x: (..., R, T) series of one scan.
+
+    Returns:
+        ``(mean, std)``, each (..., R, 1) float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return x.mean(axis=-1, keepdims=True), x.std(axis=-1, keepdims=True)
+
+
+def zscore(x: np.ndarray, eps: float = 1e-8, stats: tuple | None = None) -> np.ndarray:
     """Per-sample z-scoring: each ROI to zero mean and unit std over time.
 
     A constant ROI becomes zeros (its std is floored at ``eps``).
@@ -37,13 +56,17 @@ def zscore(x: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     Args:
         x: (..., R, T) series.
         eps: the smallest std divided by.
+        stats: the (mean, std) to use (:func:`scan_statistics` of the whole scan); default:
+            those of ``x``.
 
     Returns:
         (..., R, T) float32.
     """
     x = np.asarray(x, dtype=np.float32)
-    mean = x.mean(axis=-1, keepdims=True)
-    std = x.std(axis=-1, keepdims=True)
+    if stats is None:
+        mean, std = x.mean(axis=-1, keepdims=True), x.std(axis=-1, keepdims=True)
+    else:
+        mean, std = (np.asarray(v, dtype=np.float32) for v in stats)
     return ((x - mean) / np.maximum(std, eps)).astype(np.float32, copy=False)
 
 
@@ -62,11 +85,13 @@ def has_raw_baseline(x: np.ndarray) -> np.ndarray:
     return x.mean(axis=-1) > PSC_MIN_MEAN_TO_STD * x.std(axis=-1)
 
 
-def percent_signal_change(x: np.ndarray) -> np.ndarray:
+def percent_signal_change(x: np.ndarray, stats: tuple | None = None) -> np.ndarray:
     """Percent signal change per ROI: 100 * (x / mean - 1), the mean taken over time.
 
     Args:
         x: (..., R, T) raw BOLD.
+        stats: the (mean, std) to use (:func:`scan_statistics` of the whole scan); default:
+            those of ``x``.
 
     Returns:
         (..., R, T) float32.
@@ -76,8 +101,11 @@ def percent_signal_change(x: np.ndarray) -> np.ndarray:
             already centred or scaled), since dividing by it would blow the noise up.
     """
     x = np.asarray(x, dtype=np.float32)
-    mean = x.mean(axis=-1, keepdims=True)
-    bad = ~has_raw_baseline(x)
+    if stats is None:
+        mean, bad = x.mean(axis=-1, keepdims=True), ~has_raw_baseline(x)
+    else:
+        mean = np.asarray(stats[0], dtype=np.float32)
+        bad = ~(stats[0] > PSC_MIN_MEAN_TO_STD * stats[1])[..., 0]
     if bad.any():
         raise DataError(
             f"normalization 'psc' needs raw BOLD (every ROI's mean well above its fluctuations), "
@@ -88,13 +116,15 @@ def percent_signal_change(x: np.ndarray) -> np.ndarray:
     return (100.0 * (x / mean - 1.0)).astype(np.float32, copy=False)
 
 
-def scan_transform(x: np.ndarray, method: str) -> np.ndarray:
+def scan_transform(x: np.ndarray, method: str, stats: tuple | None = None) -> np.ndarray:
     """The per-scan part of a normalisation, before any cohort statistics.
 
     Args:
         x: (..., R, T) series of one scan.
         method: ``"psc"`` (percent signal change), ``"center"`` (demean each ROI over time), or
             any other method (nothing to do per scan).
+        stats: the (mean, std) of the whole scan (:func:`scan_statistics`) when ``x`` is a
+            window of it (scope ``scan``); default: those of ``x`` itself.
 
     Returns:
         (..., R, T) float32.
@@ -103,10 +133,11 @@ def scan_transform(x: np.ndarray, method: str) -> np.ndarray:
         DataError: ``"psc"`` on a series that is not raw BOLD (:func:`percent_signal_change`).
     """
     if method == "psc":
-        return percent_signal_change(x)
+        return percent_signal_change(x, stats)
     x = np.asarray(x, dtype=np.float32)
     if method == "center":
-        return x - x.mean(axis=-1, keepdims=True)
+        mean = x.mean(axis=-1, keepdims=True) if stats is None else np.asarray(stats[0], dtype=np.float32)
+        return x - mean
     return x
 
 
@@ -281,13 +312,17 @@ def normalization_from_dict(d: dict) -> tuple[str, RobustScaler | None]:
     return method, (RobustScaler.from_dict(d) if method in FITTED_NORMALIZATIONS else None)
 
 
-def normalize(x: np.ndarray, method: str, scaler: RobustScaler | None = None) -> np.ndarray:
+def normalize(
+    x: np.ndarray, method: str, scaler: RobustScaler | None = None, stats: tuple | None = None
+) -> np.ndarray:
     """Apply a normalisation: the per-scan part (:func:`scan_transform`), then the cohort scaling.
 
     Args:
         x: (..., R, T) series.
         method: one of :data:`NORMALIZATIONS`.
         scaler: the fitted statistics, needed by the fitted methods.
+        stats: the whole scan's (mean, std) (:func:`scan_statistics`) when ``x`` is a window
+            normalised in scope ``scan``; None: the window's own.
 
     Returns:
         (..., R, T) float32.
@@ -299,9 +334,9 @@ def normalize(x: np.ndarray, method: str, scaler: RobustScaler | None = None) ->
     if method in FITTED_NORMALIZATIONS:
         if scaler is None:
             raise ConfigError(f"normalization={method!r} needs a fitted RobustScaler")
-        return scaler.transform(scan_transform(x, method))
+        return scaler.transform(scan_transform(x, method, stats))
     if method == "zscore":
-        return zscore(x)
+        return zscore(x, stats=stats)
     if method == "none":
         return np.asarray(x, dtype=np.float32)
     raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")

@@ -1,0 +1,370 @@
+"""Does pretraining pay off? Brain states and traits, objectives, learning curves.
+
+One command regenerates experiments/results/states/ (see experiments/README.md):
+
+1. A simulated cohort with brain states (brainjepa.synthetic.simulate_cohort with task blocks:
+   the DorsAttn network is driven, and its coupling strengthened, in blocks of 20-60 s) and the
+   usual traits (age, patient). The first ``n_eval`` subjects are held out; the next
+   ``n_pretrain`` pretrain (labels and states unused).
+2. Conditions, each pretrained with the demo's recipe (DemoSettings) at the window the state
+   task needs (48 frames of 0.72 s, patches of 8 frames) and one change: the default
+   (normalisation per scan) over 3 pretraining seeds, normalisation per window, the VICReg and
+   SIGReg regularisers, targets averaged over the last 2 blocks; and one long run (8x the demo's
+   length) whose checkpoints give the learning curves.
+3. Every checkpoint is probed on the held-out subjects: brain state per window
+   (brainjepa.evaluate.probe_states: readouts mean / roi / fc, random init over 3 seeds, FC,
+   amplitude and level of the same window, subject-grouped splits) and the traits per subject
+   (brainjepa.evaluate.probe_cohort), with the diagnostics (brainjepa.diagnostics.diagnose_model).
+4. Outputs: one JSON per (condition, step), results.md (tables, timings, the command) and
+   curves.png (metric vs steps with the random-init band).
+
+    python experiments/states.py             # the committed results
+    python experiments/states.py --quick     # the same pipeline in a few minutes
+
+Finished stages are reused (a run's checkpoints, a JSON), so an interrupted run continues;
+--only NAME runs some conditions; --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brainjepa.bundle import load_model
+from brainjepa.data import open_cohort
+from brainjepa.diagnostics import diagnose_model
+from brainjepa.evaluate import HEADLINE_METRIC, METRIC_NAMES, compare, probe_cohort
+from brainjepa.evaluate.features import random_init_like
+from brainjepa.evaluate.states import STATE_TARGET, probe_states, window_features
+from brainjepa.pretrain import load_config, pretrain
+from brainjepa.report import DemoSettings
+from brainjepa.runio import find_checkpoints
+from brainjepa.synthetic import simulate_cohort
+
+log = logging.getLogger("states")
+TRAITS = {"age": "regression", "patient": "classification"}
+TASKS = {STATE_TARGET: "classification", **TRAITS}
+READOUTS = ("mean", "roi", "fc")
+
+
+@dataclasses.dataclass
+class Plan:
+    n_eval: int = 160
+    n_pretrain: int = 200
+    steps: int = 400
+    long_steps: int = 3200
+    every: int = 400
+    seeds: int = 5
+    init_seeds: int = 3
+    pretrain_seeds: tuple[int, ...] = (0, 1, 2)
+    conditions: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("scope=window", ("data.normalization_scope=window",)),
+        ("vicreg", ("train.regularizer=vicreg", "train.reg_weight=1.0")),
+        ("sigreg", ("train.regularizer=sigreg", "train.reg_weight=10.0")),
+        ("target=last2", ("train.target_layers=2",)),
+    )
+
+
+QUICK = Plan(
+    n_eval=30,
+    n_pretrain=30,
+    steps=10,
+    long_steps=20,
+    every=10,
+    seeds=3,
+    init_seeds=2,
+    pretrain_seeds=(0,),
+    conditions=(("vicreg", ("train.regularizer=vicreg",)),),
+)
+
+# the state task's window: 48 frames at the simulated TR (34.6 s), 6 patches of 8 frames (5.8 s)
+STATE_MODEL = ("data.target_tr=0.72", "model.n_timepoints=48", "model.patch_size=8")
+TASK = {"task_network": "DorsAttn", "task_drive": 0.015, "task_coupling": 2.0, "block_seconds": (20.0, 60.0)}
+
+
+def simulate(plan: Plan, demo: DemoSettings, out: Path):
+    path = out / "cohort.npz"
+    n = plan.n_eval + plan.n_pretrain
+    if path.exists():
+        d = np.load(path)
+        if len(d["x"]) == n:
+            return list(d["x"]), {k: d[k] for k in TRAITS}, list(d["states"])
+    sim = simulate_cohort(
+        n, demo.n_rois, tr=demo.tr, minutes=demo.minutes, seed=1, patient_effect=demo.patient_effect, **TASK
+    )
+    x = np.stack(sim.timeseries)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, x=x, states=np.stack(sim.states), **{k: sim.labels[k] for k in TRAITS})
+    tmp.replace(path)
+    return list(x), {k: sim.labels[k] for k in TRAITS}, sim.states
+
+
+def config(overrides, steps: int, every: int, seed: int, demo: DemoSettings) -> dict:
+    over = [o for o in demo.overrides() if not o.startswith(("data.target_tr", "model.n_timepoints"))]
+    return load_config(
+        "tiny",
+        over
+        + [f"data.tr={demo.tr}", *STATE_MODEL, *overrides]
+        + [f"train.checkpoint_every={every}", "train.keep_last=100", f"train.seed={seed}"],
+    )
+
+
+def reference_features(model, series, demo, plan, cache: Path):
+    """Random-init window features and the window baselines: the same for every condition that
+    shares the architecture and the normalisation, so computed once."""
+    if cache.exists():
+        z = np.load(cache)
+        return {k: z[k] for k in z.files if k not in ("scan", "start")}, z["scan"], z["start"]
+    encoders = {f"random_init#{k}": random_init_like(model, k) for k in range(plan.init_seeds)}
+    feats, scan, start = window_features(encoders, series, demo.tr, readouts=READOUTS, progress=False)
+    tmp = cache.with_suffix(".tmp.npz")  # atomic: two processes may share the folder
+    np.savez(tmp, scan=scan, start=start, **feats)
+    tmp.replace(cache)
+    return feats, scan, start
+
+
+def subject_means(features: dict, scan: np.ndarray, n: int) -> dict:
+    """Per-scan means of per-window features (what probe_cohort's 'all windows' embedding is)."""
+    out = {}
+    for k, X in features.items():
+        s = np.zeros((n, X.shape[1]))
+        np.add.at(s, scan, X)
+        out[k] = (s / np.bincount(scan, minlength=n)[:, None]).astype(np.float32)
+    return out
+
+
+def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
+    ref_feats, scan, start = ref
+    own, scan2, _ = window_features({"brainjepa": model}, series, demo.tr, readouts=READOUTS, baselines=False)
+    if not np.array_equal(scan, scan2):
+        raise RuntimeError("the reference windows and the model's windows differ")
+    feats = {**own, **ref_feats}
+    t0 = time.perf_counter()
+    res_states = probe_states(
+        model,
+        series,
+        states,
+        tr=demo.tr,
+        seeds=plan.seeds,
+        readouts=READOUTS,
+        random_init_seeds=plan.init_seeds,
+        progress=False,
+        features=(feats, scan, start),
+    )
+    cohort = open_cohort(series, tr=demo.tr, labels=labels)
+    # the subject embeddings probe_cohort would make (every window's readout, averaged) and the
+    # FC of those windows, from the window features; fc_full and amplitude are computed there
+    per_subject = subject_means({k: v for k, v in feats.items() if ":" in k or k == "fc_window"}, scan, len(series))
+    res_traits = probe_cohort(
+        model,
+        cohort,
+        list(TRAITS),
+        seeds=plan.seeds,
+        readouts=READOUTS,
+        random_init_seeds=plan.init_seeds,
+        progress=False,
+        features=per_subject,
+    )
+    diag = diagnose_model(model, cohort, n_batches=4)
+    return {
+        "records": res_states.records + res_traits.records,
+        "diagnostics": diag["mean"],
+        "problems": diag["problems"],
+        "probe_s": round(time.perf_counter() - t0),
+    }
+
+
+def run_condition(name, overrides, seed, steps, every, series, labels, states, plan, demo, out) -> list[dict]:
+    slug = name.replace("=", "-").replace(" ", "_")
+    run = out / "runs" / slug
+    done = {}
+    for f in out.glob(f"{slug}@*.json"):
+        d = json.loads(f.read_text())
+        done[d["step"]] = d
+    wanted = list(range(every, steps + 1, every))
+    if all(s in done for s in wanted):
+        return [done[s] for s in wanted]
+    t0 = time.perf_counter()
+    cfg = config(overrides, steps, every, seed, demo)
+    train = series[plan.n_eval :]
+    if not (run / "bundle" / "model.safetensors").exists():
+        pretrain(cfg, train, run, max_steps=steps, resume=(run / "checkpoints").exists(), progress=False)
+    pretrain_s = round(time.perf_counter() - t0)
+    held = series[: plan.n_eval]
+    held_labels = {k: v[: plan.n_eval] for k, v in labels.items()}
+    held_states = states[: plan.n_eval]
+    scope = "window" if "data.normalization_scope=window" in overrides else "scan"
+    results = []
+    for step, step_path in find_checkpoints(run).items():
+        if step not in wanted:
+            continue
+        model = load_model(step_path)
+        if step in done:
+            results.append(done[step])
+            continue
+        ref = reference_features(model, held, demo, plan, out / f"reference-{scope}.npz")
+        r = evaluate(model, held, held_labels, held_states, demo, plan, ref)
+        r.update(condition=name, seed=seed, step=step, overrides=list(overrides), pretrain_s=pretrain_s)
+        (out / f"{slug}@{step}.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
+        log.info("%s step %d: %s", name, step, headline(r))
+        results.append(r)
+    return sorted(results, key=lambda r: r["step"])
+
+
+def mean_std(records, target, metric, method):
+    v = np.array(
+        [r["value"] for r in records if r["target"] == target and r["metric"] == metric and r["method"] == method],
+        dtype=float,
+    )
+    return (float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0) if len(v) else (np.nan, 0.0)
+
+
+def best_readout(records, target, metric, prefix="brainjepa"):
+    scores = {}
+    for r in records:
+        if r["target"] == target and r["metric"] == metric and r["method"].startswith(prefix + ":"):
+            scores.setdefault(r["method"], []).append(r["value"])
+    return max(scores, key=lambda m: np.nanmean(scores[m])).split(":", 1)[1]
+
+
+def headline(r: dict) -> str:
+    parts = []
+    for target, task in TASKS.items():
+        m = HEADLINE_METRIC[task]
+        ro = best_readout(r["records"], target, m)
+        a = mean_std(r["records"], target, m, f"brainjepa:{ro}")[0]
+        b = mean_std(r["records"], target, m, f"random_init(best):{ro}")[0]
+        parts.append(f"{target} {ro} {a:.3f} vs random {b:.3f}")
+    return "; ".join(parts)
+
+
+BASELINE_COLUMNS = {STATE_TARGET: ("fc_window", "amplitude", "level"), **{t: ("fc_window", "amplitude") for t in TRAITS}}
+
+
+def table(rows: list[dict], n_splits: int) -> str:
+    lines = []
+    for target, task in TASKS.items():
+        metric = HEADLINE_METRIC[task]
+        refs = BASELINE_COLUMNS[target]
+        lines += [
+            f"### {target} ({METRIC_NAMES[metric]}, mean ± std over {n_splits} split seeds)",
+            "",
+            "| condition | step | best readout | brainjepa | random init (best of 3) | "
+            + " | ".join(refs)
+            + " | brainjepa − best random [95% CI], p | context gain |",
+            "|" + "---|" * (7 + len(refs)),
+        ]
+        for r in rows:
+            rec = r["records"]
+            ro = best_readout(rec, target, metric)
+            cells = [r["label"], str(r["step"]), ro]
+            for method in (f"brainjepa:{ro}", f"random_init(best):{ro}", *refs):
+                m, sd = mean_std(rec, target, metric, method)
+                cells.append(f"{m:.3f} ± {sd:.3f}")
+            c = compare(rec, target, metric, f"brainjepa:{ro}", f"random_init(best):{ro}")
+            cells.append(f"{c['mean_diff']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}], p={c['p_value']:.3f}")
+            cells.append(f"{100 * r['diagnostics']['context_gain']:+.1f}%")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def curves(long_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(4.2 * (len(TASKS) + 1), 3.6))
+    steps = [r["step"] for r in long_rows]
+    for ax, (target, task) in zip(axes, TASKS.items()):
+        metric = HEADLINE_METRIC[task]
+        for ro, color in zip(READOUTS, ("#1f77b4", "#d62728", "#9467bd")):
+            vals = [mean_std(r["records"], target, metric, f"brainjepa:{ro}") for r in long_rows]
+            ax.errorbar(steps, [v[0] for v in vals], yerr=[v[1] for v in vals], color=color, label=f"brainjepa:{ro}")
+            inits = [
+                [mean_std(r["records"], target, metric, f"random_init#{k}:{ro}")[0] for k in range(3)]
+                for r in long_rows[:1]
+            ][0]
+            ax.axhspan(min(inits), max(inits), color=color, alpha=0.12)
+        for ref, style in zip(BASELINE_COLUMNS[target], (":", "--", "-.")):
+            ax.axhline(mean_std(long_rows[0]["records"], target, metric, ref)[0], color="k", ls=style, lw=1, label=ref)
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel(METRIC_NAMES[metric])
+        ax.set_title(target)
+    axes[0].legend(fontsize=6)
+    ax = axes[-1]
+    ax.plot(steps, [100 * r["diagnostics"]["context_gain"] for r in long_rows], label="context gain (%)")
+    ax.plot(steps, [10 * r["diagnostics"].get("effective_rank", np.nan) for r in long_rows], label="10 x effective rank")
+    ax.set_xlabel("pretraining step")
+    ax.set_title("diagnostics")
+    ax.legend(fontsize=7)
+    fig.suptitle("Shaded: the spread of 3 random initialisations per readout (same colour)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="experiments/results/states", help="output folder")
+    p.add_argument("--quick", action="store_true", help="small sizes and few steps (minutes)")
+    p.add_argument("--fresh", action="store_true", help="remove earlier results first")
+    p.add_argument("--only", nargs="*", help="run only these conditions (names as in the table)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("brainjepa").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    plan = QUICK if args.quick else Plan()
+    demo = DemoSettings()
+    out = Path(args.out)
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    series, labels, states = simulate(plan, demo, out)
+    jobs = [(f"default seed={s}", (), s, plan.steps, plan.steps) for s in plan.pretrain_seeds]
+    jobs += [(name, over, 0, plan.steps, plan.steps) for name, over in plan.conditions]
+    jobs += [("long", (), 0, plan.long_steps, plan.every)]
+    rows, long_rows = [], []
+    for name, over, seed, steps, every in jobs:
+        if args.only and name not in args.only:
+            continue
+        log.info("condition %s: %d steps (seed %d)", name, steps, seed)
+        res = run_condition(name, over, seed, steps, every, series, labels, states, plan, demo, out)
+        for r in res:
+            r["label"] = name
+        if name == "long":
+            long_rows = res
+            rows += res
+        else:
+            rows += res[-1:]
+    wall = time.perf_counter() - start
+    text = table(rows, plan.seeds)
+    command = "python experiments/states.py" + (" --quick" if args.quick else "")
+    (out / "results.md").write_text(
+        f"# Brain states and traits: pretrained vs random init\n\nCommand: `{command}` "
+        f"(this invocation: {wall / 60:.1f} min; finished stages are reused). Cohort: "
+        f"{plan.n_pretrain} pretraining + {plan.n_eval} held-out simulated subjects ({TASK}). "
+        f"Window {STATE_MODEL}. Probes: {plan.seeds} split seeds keeping subjects apart, random init "
+        f"over {plan.init_seeds} seeds.\n\n{text}\n"
+        + "\n".join(f"- {r['label']} step {r['step']}: pretraining {r['pretrain_s']} s, probing {r['probe_s']} s" for r in rows)
+        + ("\n\n![curves](curves.png)\n" if long_rows else "\n")
+    )
+    if long_rows:
+        curves(long_rows, out / "curves.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
