@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import socket
 import time
 
@@ -314,6 +315,25 @@ def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, compile=F
     train = {"precision": precision, "loss": loss, "center_targets": center_targets, "compile": compile}
     cfg = resolve_config(_config(optim=optim, train=train))
     return Trainer(SMALL_MODEL, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), cfg, 10)
+
+
+def test_cpu_memory_devices_wrap_the_step(monkeypatch):
+    """On CPU the kernel caches are bounded when the trainer is made (the user's values win) and
+    the heap is trimmed once after each step, by the runtime seam, not the step itself."""
+    import brainjepa.pretrain.runtime as runtime
+
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")  # the user's value
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    trims = []
+    monkeypatch.setattr(runtime, "free_memory_to_os", lambda: trims.append(1))
+    tr = _trainer()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == runtime.CPU_KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert os.environ["LRU_CACHE_CAPACITY"] == "5"
+    x = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(0))
+    masks = SpatiotemporalMasker(16, 3)(4, np.random.default_rng(0))
+    tr.step([(x, masks)], step=0)
+    tr.step([(x, masks)], step=1)
+    assert len(trims) == 2
 
 
 def test_trainer_step_ema_accumulation_and_no_decay_groups():
