@@ -501,6 +501,46 @@ def test_metrics_log_truncates_on_resume_and_feeds_tensorboard(tmp_path, monkeyp
 # ------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("normalization", ["auto", "robust"])
+def test_pretraining_resolves_the_normalisation_once(data_dir, tmp_path, monkeypatch, normalization):
+    """One scaling report and one fit per run, and the dataset normalises with exactly the
+    statistics the run wrote to normalization.json (not a second fit of its own)."""
+    import brainjepa.data.scaling as scaling
+    import brainjepa.data.windows as windows
+    import brainjepa.pretrain.loop as loop
+    from brainjepa.transforms import normalization_from_dict
+
+    calls = {"report": 0, "fit": 0}
+
+    def counted(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    report = counted("report", scaling.scaling_report)
+    monkeypatch.setattr(scaling, "scaling_report", report)
+    monkeypatch.setattr(windows, "scaling_report", report)
+    monkeypatch.setattr(scaling, "fit_scaler", counted("fit", scaling.fit_scaler))
+    made = []
+
+    class Recorded(loop.WindowDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(loop, "WindowDataset", Recorded)
+    run = tmp_path / "run"
+    pretrain(_config(data={"normalization": normalization}), data_dir, run, max_steps=1, progress=False)
+    assert calls == {"report": 1, "fit": 1}
+    method, scaler = normalization_from_dict(json.loads((run / "normalization.json").read_text()))
+    (dataset,) = made
+    assert dataset.normalization == method == ("psc" if normalization == "auto" else "robust")
+    np.testing.assert_array_equal(dataset.scaler.median_, scaler.median_)
+    np.testing.assert_array_equal(dataset.scaler.iqr_, scaler.iqr_)
+
+
 def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_path, caplog, saved_figures):
     run = tmp_path / "run"
     # the authors' recipe (un-centred targets, no patch norm): the loss falls fast as the
