@@ -247,7 +247,10 @@ def headline(r: dict) -> str:
     return "; ".join(parts)
 
 
-BASELINE_COLUMNS = {STATE_TARGET: ("fc_window", "amplitude", "level"), **{t: ("fc_window", "amplitude") for t in TRAITS}}
+BASELINE_COLUMNS = {
+    STATE_TARGET: ("fc_window", "amplitude", "level"),
+    **{t: ("fc_window", "amplitude") for t in TRAITS},
+}
 
 
 def table(rows: list[dict], n_splits: int) -> str:
@@ -304,7 +307,9 @@ def curves(long_rows: list[dict], path: Path) -> None:
     axes[0].legend(fontsize=6)
     ax = axes[-1]
     ax.plot(steps, [100 * r["diagnostics"]["context_gain"] for r in long_rows], label="context gain (%)")
-    ax.plot(steps, [10 * r["diagnostics"].get("effective_rank", np.nan) for r in long_rows], label="10 x effective rank")
+    ax.plot(
+        steps, [10 * r["diagnostics"].get("effective_rank", np.nan) for r in long_rows], label="10 x effective rank"
+    )
     ax.set_xlabel("pretraining step")
     ax.set_title("diagnostics")
     ax.legend(fontsize=7)
@@ -357,7 +362,9 @@ def main(argv=None) -> int:
         f"{plan.n_pretrain} pretraining + {plan.n_eval} held-out simulated subjects ({TASK}). "
         f"Window {STATE_MODEL}. Probes: {plan.seeds} split seeds keeping subjects apart, random init "
         f"over {plan.init_seeds} seeds.\n\n{text}\n"
-        + "\n".join(f"- {r['label']} step {r['step']}: pretraining {r['pretrain_s']} s, probing {r['probe_s']} s" for r in rows)
+        + "\n".join(
+            f"- {r['label']} step {r['step']}: pretraining {r['pretrain_s']} s, probing {r['probe_s']} s" for r in rows
+        )
         + ("\n\n![curves](curves.png)\n" if long_rows else "\n")
     )
     if long_rows:

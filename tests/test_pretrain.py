@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import socket
 import time
 
@@ -316,6 +317,25 @@ def _trainer(precision="fp32", loss="smooth_l1", center_targets=False, compile=F
     return Trainer(SMALL_MODEL, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), cfg, 10)
 
 
+def test_cpu_memory_devices_wrap_the_step(monkeypatch):
+    """On CPU the kernel caches are bounded when the trainer is made (the user's values win) and
+    the heap is trimmed once after each step, by the runtime seam, not the step itself."""
+    import brainjepa.pretrain.runtime as runtime
+
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")  # the user's value
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    trims = []
+    monkeypatch.setattr(runtime, "free_memory_to_os", lambda: trims.append(1))
+    tr = _trainer()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == runtime.CPU_KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert os.environ["LRU_CACHE_CAPACITY"] == "5"
+    x = torch.randn(4, 16, 48, generator=torch.Generator().manual_seed(0))
+    masks = SpatiotemporalMasker(16, 3)(4, np.random.default_rng(0))
+    tr.step([(x, masks)], step=0)
+    tr.step([(x, masks)], step=1)
+    assert len(trims) == 2
+
+
 def test_trainer_step_ema_accumulation_and_no_decay_groups():
     tr = _trainer(accum_steps=2)
     groups = tr.optimizer.param_groups
@@ -479,6 +499,46 @@ def test_metrics_log_truncates_on_resume_and_feeds_tensorboard(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("normalization", ["auto", "robust"])
+def test_pretraining_resolves_the_normalisation_once(data_dir, tmp_path, monkeypatch, normalization):
+    """One scaling report and one fit per run, and the dataset normalises with exactly the
+    statistics the run wrote to normalization.json (not a second fit of its own)."""
+    import brainjepa.data.scaling as scaling
+    import brainjepa.data.windows as windows
+    import brainjepa.pretrain.loop as loop
+    from brainjepa.transforms import normalization_from_dict
+
+    calls = {"report": 0, "fit": 0}
+
+    def counted(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    report = counted("report", scaling.scaling_report)
+    monkeypatch.setattr(scaling, "scaling_report", report)
+    monkeypatch.setattr(windows, "scaling_report", report)
+    monkeypatch.setattr(scaling, "fit_scaler", counted("fit", scaling.fit_scaler))
+    made = []
+
+    class Recorded(loop.WindowDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(loop, "WindowDataset", Recorded)
+    run = tmp_path / "run"
+    pretrain(_config(data={"normalization": normalization}), data_dir, run, max_steps=1, progress=False)
+    assert calls == {"report": 1, "fit": 1}
+    method, scaler = normalization_from_dict(json.loads((run / "normalization.json").read_text()))
+    (dataset,) = made
+    assert dataset.normalization == method == ("psc" if normalization == "auto" else "robust")
+    np.testing.assert_array_equal(dataset.scaler.median_, scaler.median_)
+    np.testing.assert_array_equal(dataset.scaler.iqr_, scaler.iqr_)
 
 
 def test_tiny_pretraining_learns_with_healthy_collapse_monitor(data_dir, tmp_path, caplog, saved_figures):

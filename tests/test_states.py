@@ -20,11 +20,11 @@ from brainjepa.evaluate.states import (
     window_features,
     window_states,
 )
+from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import ModelConfig
 from brainjepa.objective import sigreg_penalty, target_features, vicreg_penalty
 from brainjepa.pretrain import load_config
 from brainjepa.pretrain.step import Trainer
-from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.synthetic import block_design, simulate_cohort
 from brainjepa.transforms import normalize, scan_statistics
 
@@ -34,9 +34,7 @@ R, TR = 24, 0.72
 
 @pytest.fixture(scope="module")
 def task_sim():
-    return simulate_cohort(
-        24, R, tr=TR, minutes=3, seed=2, task_network="DorsAttn", task_drive=0.03, task_coupling=2.0
-    )
+    return simulate_cohort(24, R, tr=TR, minutes=3, seed=2, task_network="DorsAttn", task_drive=0.03, task_coupling=2.0)
 
 
 def model_for(n_timepoints=24, patch_size=8, scope="scan", seed=0) -> BrainJEPA:
@@ -194,7 +192,14 @@ def test_probe_states_decodes_task_blocks_next_to_every_reference(task_sim):
         progress=False,
     )
     methods = {r["method"] for r in res.records}
-    assert {"brainjepa:mean", "random_init#1:roi", "random_init(best):roi", "fc_window", "amplitude", "level"} <= methods
+    assert {
+        "brainjepa:mean",
+        "random_init#1:roi",
+        "random_init(best):roi",
+        "fc_window",
+        "amplitude",
+        "level",
+    } <= methods
     auroc = {row["method"]: row["mean"] for row in res.rows if row["metric"] == "auroc"}
     assert auroc["level"] > 0.7  # the drive is strong here: the level decodes the state
     baselines = {c["baseline"] for c in res.comparisons if c["method"] == "brainjepa:roi"}

@@ -33,18 +33,10 @@ from torch import nn
 
 from .data import CohortSeries
 from .errors import DataError
+from .fast import step_tokens
 from .masking import MaskBatch, SpatiotemporalMasker
 from .model import gather
-from .objective import (
-    block_groups,
-    block_loss_sum,
-    context_tokens,
-    group_tokens,
-    masked_block_mean,
-    n_blocks,
-    split_targets,
-    token_loss,
-)
+from .objective import block_loss_sum, group_tokens, masked_block_mean, split_targets, token_loss
 from .plotting import pyplot, save_figure
 
 # thresholds behind the warnings (docs/method.md, "Diagnostics")
@@ -186,9 +178,8 @@ def diagnose_batch(
     for m, _ in modes:
         m.eval()
     try:
-        ctx_idx, ctx_valid = (t.to(device) for t in context_tokens(masks))
-        groups = [(i.to(device), v.to(device)) for i, v in block_groups(masks)]
-        blocks = n_blocks(masks)
+        padded = step_tokens(masks, device)  # as the training step pads them
+        ctx_idx, ctx_valid, groups, blocks = padded.context_idx, padded.context_valid, padded.groups, padded.blocks
         with autocast:
             raw = target_encoder(x)  # the whole grid: B x N x D
         raw = F.layer_norm(raw.float(), raw.shape[-1:])

@@ -18,6 +18,11 @@ uses the reference ones.
   queries' attention over the context keys is computed once with its log-sum-exp and merged
   per pass with their attention over that pass's target keys
   (:func:`brainjepa.attention.merge_attention`), which is exactly the attention over both.
+
+The training step reaches these through two helpers, so that it shows only the method's stages:
+:func:`step_tokens` (a micro-batch's token lists on the device, padded to :data:`PAD_MULTIPLE`)
+and :class:`SplitContext` (the encoder output as the predictor's passes see it: a detached copy
+that collects their gradients, and the shared context state where it is used).
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention, cat_valid, merge_attention, padding_mask
+from .masking import MaskBatch
 from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, gather
+from .objective import block_groups, context_tokens, n_blocks
+
+# Padded token lists are rounded up to a multiple of this (extra entries invalid). Sequence
+# lengths then come from a small set, and so do the matmul shapes: oneDNN (bf16 on CPU) compiles
+# and caches a kernel per shape, and with a new length every step that cache alone grew the
+# process by ~80 MB per step up to ~600 MB. The padding adds ~1% of the tokens.
+PAD_MULTIPLE = 64
 
 
 class GeluLinear(torch.autograd.Function):
@@ -348,3 +361,89 @@ class FastPredictor(BrainPredictor):
         for i, blk in enumerate(blocks):
             h = block(blk, h, key_mask, queries if i == last else None)
         return self.proj(self.norm(h))
+
+
+@dataclass
+class StepTokens:
+    """One micro-batch's token lists, padded to :data:`PAD_MULTIPLE`, on the training device.
+
+    Args:
+        context_idx: (B, Nc) the context tokens.
+        context_valid: (B, Nc) their validity.
+        groups: [(idx (B, K, w), valid (B, K, w))], the target blocks of each region
+            (:func:`brainjepa.objective.block_groups`).
+        blocks: the target blocks with at least one valid token (the loss's denominator).
+    """
+
+    context_idx: torch.Tensor
+    context_valid: torch.Tensor
+    groups: list[tuple[torch.Tensor, torch.Tensor]]
+    blocks: int
+
+
+def step_tokens(masks: MaskBatch, device: torch.device) -> StepTokens:
+    """The token lists of a micro-batch as the training step and the diagnostics use them.
+
+    Args:
+        masks: the micro-batch's masks.
+        device: where the networks live.
+
+    Returns:
+        The padded token lists on ``device``.
+    """
+    ctx_idx, ctx_valid = (t.to(device, non_blocking=True) for t in context_tokens(masks, PAD_MULTIPLE))
+    groups = [
+        (idx.to(device, non_blocking=True), valid.to(device, non_blocking=True))
+        for idx, valid in block_groups(masks, PAD_MULTIPLE)
+    ]
+    return StepTokens(ctx_idx, ctx_valid, groups, n_blocks(masks))
+
+
+class SplitContext:
+    """The encoder's context features as the predictor's passes see them.
+
+    ``z`` is a detached copy of the encoder output that collects the gradients of every pass, so
+    each pass can be backpropagated as soon as its loss is known (only one pass's activations
+    alive at a time) and the encoder is backpropagated once (:meth:`backward`). With ``share``,
+    the predictor's first-block context part is computed once here (:meth:`FastPredictor.context_state`)
+    and ``shared`` is the copy every pass reads and backpropagates into; call under the passes'
+    autocast.
+
+    Args:
+        predictor: the predictor (its :meth:`~FastPredictor.context_state`).
+        z: (B, Nc, D) the encoder output, part of the encoder's graph.
+        context_idx: (B, Nc) its token positions.
+        context_valid: (B, Nc) their validity.
+        share: compute the shared context state.
+    """
+
+    def __init__(
+        self,
+        predictor: FastPredictor,
+        z: torch.Tensor,
+        context_idx: torch.Tensor,
+        context_valid: torch.Tensor,
+        share: bool,
+    ):
+        self.z = z.detach().requires_grad_()
+        self._state: ContextState | None = None
+        self.shared: ContextState | None = None
+        if share:
+            self._state = predictor.context_state(self.z, context_idx, context_valid)
+            self.shared = self._state.detached()  # collects the gradients of every pass
+
+    def backward(self, z: torch.Tensor, penalty: torch.Tensor | None = None) -> None:
+        """Backpropagate the passes' gradients through the shared state (into ``self.z`` and the
+        predictor's first block), then from ``self.z`` through the encoder.
+
+        Args:
+            z: the encoder output this split was made from.
+            penalty: a scalar computed from ``z`` (a regulariser of the encoder's outputs) whose
+                gradient joins the passes' in the same backward pass through the encoder.
+        """
+        if self._state is not None:
+            self._state.backward(self.shared)
+        if penalty is None:
+            z.backward(self.z.grad)
+        else:
+            torch.autograd.backward([z, penalty], [self.z.grad, None])

@@ -20,16 +20,16 @@ from .errors import ConfigError, DataError
 from .transforms import (
     FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
+    PER_SCAN_METHODS,
+    SCOPES,
     RobustScaler,
     center_window,
     magnitude_problem,
-    PER_SCAN_METHODS,
-    SCOPES,
     normalization_from_dict,
     normalize,
-    scan_statistics,
     resample_tr,
     same_tr,
+    scan_statistics,
 )
 
 # "unknown": the weights came without statistics (the authors' checkpoint); prepare() then
@@ -166,7 +166,8 @@ def series_windows(
         return torch.from_numpy(window[None]).as_subclass(PreparedInput), n_valid
     stats = window_statistics(model, x, normalization)
     scaled = [
-        normalized_window(model, x[:, s : s + length], normalization, who, stats) for s in window_starts(n_frames, length)
+        normalized_window(model, x[:, s : s + length], normalization, who, stats)
+        for s in window_starts(n_frames, length)
     ]
     problem = next((pr for _, pr in scaled if pr), None)
     if problem:  # once per series

@@ -19,17 +19,14 @@ from torch import nn
 from .masking import MaskBatch
 from .model import gather
 
-# Padded token lists are rounded up to a multiple of this (extra entries invalid). Sequence
-# lengths then come from a small set, and so do the matmul shapes: oneDNN (bf16 on CPU) compiles
-# and caches a kernel per shape, and with a new length every step that cache alone grew the
-# process by ~80 MB per step up to ~600 MB. The padding adds ~1% of the tokens.
-PAD_MULTIPLE = 64
 LOSSES = ("smooth_l1", "l2")
 REGULARIZERS = ("none", "vicreg", "sigreg")
 
 
-def pad_width(idx: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut or pad the token lists to ``width`` rounded up to a multiple of PAD_MULTIPLE.
+def pad_width(
+    idx: torch.Tensor, valid: torch.Tensor, width: int, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut or pad the token lists to ``width`` rounded up to a multiple of ``multiple``.
 
     Padding entries are invalid and point at token 0.
 
@@ -37,25 +34,28 @@ def pad_width(idx: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch
         idx: (..., n) token indices.
         valid: (..., n) bool validity.
         width: the wanted width before rounding (at least 1 is used).
+        multiple: round the width up to a multiple of this (the training step's is
+            :data:`brainjepa.fast.PAD_MULTIPLE`).
 
     Returns:
         idx and valid with last dimension the rounded width.
     """
-    width = -(-max(width, 1) // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = -(-max(width, 1) // multiple) * multiple
     extra = width - idx.shape[-1]
     if extra <= 0:
         return idx[..., :width], valid[..., :width]
     return F.pad(idx, (0, extra)), F.pad(valid, (0, extra))
 
 
-def block_groups(masks: MaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def block_groups(masks: MaskBatch, multiple: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Target blocks grouped by region (alpha, beta, gamma), in the order the regions first appear.
 
     Each group is cut to its last column holding a valid token (only all-padding columns go; every
-    target token stays), then padded to a multiple of PAD_MULTIPLE.
+    target token stays), then padded to a multiple of ``multiple``.
 
     Args:
         masks: the batch's masks.
+        multiple: the padding multiple (:func:`pad_width`).
 
     Returns:
         [(idx (B, K, w), valid (B, K, w))], one pair per region.
@@ -65,20 +65,21 @@ def block_groups(masks: MaskBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         sel = torch.tensor([i for i, r in enumerate(masks.regions) if r == region])
         idx, valid = masks.target_idx[:, sel], masks.target_valid[:, sel]
         used = valid.any(0).any(0).nonzero()
-        groups.append(pad_width(idx, valid, int(used.max()) + 1 if len(used) else 1))
+        groups.append(pad_width(idx, valid, int(used.max()) + 1 if len(used) else 1, multiple))
     return groups
 
 
-def context_tokens(masks: MaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The context's tokens, padded to a multiple of PAD_MULTIPLE.
+def context_tokens(masks: MaskBatch, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context's tokens, padded to a multiple of ``multiple``.
 
     Args:
         masks: the batch's masks.
+        multiple: the padding multiple (:func:`pad_width`).
 
     Returns:
         idx (B, Nc) and valid (B, Nc).
     """
-    return pad_width(masks.context_idx, masks.context_valid, masks.context_idx.shape[1])
+    return pad_width(masks.context_idx, masks.context_valid, masks.context_idx.shape[1], multiple)
 
 
 def last_layers_mean(encoder: nn.Module, x: torch.Tensor, layers: int) -> torch.Tensor:

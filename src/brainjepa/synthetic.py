@@ -233,7 +233,9 @@ def simulate_cohort(
     if task_network is not None and task_network not in names:
         raise ConfigError(f"task_network {task_network!r} is not one of {names}")
     if not 0 < block_seconds[0] <= block_seconds[1]:
-        raise ConfigError(f"block_seconds must be (shortest, longest) with 0 < shortest <= longest, got {block_seconds}")
+        raise ConfigError(
+            f"block_seconds must be (shortest, longest) with 0 < shortest <= longest, got {block_seconds}"
+        )
     rng = np.random.default_rng(seed)
     coords, networks, w = make_connectome(n_rois, n_networks, rng)
     S, R = n_subjects, n_rois
@@ -269,7 +271,16 @@ def simulate_cohort(
         brng = np.random.default_rng([seed, b0])
         with single_threaded():
             bold = _hopf_bold(
-                g[sl], cut[sl], omega, w, w_net, tr, n_tr, max_dt, burn_in, brng,
+                g[sl],
+                cut[sl],
+                omega,
+                w,
+                w_net,
+                tr,
+                n_tr,
+                max_dt,
+                burn_in,
+                brng,
                 task=(on[sl], task, w_task, task_drive, task_coupling) if task_network is not None else None,
             )
         bold /= bold.std(axis=2, keepdims=True).mean(axis=1, keepdims=True)  # unit BOLD scale

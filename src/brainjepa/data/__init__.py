@@ -28,7 +28,9 @@ from .scaling import (
     fit_scaler,
     per_scan_method,
     report_scaling,
+    resolve_normalization,
     scaling_report,
+    stored_or_fitted_scaler,
 )
 from .sources import open_cohort
 from .store import STORE_FORMAT, STORE_VERSION, Store, interrupted_store, open_store
@@ -67,9 +69,11 @@ __all__ = [
     "prepare_store",
     "read_manifest",
     "report_scaling",
+    "resolve_normalization",
     "resolve_target_tr",
     "scaling_report",
     "sidecar_or_file",
+    "stored_or_fitted_scaler",
     "subject_from_path",
     "validate_timeseries",
 ]

@@ -1,6 +1,7 @@
 """Normalisation choices for a cohort: the scaling statistics (:func:`fit_scaler`), the ``auto``
-method (:func:`choose_normalization`), and the report on how a cohort's raw scale meets a method
-(:func:`scaling_report`, :func:`report_scaling`)."""
+method (:func:`choose_normalization`), both resolved once for a training run
+(:func:`resolve_normalization`, :func:`stored_or_fitted_scaler`), and the report on how a
+cohort's raw scale meets a method (:func:`scaling_report`, :func:`report_scaling`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..transforms import (
+    FITTED_NORMALIZATIONS,
     NORMALIZATIONS,
     RAW_OFFSET_RATIO,
     RobustScaler,
     cohort_offset_problem,
     has_raw_baseline,
+    normalization_from_dict,
     scan_levels,
     scan_transform,
 )
@@ -97,6 +100,54 @@ def choose_normalization(cohort: Cohort, indices=None, max_scans: int = 20) -> s
         if not has_raw_baseline(x).all():
             return "center"
     return "psc"
+
+
+def stored_or_fitted_scaler(cohort: Cohort, method: str, indices=None, *, seed: int = 0) -> RobustScaler:
+    """The scaling statistics of a fitted method: the cohort's stored ones (a prepared store's)
+    when they are for ``method`` and the cohort's ROI count, else fitted (:func:`fit_scaler`).
+
+    Args:
+        cohort: the cohort.
+        method: a fitted normalisation ('psc', 'center', 'robust').
+        indices: the scans to fit on (default: the training split).
+        seed: seed of :func:`fit_scaler`'s samples.
+
+    Returns:
+        The :class:`~brainjepa.transforms.RobustScaler`.
+    """
+    stored = cohort.normalization
+    if stored and stored.get("method") == method and len(stored.get("median", [])) == cohort.n_rois:
+        return normalization_from_dict(stored)[1]
+    log.info("fitting %s scaling statistics on the cohort's training split", method)
+    return fit_scaler(cohort, indices, method=method, seed=seed)
+
+
+def resolve_normalization(
+    cohort: Cohort, method: str, indices=None, *, seed: int = 0
+) -> tuple[str, RobustScaler | None]:
+    """The normalisation a training run uses, resolved once: ``auto`` chosen
+    (:func:`choose_normalization`, logged) and a fitted method's statistics
+    (:func:`stored_or_fitted_scaler`).
+
+    Args:
+        cohort: the cohort.
+        method: data.normalization, one of :data:`brainjepa.transforms.NORMALIZATIONS` or 'auto'.
+        indices: the training scans (default: the training split).
+        seed: seed of :func:`fit_scaler`'s samples.
+
+    Returns:
+        (method, scaler): the method, never 'auto', and its statistics (None for a method
+        without them).
+    """
+    if method == "auto":
+        method = choose_normalization(cohort, indices)
+        log.info(
+            "data.normalization auto: %s (%s)",
+            method,
+            "the scans look like raw BOLD" if method == "psc" else "the scans are centred or scaled",
+        )
+    scaler = stored_or_fitted_scaler(cohort, method, indices, seed=seed) if method in FITTED_NORMALIZATIONS else None
+    return method, scaler
 
 
 def _subsample(x: np.ndarray, k: int, rng) -> np.ndarray:

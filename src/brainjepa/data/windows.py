@@ -16,13 +16,12 @@ from ..transforms import (
     SCOPES,
     RobustScaler,
     WindowResampler,
-    normalization_from_dict,
     normalize,
     resampled_length,
     same_tr,
     scan_statistics,
 )
-from .scaling import _first_report, fit_scaler, scaling_report
+from .scaling import _first_report, scaling_report, stored_or_fitted_scaler
 from .sources import open_cohort
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,8 @@ class WindowDataset(torch.utils.data.Dataset):
     Item i is scan ``indices[i]``: its series is resampled to ``target_tr`` (when given; every
     scan then needs a TR), a window of ``n_timepoints`` is cut (random when ``train``, else
     centred) and normalised (the fitted methods 'psc', 'center', 'robust' with ``scaler``, the
-    store's stored statistics, or a scaler fitted on the cohort's training split; 'zscore' per
+    store's stored statistics, or a scaler fitted on the cohort's training split
+    (:func:`~brainjepa.data.stored_or_fitted_scaler`); 'zscore' per
     window; 'none'). The random window of item i depends only on (seed, epoch, i), so a resumed
     run sees the same windows: call ``set_epoch(epoch)`` at the start of each epoch. With
     ``scope="scan"`` the per-scan part of 'psc', 'center' and 'zscore' uses the whole scan's mean
@@ -56,6 +56,9 @@ class WindowDataset(torch.utils.data.Dataset):
         indices: the scans to use (default: all).
         scope: where the per-scan part takes its statistics: "scan" or "window"
             (:data:`brainjepa.transforms.SCOPES`).
+        report: log a problem of the cohort's raw scale with ``normalization``
+            (:func:`~brainjepa.data.scaling_report`, once per cohort); False where the caller has
+            reported it already (pretraining does, before it resolves the normalisation).
 
     Raises:
         ConfigError: an unknown normalisation or scope.
@@ -75,6 +78,7 @@ class WindowDataset(torch.utils.data.Dataset):
         seed: int = 0,
         indices=None,
         scope: str = "window",
+        report: bool = True,
     ):
         if normalization not in NORMALIZATIONS:
             raise ConfigError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -94,12 +98,15 @@ class WindowDataset(torch.utils.data.Dataset):
         self._max_start = np.empty(len(self.indices), dtype=np.int64)
         for k, i in enumerate(self.indices):
             self._max_start[k] = self._check_scan(int(i))
-        severity, message = scaling_report(self.cohort, normalization, self.indices, what="dataset")
-        if severity in ("error", "warning") and _first_report(self.cohort, normalization, self.indices):
-            log.warning(message)  # a dataset built by hand: say it, do not refuse
+        if report:
+            severity, message = scaling_report(self.cohort, normalization, self.indices, what="dataset")
+            if severity in ("error", "warning") and _first_report(self.cohort, normalization, self.indices):
+                log.warning(message)  # a dataset built by hand: say it, do not refuse
         self.scaler = None
         if normalization in FITTED_NORMALIZATIONS:
-            self.scaler = scaler if scaler is not None else self._default_scaler()
+            if scaler is None:
+                scaler = stored_or_fitted_scaler(self.cohort, normalization, seed=self.seed)
+            self.scaler = scaler
             if len(self.scaler.median_) != self.cohort.n_rois:
                 raise DataError(
                     f"the {normalization} scaler has {len(self.scaler.median_)} ROIs, the cohort {self.cohort.n_rois}"
@@ -134,13 +141,6 @@ class WindowDataset(torch.utils.data.Dataset):
         if key not in self._resamplers:
             self._resamplers[key] = WindowResampler(tr, self.target_tr, self.n_timepoints)
         return self._resamplers[key]
-
-    def _default_scaler(self) -> RobustScaler:
-        stored = self.cohort.normalization
-        if stored and stored.get("method") == self.normalization:
-            return normalization_from_dict(stored)[1]
-        log.info("fitting %s scaling statistics on the cohort's training split", self.normalization)
-        return fit_scaler(self.cohort, method=self.normalization, seed=self.seed)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose random windows the items are.

@@ -48,17 +48,16 @@ from ..bundle import export_run
 from ..data import (
     CohortSeries,
     WindowDataset,
-    choose_normalization,
-    fit_scaler,
     open_cohort,
     report_scaling,
+    resolve_normalization,
     resolve_target_tr,
 )
 from ..errors import BrainJEPAError, ConfigError, DataError
 from ..gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from ..masking import MaskBatch, SpatiotemporalMasker
 from ..runio import find_checkpoints, load_latest_checkpoint, save_checkpoint, write_text_atomic
-from ..transforms import FITTED_NORMALIZATIONS, normalization_from_dict, normalization_to_dict
+from ..transforms import normalization_from_dict, normalization_to_dict
 from .config import config_diff, dump_config, load_config, model_config, resolve_config
 from .monitor import Monitor, log_start
 from .plots import plot_diagnostics_history, plot_loss_curve
@@ -140,6 +139,7 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
         seed=cfg["train"]["seed"],
         indices=train_idx,
         scope=scope,
+        report=False,  # reported once, by _training_cohort
     )
     batches = _Batches(cfg, dataset, ctx)
     total = cfg["train"]["max_steps"] or cfg["optim"]["epochs"] * batches.steps_per_epoch
@@ -247,7 +247,12 @@ def _read_inputs(run_dir: Path, n_gradients: int):
         norm = json.load(f)
     method, scaler = normalization_from_dict(norm)
     # gradients are ordered by eigenvalue: keep the first
-    return np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32), method, scaler, norm.get("scope", "window")
+    return (
+        np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32),
+        method,
+        scaler,
+        norm.get("scope", "window"),
+    )
 
 
 class _Batches:
@@ -377,21 +382,9 @@ def _prepare_inputs(cfg: dict, cohort, train_idx: np.ndarray, run_dir: Path, n_g
             labels = cohort.roi_labels
         save_gradients_csv(g, grad_file, labels)
     if not (resume and norm_file.is_file()):
-        method = cfg["data"]["normalization"]
-        if method == "auto":
-            method = choose_normalization(cohort, train_idx)
-            log.info(
-                "data.normalization auto: %s (%s)",
-                method,
-                "the scans look like raw BOLD" if method == "psc" else "the scans are centred or scaled",
-            )
-        scaler = None
-        if method in FITTED_NORMALIZATIONS:
-            stored = cohort.normalization
-            if stored and stored.get("method") == method and len(stored.get("median", [])) == cohort.n_rois:
-                scaler = normalization_from_dict(stored)[1]
-            else:
-                scaler = fit_scaler(cohort, train_idx, method=method, seed=cfg["train"]["seed"])
+        method, scaler = resolve_normalization(
+            cohort, cfg["data"]["normalization"], train_idx, seed=cfg["train"]["seed"]
+        )
         norm = {**normalization_to_dict(method, scaler), "scope": cfg["data"]["normalization_scope"]}
         write_text_atomic(norm_file, json.dumps(norm, indent=1) + "\n")
 

@@ -6,7 +6,8 @@
   :meth:`Dist.from_rank0` runs start-up work on rank 0 and hands every rank its result or its
   error, so a failure there ends every rank instead of leaving them waiting.
 - :class:`ShardSampler`: each rank's share of a per-epoch permutation of the samples.
-- :data:`CPU_KERNEL_CACHES`, :func:`free_memory_to_os`: keep a long CPU run's memory flat.
+- :class:`StepMemory` (:data:`CPU_KERNEL_CACHES`, :func:`free_memory_to_os`): keep a long CPU
+  run's memory flat; the training step only wraps itself in :meth:`StepMemory.step`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import ctypes
 import ctypes.util
 import os
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +56,29 @@ def free_memory_to_os() -> None:
     is not the allocator."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+class StepMemory:
+    """The training process's memory devices for its device; on a CPU: bounded kernel caches
+    (:data:`CPU_KERNEL_CACHES`, set when this is made, which must be before the first bf16
+    matmul) and the heap trimmed after each step (:func:`free_memory_to_os`). Nothing on a GPU.
+
+    Args:
+        device: the training device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.device(device).type == "cpu"
+        if self.cpu:
+            for name, value in CPU_KERNEL_CACHES.items():
+                os.environ.setdefault(name, value)
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Wrap one optimizer step: on a CPU, the heap's free pages go back to the OS after it."""
+        yield
+        if self.cpu:
+            free_memory_to_os()
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

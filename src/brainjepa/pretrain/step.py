@@ -18,18 +18,21 @@ then, once per optimizer step:
 5. gradient clipping (optional), AdamW (no weight decay on biases and norms), and the EMA update
    of the target encoder.
 
-Which path the step takes is decided here, in :class:`Trainer`: the networks are
-:class:`~brainjepa.fast.FastEncoder` / :class:`~brainjepa.fast.FastPredictor` (the reference
-networks' exact shortcuts), and where the CPU attention kernel runs (bf16 on CPU, one process,
-not compiled) the predictor's first-block context part is computed once per micro-batch and
-shared by every pass (:meth:`Trainer.share_context`).
+The step shows the method only; the exact shortcuts and memory devices sit behind two seams:
+:mod:`brainjepa.fast` (the networks are :class:`~brainjepa.fast.FastEncoder` /
+:class:`~brainjepa.fast.FastPredictor`; token lists padded for the CPU kernel cache,
+:func:`~brainjepa.fast.step_tokens`; the split backward and, where the CPU attention kernel runs
+(bf16 on CPU, one process, not compiled), the predictor's first-block context part computed once
+per micro-batch and shared by every pass, :class:`~brainjepa.fast.SplitContext` and
+:meth:`Trainer.share_context`) and :mod:`brainjepa.pretrain.runtime` (precision, torch.compile,
+and on CPU the kernel caches and the heap trim after each step,
+:class:`~brainjepa.pretrain.runtime.StepMemory`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 from contextlib import nullcontext
 
 import torch
@@ -38,22 +41,12 @@ from torch import nn
 from ..attention import uses_chunked_attention
 from ..diagnostics import diagnose_batch, feature_stats
 from ..errors import ConfigError
-from ..fast import FastEncoder, FastPredictor
+from ..fast import FastEncoder, FastPredictor, SplitContext, step_tokens
 from ..masking import MaskBatch
 from ..model import ModelConfig
-from ..objective import (
-    LOSSES,
-    block_groups,
-    block_loss_sum,
-    context_tokens,
-    group_tokens,
-    n_blocks,
-    regularizer_penalty,
-    split_targets,
-    target_features,
-)
+from ..objective import LOSSES, block_loss_sum, group_tokens, regularizer_penalty, split_targets, target_features
 from ..schedules import Schedule
-from .runtime import CPU_KERNEL_CACHES, compile_problem, free_memory_to_os, use_bf16
+from .runtime import StepMemory, compile_problem, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +129,7 @@ class Trainer:
         self.schedule = Schedule.from_config(optim, total_steps)
         self.clip_grad = optim["clip_grad"]
         self.bf16 = use_bf16(train["precision"], self.device)
-        if self.device.type == "cpu":
-            for name, value in CPU_KERNEL_CACHES.items():
-                os.environ.setdefault(name, value)
+        self.memory = StepMemory(self.device)  # before the first matmul
 
     def share_context(self) -> bool:
         """Whether the predictor's context part is computed once per micro-batch.
@@ -178,78 +169,74 @@ class Trainer:
             lr, wd, momentum (floats) and loss (mean over micro-batches), plus the monitored
             values (tensors, so nothing waits for the device unless asked).
         """
-        out = self._set_schedule(step)
-        self.encoder.train()
-        self.predictor.train()
-        n = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
-        reg_sum = torch.zeros((), device=self.device)
-        for i, (x, masks) in enumerate(micro_batches):
-            last = i == n - 1
-            x = x.to(self.device, non_blocking=True)
-            ctx_idx, ctx_valid = (t.to(self.device, non_blocking=True) for t in context_tokens(masks))
-            groups = [
-                (idx.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True))
-                for idx, valid in block_groups(masks)
-            ]
-            blocks = n_blocks(masks)
-            with self._sync(self.encoder_run, last):
-                # 1. targets: the EMA target encoder's (centred) features at the target tokens
-                with torch.no_grad(), self.autocast():
-                    h = target_features(
-                        self.target_run, x, group_tokens(groups)[0], self.center_targets, self.target_layers
-                    )
-                # 2. context: the online encoder on the context tokens
-                with self.autocast():
-                    z = self.encoder_run(x, ctx_idx, ctx_valid)
-                # 3. prediction and loss, one region group at a time, backpropagated into a
-                #    detached copy of z (one group's predictor activations alive at a time)
-                z_in = z.detach().requires_grad_()
-                shared = shared_in = None
-                if self.share_context():  # the first block's context part, once
+        with self.memory.step():
+            out = self._set_schedule(step)
+            self.encoder.train()
+            self.predictor.train()
+            n = len(micro_batches)
+            loss_sum = torch.zeros((), device=self.device)
+            reg_sum = torch.zeros((), device=self.device)
+            for i, (x, masks) in enumerate(micro_batches):
+                last = i == n - 1
+                x, t = x.to(self.device, non_blocking=True), step_tokens(masks, self.device)
+                with self._sync(self.encoder_run, last):
+                    # 1. targets: the EMA target encoder's (centred) features at the target tokens
+                    with torch.no_grad(), self.autocast():
+                        h = target_features(
+                            self.target_run, x, group_tokens(t.groups)[0], self.center_targets, self.target_layers
+                        )
+                    # 2. context: the online encoder on the context tokens
                     with self.autocast():
-                        shared = self.predictor.context_state(z_in, ctx_idx, ctx_valid)
-                    shared_in = shared.detached()  # collects the gradients of every pass
-                for g, ((idx, valid), targets) in enumerate(zip(groups, split_targets(h, groups))):
-                    with self._sync(self.predictor_run, last and g == len(groups) - 1):
-                        with self.autocast():
-                            block_sum = block_loss_sum(
-                                self.predictor_run, z_in, ctx_idx, ctx_valid, idx, valid, targets, self.loss, shared_in
-                            )
-                        (block_sum / (blocks * n)).backward()
-                    loss_sum += block_sum.detach() / blocks
-                # 4. backward through the encoder, once, with the optional regulariser of its
-                #    outputs (train.regularizer: VICReg's variance-covariance or SIGReg)
-                if shared is not None:
-                    shared.backward(shared_in)  # into z_in and the predictor's first block
-                if self.regularizer == "none":
-                    z.backward(z_in.grad)
-                else:
-                    reg = self.reg_weight * regularizer_penalty(self.regularizer, z, ctx_valid, self.reg_generator)
-                    torch.autograd.backward([z, reg / n], [z_in.grad, None])
-                    reg_sum += reg.detach()
-        # 5. optimizer step (optional clipping), then the EMA update of the target encoder
-        out["loss"] = loss_sum / n
-        if self.regularizer != "none":
-            out["reg"] = reg_sum / n
-        if self.clip_grad is not None:
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.clip_grad)
-        elif monitor:
-            out["grad_norm"] = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # target <- m target + (1 - m) online
-            torch._foreach_lerp_(
-                list(self.target_encoder.parameters()), list(self.encoder.parameters()), 1.0 - out["momentum"]
-            )
-        if monitor:  # on the last micro-batch's valid target tokens
-            stats = feature_stats(h[group_tokens(groups)[1]])
-            out.update(target_std=stats["std"], target_cos=stats["cos"])
-        if self.device.type == "cpu":
-            free_memory_to_os()
-        return out
+                        z = self.encoder_run(x, t.context_idx, t.context_valid)
+                    # 3. prediction and loss, one region group at a time, each backpropagated at
+                    #    once into the predictor and a detached copy of z (split.z)
+                    with self.autocast():
+                        split = SplitContext(self.predictor, z, t.context_idx, t.context_valid, self.share_context())
+                    for g, ((idx, valid), targets) in enumerate(zip(t.groups, split_targets(h, t.groups))):
+                        with self._sync(self.predictor_run, last and g == len(t.groups) - 1):
+                            with self.autocast():
+                                block_sum = block_loss_sum(
+                                    self.predictor_run,
+                                    split.z,
+                                    t.context_idx,
+                                    t.context_valid,
+                                    idx,
+                                    valid,
+                                    targets,
+                                    self.loss,
+                                    split.shared,
+                                )
+                            (block_sum / (t.blocks * n)).backward()
+                        loss_sum += block_sum.detach() / t.blocks
+                    # 4. backward through the encoder, once, from z's accumulated gradient and the
+                    #    optional penalty on z (train.regularizer: VICReg's or SIGReg)
+                    reg = None
+                    if self.regularizer != "none":
+                        reg = self.reg_weight * regularizer_penalty(
+                            self.regularizer, z, t.context_valid, self.reg_generator
+                        )
+                        reg_sum += reg.detach()
+                    split.backward(z, None if reg is None else reg / n)
+            # 5. optimizer step (optional clipping), then the EMA update of the target encoder
+            out["loss"] = loss_sum / n
+            if reg is not None:
+                out["reg"] = reg_sum / n
+            if self.clip_grad is not None:
+                out["grad_norm"] = nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+            elif monitor:
+                out["grad_norm"] = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])
+                )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # target <- m target + (1 - m) online
+                torch._foreach_lerp_(
+                    list(self.target_encoder.parameters()), list(self.encoder.parameters()), 1.0 - out["momentum"]
+                )
+            if monitor:  # on the last micro-batch's valid target tokens
+                stats = feature_stats(h[group_tokens(t.groups)[1]])
+                out.update(target_std=stats["std"], target_cos=stats["cos"])
+            return out
 
     def _set_schedule(self, step: int) -> dict:
         """Set the optimizer's lr and weight decay for ``step``; returns them and the momentum."""

@@ -312,9 +312,7 @@ def normalization_from_dict(d: dict) -> tuple[str, RobustScaler | None]:
     return method, (RobustScaler.from_dict(d) if method in FITTED_NORMALIZATIONS else None)
 
 
-def normalize(
-    x: np.ndarray, method: str, scaler: RobustScaler | None = None, stats: tuple | None = None
-) -> np.ndarray:
+def normalize(x: np.ndarray, method: str, scaler: RobustScaler | None = None, stats: tuple | None = None) -> np.ndarray:
     """Apply a normalisation: the per-scan part (:func:`scan_transform`), then the cohort scaling.
 
     Args:
