@@ -44,7 +44,7 @@ from brainjepa.data import open_cohort
 from brainjepa.diagnostics import diagnose_model
 from brainjepa.evaluate import HEADLINE_METRIC, METRIC_NAMES, compare, probe_cohort
 from brainjepa.evaluate.features import random_init_like
-from brainjepa.evaluate.states import STATE_TARGET, probe_states, window_features
+from brainjepa.evaluate.states import STATE_TARGET, probe_states, scan_means, window_features
 from brainjepa.pretrain import load_config, pretrain
 from brainjepa.report import DemoSettings
 from brainjepa.runio import find_checkpoints
@@ -62,7 +62,7 @@ class Plan:
     n_pretrain: int = 200
     steps: int = 400
     long_steps: int = 3200
-    every: int = 400
+    long_evaluate_at: tuple[int, ...] = (400, 800, 1600, 2400, 3200)
     seeds: int = 5
     init_seeds: int = 3
     pretrain_seeds: tuple[int, ...] = (0, 1, 2)
@@ -79,7 +79,7 @@ QUICK = Plan(
     n_pretrain=30,
     steps=10,
     long_steps=20,
-    every=10,
+    long_evaluate_at=(10, 20),
     seeds=3,
     init_seeds=2,
     pretrain_seeds=(0,),
@@ -132,16 +132,6 @@ def reference_features(model, series, demo, plan, cache: Path):
     return feats, scan, start
 
 
-def subject_means(features: dict, scan: np.ndarray, n: int) -> dict:
-    """Per-scan means of per-window features (what probe_cohort's 'all windows' embedding is)."""
-    out = {}
-    for k, X in features.items():
-        s = np.zeros((n, X.shape[1]))
-        np.add.at(s, scan, X)
-        out[k] = (s / np.bincount(scan, minlength=n)[:, None]).astype(np.float32)
-    return out
-
-
 def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
     ref_feats, scan, start = ref
     own, scan2, _ = window_features({"brainjepa": model}, series, demo.tr, readouts=READOUTS, baselines=False)
@@ -163,7 +153,7 @@ def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
     cohort = open_cohort(series, tr=demo.tr, labels=labels)
     # the subject embeddings probe_cohort would make (every window's readout, averaged) and the
     # FC of those windows, from the window features; fc_full and amplitude are computed there
-    per_subject = subject_means({k: v for k, v in feats.items() if ":" in k or k == "fc_window"}, scan, len(series))
+    per_subject = scan_means({k: v for k, v in feats.items() if ":" in k or k == "fc_window"}, scan, len(series))
     res_traits = probe_cohort(
         model,
         cohort,
@@ -183,41 +173,42 @@ def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
     }
 
 
-def run_condition(name, overrides, seed, steps, every, series, labels, states, plan, demo, out) -> list[dict]:
+def run_condition(name, overrides, seed, steps, evaluate_at, series, labels, states, plan, demo, out) -> list[dict]:
+    """Pretrain one condition in segments, probing each checkpoint in ``evaluate_at`` as soon as
+    it exists, so an interrupted run keeps every result so far and continues where it stopped."""
     slug = name.replace("=", "-").replace(" ", "_")
     run = out / "runs" / slug
-    done = {}
-    for f in out.glob(f"{slug}@*.json"):
-        d = json.loads(f.read_text())
-        done[d["step"]] = d
-    wanted = list(range(every, steps + 1, every))
-    if all(s in done for s in wanted):
-        return [done[s] for s in wanted]
-    t0 = time.perf_counter()
-    cfg = config(overrides, steps, every, seed, demo)
-    train = series[plan.n_eval :]
-    if not (run / "bundle" / "model.safetensors").exists():
-        pretrain(cfg, train, run, max_steps=steps, resume=(run / "checkpoints").exists(), progress=False)
-    pretrain_s = round(time.perf_counter() - t0)
+    cfg = config(overrides, steps, min(evaluate_at), seed, demo)
     held = series[: plan.n_eval]
     held_labels = {k: v[: plan.n_eval] for k, v in labels.items()}
     held_states = states[: plan.n_eval]
     scope = "window" if "data.normalization_scope=window" in overrides else "scan"
     results = []
-    for step, step_path in find_checkpoints(run).items():
-        if step not in wanted:
+    for step in evaluate_at:
+        path = out / f"{slug}@{step}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
             continue
-        model = load_model(step_path)
-        if step in done:
-            results.append(done[step])
-            continue
+        t0 = time.perf_counter()
+        if step not in find_checkpoints(run):
+            pretrain(
+                cfg,
+                series[plan.n_eval :],
+                run,
+                max_steps=steps,
+                resume=bool(find_checkpoints(run)),
+                stop_after=step,
+                progress=False,
+            )
+        pretrain_s = round(time.perf_counter() - t0)
+        model = load_model(find_checkpoints(run)[step])
         ref = reference_features(model, held, demo, plan, out / f"reference-{scope}.npz")
         r = evaluate(model, held, held_labels, held_states, demo, plan, ref)
         r.update(condition=name, seed=seed, step=step, overrides=list(overrides), pretrain_s=pretrain_s)
-        (out / f"{slug}@{step}.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
+        path.write_text(json.dumps(r, indent=1, default=float) + "\n")
         log.info("%s step %d: %s", name, step, headline(r))
         results.append(r)
-    return sorted(results, key=lambda r: r["step"])
+    return results
 
 
 def mean_std(records, target, metric, method):
@@ -337,15 +328,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     series, labels, states = simulate(plan, demo, out)
-    jobs = [(f"default seed={s}", (), s, plan.steps, plan.steps) for s in plan.pretrain_seeds]
-    jobs += [(name, over, 0, plan.steps, plan.steps) for name, over in plan.conditions]
-    jobs += [("long", (), 0, plan.long_steps, plan.every)]
+    jobs = [(f"default seed={s}", (), s, plan.steps, (plan.steps,)) for s in plan.pretrain_seeds]
+    jobs += [(name, over, 0, plan.steps, (plan.steps,)) for name, over in plan.conditions]
+    jobs += [("long", (), 0, plan.long_steps, plan.long_evaluate_at)]
     rows, long_rows = [], []
-    for name, over, seed, steps, every in jobs:
+    for name, over, seed, steps, evaluate_at in jobs:
         if args.only and name not in args.only:
             continue
         log.info("condition %s: %d steps (seed %d)", name, steps, seed)
-        res = run_condition(name, over, seed, steps, every, series, labels, states, plan, demo, out)
+        res = run_condition(name, over, seed, steps, evaluate_at, series, labels, states, plan, demo, out)
         for r in res:
             r["label"] = name
         if name == "long":

@@ -410,7 +410,9 @@ def write_cohort(cohort: SimulatedCohort, out_dir, fmt: str = "tsv") -> Path:
 
     The manifest has path (relative), subject, tr (only where the file cannot carry it), atlas
     (NIfTI rows) and the label columns; rois.tsv has each ROI's index, name, network and
-    coordinates.
+    coordinates. A cohort with brain states also gets one BIDS events file per scan
+    (``<subject>_task-blocks_events.tsv``: onset, duration, trial_type "task" for every task
+    block) and an ``events`` column naming it.
 
     Args:
         cohort: the simulated cohort (:func:`simulate_cohort`).
@@ -465,11 +467,16 @@ def write_cohort(cohort: SimulatedCohort, out_dir, fmt: str = "tsv") -> Path:
         else:
             name = f"{subject}_bold.{kind}"
             write_timeseries(out / name, x, roi_labels=cohort.roi_labels, tr=cohort.tr)
-        rows.append([name, subject, tr_col, extra] + [_fmt(cohort.labels[k][i]) for k in cohort.labels])
+        events = (
+            [write_events(out / f"{subject}_task-blocks_events.tsv", cohort.states[i], cohort.tr)]
+            if cohort.states
+            else []
+        )
+        rows.append([name, subject, tr_col, extra] + [_fmt(cohort.labels[k][i]) for k in cohort.labels] + events)
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "subject", "tr", "atlas"] + list(cohort.labels))
+        w.writerow(["path", "subject", "tr", "atlas"] + list(cohort.labels) + (["events"] if cohort.states else []))
         w.writerows(rows)
     with open(out / "rois.tsv", "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -477,6 +484,26 @@ def write_cohort(cohort: SimulatedCohort, out_dir, fmt: str = "tsv") -> Path:
         for r, name in enumerate(cohort.roi_labels):
             w.writerow([r, name, cohort.network_names[cohort.networks[r]]] + [f"{c:.1f}" for c in cohort.coords[r]])
     return manifest
+
+
+def write_events(path: Path, states: np.ndarray, tr: float) -> str:
+    """A BIDS events file of a state time course: one row per task block.
+
+    Args:
+        path: the ``*_events.tsv`` file to write.
+        states: (T,) 0/1 states per frame.
+        tr: the frame interval in seconds.
+
+    Returns:
+        The file's name.
+    """
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(states, dtype=np.int8), [0]])))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["onset", "duration", "trial_type"])
+        for start, stop in zip(edges[::2], edges[1::2]):
+            w.writerow([f"{start * tr:.3f}", f"{(stop - start) * tr:.3f}", "task"])
+    return path.name
 
 
 def _fmt(v) -> str:

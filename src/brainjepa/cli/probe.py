@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluate import PROBES, READOUTS, WINDOWS, probe_cohort
+from ..data import CohortSeries
+from ..errors import ConfigError
+from ..evaluate import PROBES, READOUTS, WINDOWS, Results, cohort_states, probe_cohort, probe_states
 from ..evaluate.cohort import FC_INPUTS
 from ..evaluate.labels import TASKS
 from ..evaluate.training import CLASS_WEIGHTS
 from .embed import add_model_data_arguments, load
 
 
-def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) -> None:
+def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True, target_required: bool = True) -> None:
     """Target, task, seeds, splits, baselines and output options shared by probe and finetune
     (``fc_input``: offer --fc-input, the choice of fine-tuning's single FC baseline)."""
     p.add_argument(
         "--target",
-        required=True,
+        required=target_required,
         action="append",
         metavar="COLUMN",
         help="label column to predict (repeat for several targets)",
@@ -73,7 +75,29 @@ def register(subparsers) -> None:
         ),
     )
     add_model_data_arguments(p)
-    add_protocol_arguments(p, fc_input=False)
+    add_protocol_arguments(p, fc_input=False, target_required=False)
+    p.add_argument(
+        "--states",
+        metavar="COLUMN",
+        help="also decode brain states window by window: a manifest column naming each scan's BIDS "
+        "events file (onset, duration, trial_type; relative to the scan's folder); frames outside "
+        "every event are the first state. Splits keep subjects apart; references: random init and "
+        "the FC, amplitude and level of the same window",
+    )
+    p.add_argument(
+        "--state-names",
+        nargs="+",
+        default=["rest", "task"],
+        metavar="NAME",
+        help="the states, the first for frames outside every event (default: rest task)",
+    )
+    p.add_argument(
+        "--state-lag",
+        type=float,
+        default=6.0,
+        metavar="SECONDS",
+        help="hemodynamic delay between an event and the BOLD it labels (default 6)",
+    )
     p.add_argument(
         "--readout",
         action="append",
@@ -107,8 +131,41 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
+    if not args.target and not args.states:
+        raise ConfigError("probe needs something to predict: --target COLUMN (traits), --states COLUMN, or both")
     model, cohort = load(args)
-    results = probe_cohort(
+    results = Results()
+    if args.states:
+        states = cohort_states(cohort, args.states, classes=args.state_names)  # fails before the slow part
+    if args.target:
+        results.extend(_probe_targets(args, model, cohort))
+    if args.states:
+        results.extend(
+            probe_states(
+                model,
+                CohortSeries(cohort),
+                states,
+                tr=cohort.trs,
+                subjects=cohort.subjects,
+                lag=args.state_lag,
+                seeds=args.seeds,
+                readouts=args.readout or READOUTS,
+                random_init_seeds=args.random_init_seeds,
+                batch_size=args.batch_size,
+                device=args.device,
+                progress=not args.quiet,
+            )
+        )
+    print(results.table())
+    print("paired over split seeds: brainjepa minus each reference\n")
+    print(results.comparison_table())
+    if args.out:
+        print(f"wrote {results.save(args.out)}")
+    return 0
+
+
+def _probe_targets(args: argparse.Namespace, model, cohort) -> Results:
+    return probe_cohort(
         model,
         cohort,
         args.target,
@@ -125,9 +182,3 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         probe_options={"epochs": args.epochs} if args.probe == "bn-linear" else None,
     )
-    print(results.table())
-    print("paired over split seeds: brainjepa minus each reference\n")
-    print(results.comparison_table())
-    if args.out:
-        print(f"wrote {results.save(args.out)}")
-    return 0

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         help="write a simulated resting-state cohort (files + manifest.csv with labels)",
         description="Simulate resting-state BOLD (Stuart-Landau oscillators on a modular connectome, "
         "Balloon-Windkessel hemodynamics, noise) with subject labels 'age' (continuous), 'patient' "
-        "(0/1) and 'site' (nuisance), and write it as files plus manifest.csv.",
+        "(0/1) and 'site' (nuisance), and write it as files plus manifest.csv. With --task-network the "
+        "scans also switch between rest and task blocks (brain states), recorded as BIDS events files.",
     )
     p.add_argument("--subjects", type=int, default=60, help="number of subjects (default 60)")
     p.add_argument("--rois", type=int, default=100, help="number of ROIs (default 100)")
@@ -28,6 +29,30 @@ def register(subparsers) -> None:
         choices=FORMATS,
         default="tsv",
         help="file format: XCP-D tsv (default), UKB csv, npy, npz, mat, h5, nifti, or mixed",
+    )
+    p.add_argument(
+        "--task-network",
+        metavar="NETWORK",
+        help="add brain states: this network (e.g. DorsAttn) is driven in task blocks that alternate "
+        "with rest; writes one BIDS events file per scan and an 'events' manifest column "
+        "(for probe --states events)",
+    )
+    p.add_argument(
+        "--task-drive", type=float, default=0.015, help="input to the task network in task blocks (default 0.015)"
+    )
+    p.add_argument(
+        "--task-coupling",
+        type=float,
+        default=2.0,
+        help="relative gain of the task network's internal coupling in task blocks (default 2)",
+    )
+    p.add_argument(
+        "--block-seconds",
+        type=float,
+        nargs=2,
+        default=(20.0, 60.0),
+        metavar=("SHORTEST", "LONGEST"),
+        help="block lengths in seconds (default 20 60)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
@@ -44,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         n_networks=args.networks,
         n_sites=args.sites,
+        task_network=args.task_network,
+        task_drive=args.task_drive if args.task_network else 0.0,
+        task_coupling=args.task_coupling if args.task_network else 0.0,
+        block_seconds=tuple(args.block_seconds),
     )
     manifest = write_cohort(sim, args.out, fmt=args.format)
     t = sim.timeseries[0].shape[1]

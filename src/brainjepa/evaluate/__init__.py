@@ -57,6 +57,11 @@ reported in the original units. Fine-tuning lives in :mod:`.finetune` (methods
 BN-linear probe share one keep-best-epoch training loop (:mod:`.training`). Attention maps for
 interpretation: :mod:`.interpret`.
 
+Brain states (:mod:`.states`): a label that changes within a scan (task blocks, a change of
+regime) is decoded from every window on its own, with splits that keep subjects apart, against
+random init and the FC, amplitude and level (mean relative to the scan) of the same window
+(:func:`probe_states`).
+
 Modules: :mod:`.metrics`, :mod:`.labels`, :mod:`.features`, :mod:`.training`, :mod:`.probes`,
 :mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`.
 Every public name is importable from this package.
@@ -158,12 +163,40 @@ from .probes import (
     make_probe,
 )
 from .protocol import Method, Results, format_mean_std, format_table, result_grid, run_protocol, run_targets
+from .states import (
+    STATE_BASELINES,
+    STATE_TARGET,
+    cohort_states,
+    events_states,
+    probe_states,
+    probe_windows,
+    scan_means,
+    scan_scaled,
+    state_labels,
+    subject_split,
+    window_baselines,
+    window_features,
+    window_states,
+)
 from .training import EpochLog, class_weights, make_loss, predict_batches, set_lr, train_keep_best
 
 # the table order under its former private name, which brainjepa.report imports
 _method_rank = method_rank
 
 __all__ = [
+    "STATE_BASELINES",
+    "STATE_TARGET",
+    "cohort_states",
+    "events_states",
+    "probe_states",
+    "probe_windows",
+    "scan_means",
+    "scan_scaled",
+    "state_labels",
+    "subject_split",
+    "window_baselines",
+    "window_features",
+    "window_states",
     "BASELINES",
     "COMPARISON_COLUMNS",
     "HEADLINE_METRIC",

@@ -20,8 +20,10 @@ so a probe never sees the test subject's other windows.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +179,32 @@ def window_features(
     return out, np.concatenate(scans), np.concatenate(starts).astype(np.float64)
 
 
+def scan_means(features: dict[str, np.ndarray], scan: np.ndarray, n_scans: int) -> dict[str, np.ndarray]:
+    """Per-scan means of per-window features.
+
+    For an encoder readout this is exactly the subject embedding of
+    :func:`~brainjepa.evaluate.features.encode_readouts` with ``windows="all"`` (every window's
+    readout, averaged), and for ``fc_window`` the FC baseline of the trait probes, so one pass
+    over the windows serves both task families.
+
+    Args:
+        features: {name: (N_windows, F)} (:func:`window_features`).
+        scan: (N_windows,) the scan of each window.
+        n_scans: the number of scans.
+
+    Returns:
+        {name: (n_scans, F) float32}; a scan without windows gets NaN.
+    """
+    counts = np.bincount(scan, minlength=n_scans).astype(np.float64)
+    out = {}
+    for name, X in features.items():
+        total = np.zeros((n_scans, X.shape[1]))
+        np.add.at(total, scan, X)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = (total / counts[:, None]).astype(np.float32)
+    return out
+
+
 def _n_frames(model, series, tr) -> int:
     n = np.shape(series)[-1]
     if model.target_tr is not None and tr is not None:
@@ -211,6 +239,82 @@ def window_states(
         labels.append(int(frac > 0.5))
         purity.append(max(frac, 1 - frac))
     return np.array(labels, dtype=np.int64), np.array(purity)
+
+
+def events_states(path, n_frames: int, tr: float, classes: Sequence[str] | None = None) -> np.ndarray:
+    """A frame-by-frame state time course from a BIDS events file.
+
+    The file is tab-separated with the columns ``onset`` and ``duration`` (seconds from the
+    first frame) and ``trial_type``; frame k (acquired at k * tr) takes the trial type of the
+    event with onset <= k * tr < onset + duration (the later event where two overlap) and state 0
+    where none covers it. The hemodynamic delay is applied later (:func:`window_states`).
+
+    Args:
+        path: the ``*_events.tsv`` file.
+        n_frames: the scan's frames.
+        tr: the scan's repetition time in seconds.
+        classes: the state names in order, the first for frames outside every event (default
+            ``["rest", "task"]``); an event whose trial type is not among them is an error.
+
+    Returns:
+        (n_frames,) int64 state indices into ``classes``.
+
+    Raises:
+        DataError: an unreadable file, missing columns, bad numbers or an unknown trial type,
+            naming the file.
+    """
+    classes = list(classes or ("rest", "task"))
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the events file ({e})") from None
+    if rows and not {"onset", "duration"} <= set(rows[0]):
+        raise DataError(f"{path}: an events file needs the columns onset and duration (BIDS); found {list(rows[0])}")
+    t = np.arange(n_frames) * tr + 1e-4  # onsets written to the millisecond must not miss a frame
+    out = np.zeros(n_frames, dtype=np.int64)
+    for k, row in enumerate(rows, start=2):
+        kind = row.get("trial_type") or classes[-1]
+        if kind not in classes:
+            raise DataError(f"{path}, line {k}: trial_type {kind!r} is not one of the states {classes}")
+        try:
+            onset, duration = float(row["onset"]), float(row["duration"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}, line {k}: onset and duration must be numbers of seconds") from None
+        out[(t >= onset) & (t < onset + duration)] = classes.index(kind)
+    return out
+
+
+def cohort_states(cohort, column: str, base=None, classes: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Every scan's state time course from the events files a cohort's label column names.
+
+    Args:
+        cohort: a :class:`~brainjepa.data.Cohort` whose ``column`` holds one events file per scan.
+        column: the label column (e.g. the manifest's ``events``).
+        base: the folder relative paths start from (default: each scan file's folder).
+        classes: the state names (:func:`events_states`).
+
+    Returns:
+        Per scan, (T_i,) int64 states at the scan's own TR.
+
+    Raises:
+        DataError: a missing column or value, a scan without a TR, or a bad events file.
+    """
+    if column not in cohort.labels:
+        raise DataError(f"the cohort has no column {column!r} naming events files; columns: {sorted(cohort.labels)}")
+    out = []
+    for i, value in enumerate(cohort.labels[column]):
+        if value is None or str(value).strip() in ("", "nan", "n/a"):
+            raise DataError(f"{cohort.name(i)}: no events file in column {column!r}; every scan needs one")
+        if cohort.tr(i) is None:
+            raise DataError(f"{cohort.name(i)}: no TR known, so its events cannot be placed on its frames; pass --tr")
+        path = Path(str(value))
+        if not path.is_absolute():
+            folder = Path(base) if base is not None else Path(cohort.paths[i] or ".").parent
+            path = folder / path
+        out.append(events_states(path, cohort.length(i), cohort.tr(i), classes))
+    return out
 
 
 def state_labels(
