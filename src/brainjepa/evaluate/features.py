@@ -298,6 +298,8 @@ def encode_readouts(
                 owner = torch.cat([torch.full((len(items[j][0]),), j) for j in members])
                 counts.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
                 for xb, ob in zip(x.split(batch_size), owner.split(batch_size)):
+                    if dev.type == "cuda":  # page-locked, so the copy overlaps the previous batch's work
+                        xb = xb.pin_memory().to(dev, non_blocking=True)
                     h = encode_windows(net, xb.to(dev), p, precision)
                     for r in readouts:
                         f = readout_features(h, r, cfg.layernorm_eps).double().cpu()
