@@ -213,7 +213,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=2, help="timed batches per process (after one warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (authors / ours)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument(
+        "--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"], help="ours, one row per value"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "versus_authors.json"))
     p.add_argument("--child", choices=["authors", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
@@ -225,6 +227,7 @@ def main() -> None:
         print(json.dumps(peaks(args.threads)))
         return
     if args.child:
+        args.precision = args.precision[0]
         print(json.dumps(child(args)))
         return
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -232,35 +235,39 @@ def main() -> None:
     rows = []
     for rnd in range(args.rounds):
         for size in args.sizes:
-            order = ["authors", "ours"] if rnd % 2 == 0 else ["ours", "authors"]
-            for impl in order:
+            runs = [("authors", "fp32")] + [("ours", prec) for prec in args.precision]
+            for impl, prec in runs if rnd % 2 == 0 else runs[::-1]:
                 common = ["--size", size, "--batch", str(args.batch), "--iters", str(args.iters)]
-                r = spawn(args, common + ["--child", impl, "--precision", args.precision])
-                r["round"] = rnd
+                r = spawn(args, common + ["--child", impl, "--precision", prec])
+                r["round"], r["precision"] = rnd, prec
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     peak_runs.append(spawn(args, ["--peaks"]))
     summary = []
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     for size in args.sizes:
         a = [r for r in rows if r["size"] == size and r["impl"] == "authors"]
-        o = [r for r in rows if r["size"] == size and r["impl"] == "ours"]
-        med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-        summary.append(
-            {
-                "size": size,
-                "authors_s": med(a, "s_per_batch"),
-                "ours_s": med(o, "s_per_batch"),
-                "speedup_wall": med(a, "s_per_batch") / med(o, "s_per_batch"),
-                "speedup_per_round": [x["s_per_batch"] / y["s_per_batch"] for x, y in zip(a, o)],
-                "speedup_cpu": med(a, "cpu_s_per_batch") / med(o, "cpu_s_per_batch"),
-                "authors_rss_mb": max(r["peak_rss_mb"] for r in a),
-                "ours_rss_mb": max(r["peak_rss_mb"] for r in o),
-                "ours_gflop_per_s": med(o, "gflop_per_s"),
-                "authors_gflop_per_s": med(a, "gflop_per_s"),
-                "ours_bf16": o[0].get("bf16"),
-                "others_cpu_share": statistics.median(r["others_cpu_share"] or 0 for r in a + o),
-            }
-        )
+        for prec in args.precision:
+            o = [r for r in rows if r["size"] == size and r["impl"] == "ours" and r["precision"] == prec]
+            summary.append(
+                {
+                    "size": size,
+                    "precision": prec,
+                    "ours_bf16": o[0].get("bf16"),
+                    "authors_s": med(a, "s_per_batch"),
+                    "ours_s": med(o, "s_per_batch"),
+                    "speedup_wall": med(a, "s_per_batch") / med(o, "s_per_batch"),
+                    "authors_cpu_s": med(a, "cpu_s_per_batch"),
+                    "ours_cpu_s": med(o, "cpu_s_per_batch"),
+                    "speedup_cpu": med(a, "cpu_s_per_batch") / med(o, "cpu_s_per_batch"),
+                    "authors_rss_mb": max(r["peak_rss_mb"] for r in a),
+                    "ours_rss_mb": max(r["peak_rss_mb"] for r in o),
+                    "authors_gflop_per_cpu_s": med(a, "gflop_per_cpu_s"),
+                    "ours_gflop_per_cpu_s": med(o, "gflop_per_cpu_s"),
+                    "ours_gflop_per_s": med(o, "gflop_per_s"),
+                    "others_cpu_share": statistics.median(r["others_cpu_share"] or 0 for r in a + o),
+                }
+            )
     out = {
         "started": started,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -272,14 +279,17 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nmatmul peaks GFLOP/s (start, end): {peak_runs}; threads {args.threads}, batch {args.batch}\n")
-    print("| size | authors s/batch | ours s/batch | x speed (wall) | x speed (CPU s) | authors MB | ours MB "
-          "| ours GFLOP/s | ours bf16 | others' CPU share |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| size | ours precision | authors s/batch (CPU s) | ours s/batch (CPU s) | x speed wall | x speed CPU s "
+        "| authors / ours peak MB | GFLOP per CPU s authors / ours | others' CPU share |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         print(
-            f"| {s['size']} | {s['authors_s']:.2f} | {s['ours_s']:.2f} | {s['speedup_wall']:.2f} "
-            f"| {s['speedup_cpu']:.2f} | {s['authors_rss_mb']:.0f} | {s['ours_rss_mb']:.0f} "
-            f"| {s['ours_gflop_per_s']:.0f} | {s['ours_bf16']} | {s['others_cpu_share']:.2f} |"
+            f"| {s['size']} | {s['precision']} ({'bf16' if s['ours_bf16'] else 'fp32'}) "
+            f"| {s['authors_s']:.2f} ({s['authors_cpu_s']:.2f}) | {s['ours_s']:.2f} ({s['ours_cpu_s']:.2f}) "
+            f"| {s['speedup_wall']:.2f} | {s['speedup_cpu']:.2f} | {s['authors_rss_mb']:.0f} / {s['ours_rss_mb']:.0f} "
+            f"| {s['authors_gflop_per_cpu_s']:.0f} / {s['ours_gflop_per_cpu_s']:.0f} | {s['others_cpu_share']:.2f} |"
         )
 
 
