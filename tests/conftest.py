@@ -13,6 +13,15 @@ import torch
 from brainjepa.model import ModelConfig
 
 
+def pytest_configure(config):
+    """brainjepa's per-machine cache (the ``precision: auto`` probe) goes to a fresh folder for
+    the session, never to the user's ~/.cache."""
+    import os
+    import tempfile
+
+    os.environ["BRAINJEPA_CACHE_DIR"] = tempfile.mkdtemp(prefix="brainjepa-test-cache-")
+
+
 def write_manifest(folder, rows, columns=("path", "subject", "tr", "age", "group")):
     """folder/manifest.csv with ``columns`` as header and ``rows``; returns its path."""
     path = folder / "manifest.csv"

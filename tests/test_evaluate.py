@@ -1061,3 +1061,21 @@ def test_commands_end_to_end(sim, tmp_path, capsys):
 
     assert main(["probe", *data, "--target", "iq"]) == 1
     assert "'iq' is not a column" in capsys.readouterr().err
+
+
+def test_encode_windows_in_bf16_is_close_to_fp32(monkeypatch):
+    import brainjepa.precision as precision
+
+    model = small_model()
+    xb = torch.randn(2, R, T_MODEL)
+    with torch.no_grad():
+        h32 = encode_windows(model, xb)
+        h16 = encode_windows(model, xb, precision="bf16")
+        assert h16.dtype == torch.float32 and h16.shape == h32.shape
+        assert not torch.equal(h16, h32)  # it did compute in bf16
+        torch.testing.assert_close(h16, h32, atol=0.1, rtol=0.05)  # after the final LayerNorm: unit scale
+        for faster in (True, False):  # auto follows the probe's decision
+            monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda faster=faster: faster)
+            torch.testing.assert_close(encode_windows(model, xb, precision="auto"), h16 if faster else h32)
+    emb = BrainJEPAEmbedder(model, precision="bf16").transform([xb[0].numpy()], tr=1.44)
+    assert emb.shape == (1, model.config.embed_dim) and np.isfinite(emb).all()

@@ -20,7 +20,7 @@ LAYERS = [
     ["runio", "plotting", "schedules"],
     ["io", "transforms"],
     ["data", "synthetic", "gradients"],
-    ["masking", "attention"],
+    ["masking", "attention", "precision"],
     ["model"],
     ["fast", "objective", "diagnostics"],
     ["inputs", "bundle_files", "bundle", "convert"],

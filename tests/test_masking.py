@@ -215,6 +215,7 @@ def test_to_moves_every_tensor():
     assert moved.regions == mb.regions and moved.n_blocks == 3
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pin_memory():
     mb = SpatiotemporalMasker(20, 4)(3, rng=0).pin_memory()

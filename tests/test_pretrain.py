@@ -292,22 +292,14 @@ def test_feature_stats_detects_collapse():
     assert collapsed["std"] < 1e-5 and collapsed["cos"] > 0.999
 
 
-def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
+def test_auto_precision_follows_the_probe(monkeypatch):
+    import brainjepa.precision as precision
     import brainjepa.pretrain.runtime as runtime
 
-    # bf16 units: AVX512-BF16 or AMX, as torch reports them (private functions that may go missing)
-    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        assert runtime.cpu_has_bf16_units() is native
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert runtime.cpu_has_bf16_units() is False
-    monkeypatch.undo()
     cpu = torch.device("cpu")
-    for native in (True, False):
-        monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda native=native: native)
-        assert runtime.use_bf16("auto", cpu) is native
+    for faster in (True, False):
+        monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda faster=faster: faster)
+        assert runtime.use_bf16("auto", cpu) is faster
         assert runtime.use_bf16("bf16", cpu) and not runtime.use_bf16("fp32", cpu)  # forced either way
 
 

@@ -1,6 +1,6 @@
 """Where pretraining runs: precision, devices, processes, and the CPU's memory.
 
-- :func:`use_bf16`: bf16 autocast where the hardware computes in bf16 natively.
+- :func:`use_bf16`: bf16 autocast where it is measured faster (:mod:`brainjepa.precision`).
 - :func:`setup_distributed` / :class:`Dist`: one process, or one per GPU under torchrun
   (WORLD_SIZE > 1: the process group from env://, NCCL on GPUs, gloo on CPUs).
   :meth:`Dist.from_rank0` runs start-up work on rank 0 and hands every rank its result or its
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import BrainJEPAError, ConfigError
+from ..precision import use_bf16 as precision_choice
 
 # Kernels oneDNN keeps compiled (its default, 1,024, is ~600 MB at these shapes); a step uses a
 # few dozen shapes, a miss costs ~0.3 ms. Above it, PyTorch's ideep layer keeps its own cache of
@@ -82,11 +83,11 @@ class StepMemory:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to train under bf16 autocast.
+    """Whether to train under bf16 autocast (:func:`brainjepa.precision.use_bf16`).
 
-    ``auto`` chooses bf16 where the hardware computes in bf16 natively (CUDA GPUs that support it;
-    CPUs with AVX512-BF16 or AMX, where bf16 matmuls run 4x faster than fp32), fp32 elsewhere (bf16
-    there is emulated and no faster).
+    ``auto`` chooses bf16 on CUDA GPUs that support it and, on a CPU, only where a short timed
+    probe finds bf16 clearly faster than fp32 on this machine (cached per machine and thread
+    count; :func:`brainjepa.precision.cpu_prefers_bf16`), fp32 elsewhere.
 
     Args:
         precision: "auto", "bf16" or "fp32" (train.precision).
@@ -95,23 +96,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     Returns:
         True for bf16.
     """
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16_units()
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX).
-
-    Returns:
-        True if so; False also where torch cannot tell.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: may move
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return precision_choice(precision, device)
 
 
 @dataclass
