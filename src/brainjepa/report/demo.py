@@ -15,10 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import load_model
-from ..data import open_cohort
+from ..data import CohortSeries, open_cohort
 from ..diagnostics import MIN_CONTEXT_GAIN, count_parameters, diagnose_model, format_diagnostics, plot_diagnostics
 from ..errors import ConfigError, require
-from ..evaluate import MODEL, READOUTS, probe_cohort, probe_features
+from ..evaluate import (
+    MODEL,
+    RANDOM_INIT,
+    READOUTS,
+    cohort_states,
+    probe_cohort,
+    probe_states,
+    random_init_like,
+    scan_means,
+    window_features,
+)
 from ..gradients import BrainGradients, connectivity, plot_gradients, save_gradients_csv
 from ..pretrain import load_config, pretrain
 from ..pretrain.plots import plot_diagnostics_history, plot_loss_curve
@@ -30,8 +40,8 @@ from .report import ALPHA, comparisons_markdown, reading, results_markdown, writ
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The simulated study of ``brainjepa demo``. The cohort is simulated at a multiband TR and
-    resampled to ``target_tr`` for the model (as the paper does with 0.72 s HCP data); the first
+    """The simulated study of ``brainjepa demo``. The cohort is simulated at a multiband TR (the
+    model keeps it: its windows must be short enough to hold one brain state); the first
     ``n_pretrain`` subjects pretrain the model without their labels, the other ``n_eval`` are
     held out for probing (never seen in pretraining, as in the paper's held-out cohorts).
 
@@ -42,11 +52,17 @@ class DemoSettings:
         minutes: scan length in minutes.
         tr: the simulated repetition time in seconds.
         target_tr: the model's repetition time in seconds.
-        n_timepoints: frames per model window (at ``target_tr``).
+        n_timepoints: frames per model window (at ``target_tr``): 48 frames of 0.72 s, about the
+            length of a task block, so that a window has one brain state.
+        patch_size: frames per token (8 frames, 5.8 s).
         steps: pretraining steps.
         batch_size: windows per pretraining step (and subjects per diagnostics batch).
         seeds: split seeds of the probes.
         patient_effect: the fraction of within-network coupling patients lose.
+        task_network: the network driven in task blocks (brain states).
+        task_drive: its external input in task blocks.
+        task_coupling: the gain of its internal coupling in task blocks.
+        block_seconds: the shortest and longest block in seconds.
         recipe: config overrides that narrow the tiny config so that pretraining takes a few
             minutes on a laptop CPU (one wide-headed predictor block, the L2 loss, constant
             EMA 0.99).
@@ -57,12 +73,20 @@ class DemoSettings:
     n_rois: int = 48
     minutes: float = 6.0
     tr: float = 0.72
-    target_tr: float = 2.16
-    n_timepoints: int = 96
+    target_tr: float = 0.72
+    n_timepoints: int = 48
+    patch_size: int = 8
     steps: int = 400
     batch_size: int = 16
     seeds: int = 5
     patient_effect: float = 0.75  # fraction of within-network coupling patients lose
+    # brain states: the scans alternate between rest and blocks of 20-60 s in which one network
+    # is driven and its coupling strengthened (weak enough that no single baseline decodes them
+    # perfectly; measured in docs/method.md, "Brain states")
+    task_network: str = "DorsAttn"
+    task_drive: float = 0.015
+    task_coupling: float = 2.0
+    block_seconds: tuple[float, float] = (20.0, 60.0)
     # The tiny config narrowed so that pretraining takes a few minutes on a laptop CPU, with the
     # paper's L2 loss. The predictor is one block of two 48-wide heads: with narrow heads (2
     # blocks of 4 heads of width 12) it never read its context within 1,200 steps on this
@@ -91,6 +115,7 @@ class DemoSettings:
         """
         return [
             f"model.n_timepoints={self.n_timepoints}",
+            f"model.patch_size={self.patch_size}",
             f"model.n_gradients={self.n_gradients}",
             f"data.target_tr={self.target_tr}",
             f"optim.batch_size={self.batch_size}",
@@ -108,11 +133,12 @@ class DemoSettings:
         return min(30, self.n_rois // 2)
 
 
-QUICK_DEMO = DemoSettings(n_pretrain=40, n_eval=40, n_rois=32, minutes=4.0, n_timepoints=64, steps=20, seeds=3)
+QUICK_DEMO = DemoSettings(n_pretrain=40, n_eval=40, n_rois=32, minutes=4.0, steps=20, seeds=3)
 # what a demo folder may contain; --overwrite removes exactly these
 DEMO_STAGES = ("simulate", "gradients", "pretrain", "diagnose", "embed", "probe", "attention", "report")
 DEMO_OUTPUTS = ("data", "run", "figures", "attention", "gradients.csv", "diagnostics.json", "results.json", "report.md")
 TARGETS = ("age", "patient")
+STATE_LAG = 6.0  # seconds between a block and the BOLD it labels
 PATIENT_NETWORK = "Default"
 # random initialisations probed next to the pretrained encoder: seeds differ by more than
 # pretraining gains on small cohorts, so one seed is no reference
@@ -197,6 +223,10 @@ def run_demo(
             seed=0,
             patient_network=PATIENT_NETWORK,
             patient_effect=s.patient_effect,
+            task_network=s.task_network,
+            task_drive=s.task_drive,
+            task_coupling=s.task_coupling,
+            block_seconds=s.block_seconds,
         )
         parts = {"pretrain": slice(0, s.n_pretrain), "eval": slice(s.n_pretrain, None)}
         manifests = {
@@ -206,6 +236,7 @@ def run_demo(
                     timeseries=sim.timeseries[sl],
                     subjects=sim.subjects[sl],
                     labels={k: v[sl] for k, v in sim.labels.items()},
+                    states=sim.states[sl],
                 ),
                 out / "data" / part,
             )
@@ -239,12 +270,18 @@ def run_demo(
 
     with stage(
         "embed",
-        f"embedding the {s.n_eval} held-out subjects (pretrained and "
-        f"{DEMO_RANDOM_INIT_SEEDS} random-init encoders, all windows, readouts "
-        f"{', '.join(READOUTS)}; FC and amplitude baselines)",
+        f"encoding every window of the {s.n_eval} held-out subjects (pretrained and "
+        f"{DEMO_RANDOM_INIT_SEEDS} random-init encoders, readouts {', '.join(READOUTS)}; FC, "
+        "amplitude and level of each window)",
     ):
-        features = probe_features(
-            model, cohort, readouts=READOUTS, random_init_seeds=DEMO_RANDOM_INIT_SEEDS, windows="all", progress=progress
+        encoders = {
+            MODEL: model,
+            **{f"{RANDOM_INIT}#{k}": random_init_like(model, k) for k in range(DEMO_RANDOM_INIT_SEEDS)},
+        }
+        windows = window_features(encoders, CohortSeries(cohort), cohort.trs, readouts=READOUTS, progress=progress)
+        # a subject's embedding is its windows' readouts averaged (and fc_window their FC)
+        features = scan_means(
+            {k: v for k, v in windows[0].items() if ":" in k or k == "fc_window"}, windows[1], len(cohort)
         )
         plot_embedding_pca(
             features[f"{MODEL}:mean"],
@@ -253,7 +290,11 @@ def run_demo(
             "pretrained embeddings (mean readout)",
         )
 
-    with stage("probe", f"probing {' and '.join(TARGETS)}: {s.seeds} seeds of 60/20/20 splits"):
+    with stage(
+        "probe",
+        f"probing {' and '.join(TARGETS)} per subject and the brain state per window: {s.seeds} seeds of "
+        "60/20/20 splits",
+    ):
         results = probe_cohort(
             model,
             cohort,
@@ -265,6 +306,20 @@ def run_demo(
             features=features,
             progress=progress,
         )
+        states = probe_states(
+            model,
+            CohortSeries(cohort),
+            cohort_states(cohort, "events"),
+            tr=cohort.trs,
+            subjects=cohort.subjects,
+            lag=STATE_LAG,
+            seeds=s.seeds,
+            readouts=READOUTS,
+            random_init_seeds=DEMO_RANDOM_INIT_SEEDS,
+            progress=progress,
+            features=windows,
+        )
+        results.extend(states)
         results.save(out / "results.json")
         plot_results(results.rows, figures / "results.png")
 
@@ -359,9 +414,12 @@ def _demo_sections(
             "\n".join(
                 [
                     f"- **Cohort** (simulated, `brainjepa.synthetic`): {s.n_pretrain + s.n_eval} subjects, "
-                    f"{s.n_rois} ROIs in {len(sim.network_names)} networks, {s.minutes:g} min at TR {s.tr} s, "
-                    f"resampled to TR {s.target_tr} s; labels `age` (20-80, lowers global coupling) and "
-                    f"`patient` (0/1, weakens coupling inside the {PATIENT_NETWORK} network).",
+                    f"{s.n_rois} ROIs in {len(sim.network_names)} networks, {s.minutes:g} min at TR {s.tr} s; "
+                    f"subject labels `age` (20-80, lowers global coupling) and `patient` (0/1, weakens "
+                    f"coupling inside the {PATIENT_NETWORK} network); and brain states within each scan: "
+                    f"rest alternates with task blocks of {s.block_seconds[0]:g}-{s.block_seconds[1]:g} s in "
+                    f"which the {s.task_network} network is driven and its coupling strengthened "
+                    "(written as BIDS events files, the manifest's `events` column).",
                     f"- **Pretraining**: the first {s.n_pretrain} subjects, labels unused; tiny config "
                     f"narrowed to width {cfg.embed_dim}, {cfg.depth} layers ({n_params / 1e6:.2f}M encoder "
                     f"parameters); windows of {cfg.n_timepoints} frames = {cfg.n_rois} x {cfg.n_patches} "
@@ -380,6 +438,11 @@ def _demo_sections(
                     "an optimistic reference), the Fisher-z FC of the full scan (`fc_full`) and of "
                     "exactly the windows the encoder sees (`fc_window`), and the per-ROI log amplitude "
                     "of the scan (`amplitude`).",
+                    f"- **Brain states** (target `state`): every window is one sample, labelled by the "
+                    f"state that fills most of it {STATE_LAG:g} s later (the hemodynamic delay); the "
+                    "same readouts and random inits, probed per window on splits that keep a subject's "
+                    "windows together, against the FC, the per-ROI log amplitude and the per-ROI "
+                    "`level` (mean relative to the scan) of the same window.",
                     f"- **Wall time**: {wall:.0f} s ({timing}).",
                     "- **Scale**: this shows the mechanics at laptop scale (a 0.5M-parameter encoder, "
                     f"{s.steps} steps on {s.n_pretrain} simulated subjects); it is not a benchmark of the "
