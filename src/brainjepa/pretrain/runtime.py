@@ -147,7 +147,7 @@ class Dist:
         return result
 
 
-def setup_distributed(device_option: str) -> Dist:
+def setup_distributed(device_option: str, setting: str = "train.device", fix: str = "--set train.device=cpu") -> Dist:
     """Choose the device and join the process group under torchrun.
 
     With WORLD_SIZE > 1 the process group is initialised from env:// (NCCL on GPUs, gloo on CPUs);
@@ -156,6 +156,8 @@ def setup_distributed(device_option: str) -> Dist:
     Args:
         device_option: train.device: "auto" (this process's GPU if there is one, else the CPU),
             "cpu", "cuda" or "cuda:N".
+        setting: the option's name, for messages.
+        fix: how to choose the CPU instead, for messages.
 
     Returns:
         The process's :class:`Dist`.
@@ -171,11 +173,11 @@ def setup_distributed(device_option: str) -> Dist:
         try:
             device = torch.device(device_option)
         except RuntimeError:
-            raise ConfigError(f"train.device={device_option!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+            raise ConfigError(f"{setting}={device_option!r} is not a device (auto, cpu, cuda, cuda:N)") from None
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device_option!r} but CUDA is not available; use --set train.device=cpu")
+        raise ConfigError(f"{setting}={device_option!r} but CUDA is not available; use {fix}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False
