@@ -22,9 +22,11 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import BrainJEPAError, ConfigError, DataError
@@ -95,6 +97,40 @@ def write_json_atomic(path: str | Path, obj, indent: int | None = 2, allow_nan: 
         ``path``, as a Path.
     """
     return write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+
+
+def write_npz(path: str | Path, members) -> Path:
+    """Write an .npz that ``np.load`` reads, member by member, in a stream, byte-reproducibly.
+
+    Unlike ``np.savez``, an array can be given as chunks (never held whole in memory), and the
+    file's bytes depend only on the arrays (a fixed time stamp in the zip headers), so equal
+    contents give identical files. The file is written atomically.
+
+    Args:
+        path: the file.
+        members: (name, array) or (name, (dtype, shape, iterable of chunks)) in order; the chunks
+            are C-ordered arrays whose bytes together make the array.
+
+    Returns:
+        ``path``, as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in members:
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o600 << 16
+            with zf.open(info, "w", force_zip64=True) as out:
+                if isinstance(value, np.ndarray):
+                    np.lib.format.write_array(out, value, allow_pickle=False)
+                    continue
+                dtype, shape, chunks = value
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(out, {**header, "shape": tuple(shape)})
+                for chunk in chunks:
+                    out.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    return path
 
 
 def incomplete_path(final: str | Path) -> Path:

@@ -9,7 +9,7 @@ from ..evaluate import PROBES, READOUTS, WINDOWS, probe_cohort
 from ..evaluate.cohort import FC_INPUTS
 from ..evaluate.labels import TASKS
 from ..evaluate.training import CLASS_WEIGHTS
-from .embed import add_model_data_arguments, load
+from .embed import add_model_data_arguments, add_on_error_argument, load, report_skipped
 
 
 def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True) -> None:
@@ -102,12 +102,13 @@ def register(subparsers) -> None:
         "embeddings; bn-linear: the paper's BatchNorm + linear head (AdamW)",
     )
     p.add_argument("--epochs", type=int, default=50, help="bn-linear probe epochs (default 50)")
+    add_on_error_argument(p, "RESULTS_JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
 
-    model, cohort = load(args)
+    model, cohort = load(args, args.windows)
     results = probe_cohort(
         model,
         cohort,
@@ -130,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
     print(results.comparison_table())
     if args.out:
         print(f"wrote {results.save(args.out)}")
-    return 0
+    return report_skipped(cohort, args.out)

@@ -108,7 +108,7 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
-    def from_rank0(self, fn, what: str = "preparing the run"):
+    def from_rank0(self, fn, what: str = "preparing the run", group=None):
         """Run ``fn`` on rank 0 while the other ranks wait, and give every rank its result.
 
         Rank 0 tells the others whether ``fn`` succeeded before anyone waits any further, so a
@@ -117,6 +117,8 @@ class Dist:
         Args:
             fn: the work to do on rank 0 only (no arguments); its result must be picklable.
             what: what ``fn`` does, for the other ranks' error message.
+            group: the process group to hand the result over in (default: every process, with
+                the backend's time limit; a gloo group with a longer one lets ``fn`` take longer).
 
         Returns:
             ``fn``'s result, on every rank.
@@ -133,11 +135,11 @@ class Dist:
                 if self.world_size == 1:
                     raise
                 error = f"{type(exc).__name__}: {exc}"
-                dist.broadcast_object_list([(None, error)], src=0)  # before raising: nobody waits
+                dist.broadcast_object_list([(None, error)], src=0, group=group)  # before raising: nobody waits
                 raise
         if self.world_size > 1:
             box = [(result, error)]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=group)
             result, error = box[0]
         if error is not None:
             raise BrainJEPAError(
