@@ -109,7 +109,13 @@ def register(subparsers) -> None:
             "time; fc: ROI x ROI correlation of token features), averaged over windows. Writes "
             "an .npz with 'subjects', 'embeddings' (N x F), 'readout', 'windows', 'roi_labels', "
             "one 'label_<name>' array per label column and, with --tokens, 'tokens' "
-            "(N x R x P x D, the centre window)."
+            "(N x R x P x D, the centre window). Scans are read and encoded a shard at a time "
+            "(--shard-size), each shard saved in .EMB_NPZ.incomplete/ as soon as it is done: memory "
+            "does not grow with the cohort, and after an interruption (even kill -9) the same command "
+            "continues from the saved shards and writes the same file an uninterrupted run would; a "
+            "changed model, readout, windows, batch or shard size or list of scans is refused. Under "
+            "torchrun (torchrun --nproc_per_node K -m brainjepa embed ..., or several nodes) the ranks "
+            "share the shards and rank 0 writes the one file."
         ),
     )
     add_model_data_arguments(p)

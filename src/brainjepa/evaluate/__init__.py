@@ -58,7 +58,9 @@ BN-linear probe share one keep-best-epoch training loop (:mod:`.training`). Atte
 interpretation: :mod:`.interpret`.
 
 Modules: :mod:`.metrics`, :mod:`.labels`, :mod:`.features`, :mod:`.training`, :mod:`.probes`,
-:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`.
+:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`;
+cohort-scale embedding (shards, resume, several processes, ``--on-error skip``): :mod:`.scans`,
+:mod:`.shards`, :mod:`.embedjob`.
 Every public name is importable from this package.
 """
 
@@ -92,6 +94,7 @@ from .comparisons import (
     probe_method_names,
     random_init_summaries,
 )
+from .embedjob import embed_to_file
 from .features import (
     READOUTS,
     WINDOWS,
@@ -158,12 +161,21 @@ from .probes import (
     make_probe,
 )
 from .protocol import Method, Results, format_mean_std, format_table, result_grid, run_protocol, run_targets
+from .scans import ScanList, open_inputs, usable_cohort
+from .shards import DEFAULT_SHARD_SIZE, EmbeddingJob, EmbedReport
 from .training import EpochLog, class_weights, make_loss, predict_batches, set_lr, train_keep_best
 
 # the table order under its former private name, which brainjepa.report imports
 _method_rank = method_rank
 
 __all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "EmbedReport",
+    "EmbeddingJob",
+    "ScanList",
+    "embed_to_file",
+    "open_inputs",
+    "usable_cohort",
     "BASELINES",
     "COMPARISON_COLUMNS",
     "HEADLINE_METRIC",

@@ -66,6 +66,9 @@ class EmbedReport:
         skipped_path: the TSV listing them, or None.
         seconds: wall time of this run.
         resumed_shards: shards found done on disk when this run started.
+        readout: the readout.
+        windows: the windows.
+        tokens_shape: (N, R, P, D) of the token features, or None without them.
     """
 
     path: str
@@ -76,6 +79,9 @@ class EmbedReport:
     skipped_path: str | None = None
     seconds: float = 0.0
     resumed_shards: int = 0
+    readout: str = "mean"
+    windows: str = "all"
+    tokens_shape: tuple | None = None
 
     def summary(self) -> str:
         """One line for people: what was written, and how many scans were left out.
@@ -83,7 +89,12 @@ class EmbedReport:
         Returns:
             The line.
         """
-        text = f"wrote {self.path}: {self.n_embedded} subjects x {self.n_features} dimensions"
+        text = (
+            f"wrote {self.path}: {self.n_embedded} subjects x {self.n_features} dimensions ({self.readout} "
+            f"readout, {self.windows} windows)"
+        )
+        if self.tokens_shape:
+            text += ", tokens " + " x ".join(map(str, self.tokens_shape))
         if self.skipped:
             text += f"; skipped {len(self.skipped)} of {self.n_scans} scans, listed in {self.skipped_path}"
         return text
@@ -340,8 +351,9 @@ class EmbeddingJob:
             record["features"] = int(rows.shape[1])
 
     def _transform(self, embedder, batch: list, windows: str, record: dict):
-        """The embedder's output for the batch; scans the model's normalisation refuses are
-        found one by one, skipped (or raised), and the rest encoded again."""
+        """The embedder's output for the batch. When it fails, the scans at fault are found one
+        by one (the model's normalisation refuses them, or the encoder's output for them alone
+        is NaN/Inf), skipped (or raised, naming them), and the rest encoded again as a batch."""
         while batch:
             try:
                 return batch, embedder.transform([b[1] for b in batch], tr=[b[2] for b in batch])
@@ -350,9 +362,11 @@ class EmbeddingJob:
                 for j, (i, x, tr) in enumerate(batch):
                     try:
                         check_scale(self.model, x, tr, windows)
+                        embedder.transform([x], tr=[tr])
                     except DataError as exc:
                         bad.append(j)
-                        self._skip(i, exc, record)
+                        named = str(exc).startswith(str(x.source_name))
+                        self._skip(i, exc if named else DataError(f"{x.source_name}: {exc}"), record)
                 if not bad:
                     raise
                 batch = [b for j, b in enumerate(batch) if j not in bad]
@@ -416,6 +430,9 @@ class EmbeddingJob:
             str(tsv) if self.on_error == "skip" else None,
             seconds,
             self.resumed,
+            self.readout,
+            self.windows,
+            (len(kept), cfg.n_rois, cfg.n_patches, cfg.embed_dim) if self.tokens else None,
         )
 
     def _shard_record(self, k: int, wait: float = 60.0) -> dict:
