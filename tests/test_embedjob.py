@@ -196,6 +196,10 @@ def test_probe_and_finetune_skip_unusable_scans(tmp_path, capsys):
     kept = usable_cohort(model, cohort, "skip")
     assert len(kept) == 22 and "sub-02" not in kept.subjects and len(kept.skipped) == 2
     np.testing.assert_array_equal(kept.series(2), cohort.series(3))
+    # fine-tuning trains on one full window: a scan with one patch but less than a window is left out
+    short = open_cohort([np.random.default_rng(k).normal(size=(R, 24 if k == 1 else 64)) for k in range(3)], tr=2.0)
+    assert len(usable_cohort(model, short, "skip", "all")) == 3
+    assert usable_cohort(model, short, "skip", "input").subjects == ["sub-0000", "sub-0002"]
     bundle = model.save_pretrained(tmp_path / "bundle")
     common = ["--model", str(bundle), "--data", str(m), "--target", "age", "--seeds", "2"]
     out = tmp_path / "probe.json"
