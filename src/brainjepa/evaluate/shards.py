@@ -41,7 +41,7 @@ from .. import __version__
 from ..data import NamedSeries, write_skipped
 from ..errors import ConfigError, DataError
 from ..runio import incomplete_path, write_json_atomic, write_npz
-from .features import BrainJEPAEmbedder, check_readouts, check_windows
+from .features import BrainJEPAEmbedder, check_readouts, check_windows, resolve_device
 from .scans import ScanList, check_on_error, check_scale, check_scan, report_batch_scale, skipped_path
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,12 @@ class EmbeddingJob:
             if problem:
                 log.warning("discarding %s (made with %s)", self.folder, problem)
                 shutil.rmtree(self.folder)
+            else:
+                self._note_device()
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True)
-            write_json_atomic(self.folder / JOB_FILE, {**mine, "created_by": f"brainjepa {__version__}"})
+            meta = {**mine, "device": self._device_type(), "created_by": f"brainjepa {__version__}"}
+            write_json_atomic(self.folder / JOB_FILE, meta)
         for p in self.folder.glob(".shard-*.tmp-*"):  # shards in progress when a run was killed
             shutil.rmtree(p, ignore_errors=True)
         todo = [k for k in range(self.n_shards) if not self.done(k)]
@@ -224,6 +227,20 @@ class EmbeddingJob:
                 "resuming %s: %d of %d shards already done (%s)", self.out, self.resumed, self.n_shards, self.folder
             )
         return todo
+
+    def _device_type(self) -> str:
+        return resolve_device(self.device).type
+
+    def _note_device(self) -> None:
+        """Shards from another kind of device agree to float precision, not bit for bit: say so."""
+        then = json.loads((self.folder / JOB_FILE).read_text()).get("device")
+        if then and then != self._device_type():
+            log.warning(
+                "%s was started on %s and continues on %s: the shards agree to float precision, not bit for bit",
+                self.folder,
+                then,
+                self._device_type(),
+            )
 
     def _mismatch(self, mine: dict) -> str | None:
         try:
