@@ -115,7 +115,7 @@ def test_a_run_killed_mid_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     with pytest.raises(Crash):
         embed_to_file(model, m, out, shard_size=3, batch_size=2, device="cpu")
     folder = tmp_path / ".emb.npz.incomplete"
-    assert sorted(p.name for p in folder.iterdir()) == ["job.json", "shard-000000", "shard-000001"]
+    assert sorted(p.name for p in folder.iterdir()) == ["job.json", "lock", "shard-000000", "shard-000001"]
     assert not out.exists()
     monkeypatch.setattr(EmbeddingJob, "_encode", real)
 
@@ -267,3 +267,19 @@ def test_shards_are_handed_out_round_robin_over_what_is_left(tmp_path):
     assert todo == [0, 2, 3, 4] and [todo[r::2] for r in range(2)] == [[0, 3], [2, 4]]
     with pytest.raises(BrainJEPAError):
         EmbeddingJob(tiny_model(), ScanList.open(m), tmp_path / "e.npz", shard_size=0)
+
+
+def test_a_second_run_of_a_live_job_is_refused_and_a_shard_written_twice_is_kept_once(tmp_path):
+    m = cohort_dir(tmp_path / "data", n=4)
+    first = EmbeddingJob(tiny_model(), ScanList.open(m), tmp_path / "e.npz", shard_size=2)
+    first.start()
+    second = EmbeddingJob(tiny_model(), ScanList.open(m), tmp_path / "e.npz", shard_size=2)
+    with pytest.raises(DataError, match=r"another embed is writing these results \(host .*, pid \d+\)"):
+        second.start()
+    first.run_shard(0)
+    first.release()  # as when its process ends, even by kill -9
+    assert second.start() == [1]
+    second.run_shard(0)  # e.g. workers a killed launcher left running: the shard is already there
+    assert second.run_shard(1)["embedded"] == [2, 3]
+    assert second.assemble().n_embedded == 4
+    second.release()

@@ -17,10 +17,12 @@ A pretraining run folder (see ``docs/cli.md``)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 import zipfile
 from collections.abc import Iterator
@@ -131,6 +133,36 @@ def write_npz(path: str | Path, members) -> Path:
                 for chunk in chunks:
                     out.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
     return path
+
+
+def lock_folder(folder: str | Path, busy: str = "another process is writing it") -> int:
+    """Take a folder's lock (``folder/lock``, an advisory ``flock``), or refuse.
+
+    The kernel releases the lock when the holder ends, however it ends (``kill -9`` included),
+    so a lock is never left stale; the file names the holder for the message of the next one.
+
+    Args:
+        folder: the folder (it must exist).
+        busy: what a held lock means, for the message.
+
+    Returns:
+        The lock's file descriptor; ``os.close`` it to let go.
+
+    Raises:
+        DataError: another process holds the lock.
+    """
+    fd = os.open(Path(folder) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "holder unknown"
+        os.close(fd)
+        raise DataError(
+            f"{folder}: {busy} ({holder}); wait for it to end or stop it, or choose another output"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}".encode())
+    return fd
 
 
 def incomplete_path(final: str | Path) -> Path:

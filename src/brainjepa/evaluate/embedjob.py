@@ -74,6 +74,7 @@ def embed_to_file(
     """
     t0 = time.monotonic()
     ctx = setup_distributed(device, "--device", "--device cpu")
+    job = None
     try:
         scans = ScanList.open(data, tr=tr, orientation=orientation, tr_source=tr_source)
         if len(scans) == 0:
@@ -115,6 +116,8 @@ def embed_to_file(
             raise (type(error) if error is not None else BrainJEPAError)(message) from error
         return ctx.from_rank0(lambda: job.assemble(time.monotonic() - t0), f"writing {out}", group=group)
     finally:
+        if job is not None:
+            job.release()
         if ctx.created:
             dist.destroy_process_group()
 

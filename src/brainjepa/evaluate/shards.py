@@ -6,6 +6,7 @@ cut into shards of ``shard_size`` consecutive scans. Each shard is read, checked
 written on its own, into the job folder ``.NAME.incomplete/`` next to the output ``NAME``::
 
     .emb.npz.incomplete/job.json                 what is embedded: model, options, scans
+                        lock                     held (flock) by the run in progress
                         shard-000000/shard.json  the scans it embedded and skipped (written last)
                         shard-000000/embeddings.bin   float32 rows of the embedded scans
                         shard-000000/tokens.bin       (--tokens) float32 (n, R, P, D)
@@ -14,6 +15,7 @@ A shard is built as ``.shard-000000.tmp-HOST-PID`` and renamed when complete, so
 is either whole or absent: a run that is killed (even ``kill -9``) loses at most the shards in
 progress, and the same command continues from the shards on disk. A job folder made with another
 model, readout, windows, batch or shard size, or another list of scans is refused, never mixed.
+A job folder another live run holds (its lock) is refused too.
 
 Every shard is computed the same way whoever computes it (the same scans, batches and order),
 so on the same machine and thread count the output does not depend on how often the job was
@@ -40,7 +42,7 @@ import torch
 from .. import __version__
 from ..data import NamedSeries, write_skipped
 from ..errors import ConfigError, DataError
-from ..runio import incomplete_path, write_json_atomic, write_npz
+from ..runio import incomplete_path, lock_folder, write_json_atomic, write_npz
 from .features import BrainJEPAEmbedder, check_readouts, check_windows, resolve_device
 from .scans import ScanList, check_on_error, check_scale, check_scan, report_batch_scale, skipped_path
 
@@ -202,7 +204,10 @@ class EmbeddingJob:
         if self.folder.is_file():  # left by an interrupted embed of an earlier version
             self.folder.unlink()
         if self.folder.is_dir():
+            self._lock()
             problem = self._mismatch(mine)
+            if problem:
+                self.release()
             if problem and not overwrite:
                 raise DataError(
                     f"{self.folder}: partial results of an interrupted embed of {self.out} with {problem}; "
@@ -218,6 +223,7 @@ class EmbeddingJob:
             self.folder.mkdir(parents=True)
             meta = {**mine, "device": self._device_type(), "created_by": f"brainjepa {__version__}"}
             write_json_atomic(self.folder / JOB_FILE, meta)
+            self._lock()
         for p in self.folder.glob(".shard-*.tmp-*"):  # shards in progress when a run was killed
             shutil.rmtree(p, ignore_errors=True)
         todo = [k for k in range(self.n_shards) if not self.done(k)]
@@ -227,6 +233,18 @@ class EmbeddingJob:
                 "resuming %s: %d of %d shards already done (%s)", self.out, self.resumed, self.n_shards, self.folder
             )
         return todo
+
+    def _lock(self) -> None:
+        """Hold the job folder's lock, so that a second run of the same job (a command started
+        twice, workers left running by a killed launcher) is refused instead of racing it."""
+        if getattr(self, "_lock_fd", None) is None:
+            self._lock_fd = lock_folder(self.folder, "another embed is writing these results")
+
+    def release(self) -> None:
+        """Let go of the job folder's lock (at the end of a run, whatever its outcome)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def _device_type(self) -> str:
         return resolve_device(self.device).type
@@ -321,7 +339,12 @@ class EmbeddingJob:
                 os.fsync(f.fileno())
                 f.close()
             write_json_atomic(tmp / SHARD_FILE, record)
-            os.replace(tmp, self.shard_dir(k))
+            try:
+                os.replace(tmp, self.shard_dir(k))
+            except OSError:
+                if not self.done(k):
+                    raise
+                shutil.rmtree(tmp)  # another run wrote this shard meanwhile: the same bytes
         except BaseException:
             for f in files.values():
                 f.close()
