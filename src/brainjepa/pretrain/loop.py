@@ -247,12 +247,7 @@ def _read_inputs(run_dir: Path, n_gradients: int):
         norm = json.load(f)
     method, scaler = normalization_from_dict(norm)
     # gradients are ordered by eigenvalue: keep the first
-    return (
-        np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32),
-        method,
-        scaler,
-        norm.get("scope", "window"),
-    )
+    return np.ascontiguousarray(gradients[:, :n_gradients], dtype=np.float32), method, scaler, norm.get("scope", "window")
 
 
 class _Batches:
