@@ -17,14 +17,18 @@ A pretraining run folder (see ``docs/cli.md``)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import BrainJEPAError, ConfigError, DataError
@@ -95,6 +99,70 @@ def write_json_atomic(path: str | Path, obj, indent: int | None = 2, allow_nan: 
         ``path``, as a Path.
     """
     return write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
+
+
+def write_npz(path: str | Path, members) -> Path:
+    """Write an .npz that ``np.load`` reads, member by member, in a stream, byte-reproducibly.
+
+    Unlike ``np.savez``, an array can be given as chunks (never held whole in memory), and the
+    file's bytes depend only on the arrays (a fixed time stamp in the zip headers), so equal
+    contents give identical files. The file is written atomically.
+
+    Args:
+        path: the file.
+        members: (name, array) or (name, (dtype, shape, iterable of chunks)) in order; the chunks
+            are C-ordered arrays whose bytes together make the array.
+
+    Returns:
+        ``path``, as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in members:
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o600 << 16
+            with zf.open(info, "w", force_zip64=True) as out:
+                if isinstance(value, np.ndarray):
+                    np.lib.format.write_array(out, value, allow_pickle=False)
+                    continue
+                dtype, shape, chunks = value
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(out, {**header, "shape": tuple(shape)})
+                for chunk in chunks:
+                    out.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    return path
+
+
+def lock_folder(folder: str | Path, busy: str = "another process is writing it") -> int:
+    """Take a folder's lock (``folder/lock``, an advisory ``flock``), or refuse.
+
+    The kernel releases the lock when the holder ends, however it ends (``kill -9`` included),
+    so a lock is never left stale; the file names the holder for the message of the next one.
+
+    Args:
+        folder: the folder (it must exist).
+        busy: what a held lock means, for the message.
+
+    Returns:
+        The lock's file descriptor; ``os.close`` it to let go.
+
+    Raises:
+        DataError: another process holds the lock.
+    """
+    fd = os.open(Path(folder) / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "holder unknown"
+        os.close(fd)
+        raise DataError(
+            f"{folder}: {busy} ({holder}); wait for it to end or stop it, or choose another output"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}".encode())
+    return fd
 
 
 def incomplete_path(final: str | Path) -> Path:

@@ -50,7 +50,10 @@ EXAMPLES = {
         "--set data.target_tr=2.0 --max-steps 40",
     ],
     "export": ["brainjepa export runs/tiny --out tiny-bundle"],
-    "embed": ["brainjepa embed --model runs/tiny --data sim/manifest.csv --out emb.npz"],
+    "embed": [
+        "brainjepa embed --model runs/tiny --data sim/manifest.csv --out emb.npz",
+        "brainjepa embed --model runs/tiny --data store --out emb.npz --on-error skip --shard-size 500",
+    ],
     "probe": ["brainjepa probe --model runs/tiny --data sim/manifest.csv --target age --seeds 3 --out results.json"],
     "finetune": ["brainjepa finetune --model runs/tiny --data sim/manifest.csv --target patient --epochs 5"],
     "attention": ["brainjepa attention --model runs/tiny --data sim/manifest.csv --out attention"],

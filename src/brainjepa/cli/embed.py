@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
-
-import numpy as np
 
 from ..bundle import load_model
-from ..data import check_cohort_for_model, open_cohort
+from ..data import ON_ERROR, write_skipped
 from ..data.manifest import TR_SOURCES
-from ..errors import DataError
-from ..evaluate import READOUTS, WINDOWS, load_cohort, save_embeddings
+from ..evaluate import READOUTS, WINDOWS
+from ..evaluate.embedjob import embed_to_file
+from ..evaluate.scans import open_inputs, skipped_path, usable_cohort
+from ..evaluate.shards import DEFAULT_SHARD_SIZE
 from ..io import ORIENTATIONS
-from ..runio import incomplete_path
+
+EXIT_SKIPPED = 3  # the command wrote its output, but left out scans (--on-error skip)
 
 
 def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,31 +48,52 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default: GPU when available), cpu, cuda, cuda:1, ...")
 
 
-def load(args: argparse.Namespace):
-    """(model, cohort) from the shared arguments."""
+def add_on_error_argument(p: argparse.ArgumentParser, output: str = "the output") -> None:
+    """--on-error, shared by embed, probe and finetune."""
+    p.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="fail",
+        help="fail (default): stop at the first unusable scan (unreadable, NaN/Inf, another ROI count, too "
+        f"short, off the model's scale), naming it; skip: leave such scans out, list them in the log and in "
+        f"NAME.skipped.tsv next to {output}, and end with exit code {EXIT_SKIPPED}",
+    )
+
+
+def load(args: argparse.Namespace, windows: str = "all"):
+    """(model, cohort) from the shared arguments: with ``--on-error skip`` the unusable scans are
+    left out (listed in ``cohort.skipped``); ``windows`` are those the command will encode."""
 
     model = load_model(args.model)
-    if len(args.data) == 1 and getattr(args, "tr_source", "check") != "check":
-        cohort = open_cohort(args.data[0], tr=args.tr, orientation=args.orientation, tr_source=args.tr_source)
-    else:
-        cohort = load_cohort(args.data, tr=args.tr, orientation=args.orientation)
-    check_cohort_for_model(model, cohort)  # names the scan before any slow work
-    return model, cohort
+    on_error = getattr(args, "on_error", "fail")
+    cohort = open_inputs(
+        args.data,
+        tr=args.tr,
+        orientation=args.orientation,
+        tr_source=getattr(args, "tr_source", "check"),
+        on_error=on_error,
+        model=model if on_error == "skip" else None,
+    )
+    return model, usable_cohort(model, cohort, on_error, windows)  # names the scan before any slow work
 
 
-def check_finite_npz(path, subjects) -> None:
-    """Refuse an embedding file with NaN/Inf rows, naming the subjects."""
+def report_skipped(cohort, out) -> int:
+    """Print how many scans were left out, write their TSV next to ``out``, and give the exit code.
 
-    with np.load(path) as z:
-        for key in ("embeddings", "tokens"):
-            if key in z.files:
-                values = z[key].reshape(len(z[key]), -1)
-                bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-                if len(bad):
-                    names = ", ".join(str(subjects[i]) for i in bad[:5])
-                    raise DataError(
-                        f"{key} of {len(bad)} subject(s) are NaN/Inf ({names}); nothing was written: check those scans"
-                    )
+    Args:
+        cohort: the cohort a command used (its ``skipped``).
+        out: the command's output file, or None (then the log alone lists them).
+
+    Returns:
+        0 when nothing was skipped, else :data:`EXIT_SKIPPED`.
+    """
+    if not cohort.skipped:
+        return 0
+    where = "the log above"
+    if out:
+        where = str(write_skipped(skipped_path(out), cohort.skipped))
+    print(f"skipped {len(cohort.skipped)} scan(s) (--on-error skip), listed in {where}")
+    return EXIT_SKIPPED
 
 
 def register(subparsers) -> None:
@@ -88,7 +109,13 @@ def register(subparsers) -> None:
             "time; fc: ROI x ROI correlation of token features), averaged over windows. Writes "
             "an .npz with 'subjects', 'embeddings' (N x F), 'readout', 'windows', 'roi_labels', "
             "one 'label_<name>' array per label column and, with --tokens, 'tokens' "
-            "(N x R x P x D, the centre window)."
+            "(N x R x P x D, the centre window). Scans are read and encoded a shard at a time "
+            "(--shard-size), each shard saved in .EMB_NPZ.incomplete/ as soon as it is done: memory "
+            "does not grow with the cohort, and after an interruption (even kill -9) the same command "
+            "continues from the saved shards and writes the same file an uninterrupted run would; a "
+            "changed model, readout, windows, batch or shard size or list of scans is refused. Under "
+            "torchrun (torchrun --nproc_per_node K -m brainjepa embed ..., or several nodes) the ranks "
+            "share the shards and rank 0 writes the one file."
         ),
     )
     add_model_data_arguments(p)
@@ -106,37 +133,43 @@ def register(subparsers) -> None:
         help="all (default): average over windows covering each scan; center: the centre window only",
     )
     p.add_argument("--tokens", action="store_true", help="also save the centre window's token features (N x R x P x D)")
+    add_on_error_argument(p, "EMB_NPZ")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help="scans per shard: results are saved every N scans, and a re-run of the same command after an "
+        "interruption continues from the saved shards",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the partial results (.EMB_NPZ.incomplete) of an interrupted run with another model, "
+        "options or scans instead of refusing them",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
 
-    model, cohort = load(args)
-    final = Path(args.out)
-    tmp = incomplete_path(final)  # renamed when complete and checked
-    try:
-        save_embeddings(
-            model,
-            cohort,
-            tmp,
-            readout=args.readout,
-            windows=args.windows,
-            tokens=args.tokens,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.quiet,
-        )
-        check_finite_npz(tmp, cohort.subjects)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    out = final
-
-    n_dims = np.load(out)["embeddings"].shape[1]
-    cfg = model.config
-    print(
-        f"wrote {out}: {len(cohort)} subjects x {n_dims} dimensions ({args.readout} readout, "
-        f"{args.windows} windows)"
-        + (f", tokens {len(cohort)} x {cfg.n_rois} x {cfg.n_patches} x {cfg.embed_dim}" if args.tokens else "")
+    report = embed_to_file(
+        load_model(args.model),
+        args.data[0] if len(args.data) == 1 else args.data,
+        args.out,
+        readout=args.readout,
+        windows=args.windows,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+        device=args.device,
+        tr=args.tr,
+        orientation=args.orientation,
+        tr_source=args.tr_source,
     )
-    return 0
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for every rank
+        return 0
+    print(report.summary())
+    return EXIT_SKIPPED if report.skipped else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..evaluate import finetune_cohort
-from .embed import add_model_data_arguments, load
+from .embed import add_model_data_arguments, add_on_error_argument, load, report_skipped
 from .probe import add_protocol_arguments
 
 
@@ -33,12 +33,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     p.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup epochs (default 5)")
+    add_on_error_argument(p, "RESULTS_JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
 
-    model, cohort = load(args)
+    model, cohort = load(args, "input")  # fine-tuning trains on each scan's full centre window
     results = finetune_cohort(
         model,
         cohort,
@@ -61,4 +62,4 @@ def run(args: argparse.Namespace) -> int:
     print(results.table())
     if args.out:
         print(f"wrote {results.save(args.out)}")
-    return 0
+    return report_skipped(cohort, args.out)

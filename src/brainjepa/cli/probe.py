@@ -11,7 +11,7 @@ from ..evaluate import PROBES, READOUTS, WINDOWS, Results, cohort_states, probe_
 from ..evaluate.cohort import FC_INPUTS
 from ..evaluate.labels import TASKS
 from ..evaluate.training import CLASS_WEIGHTS
-from .embed import add_model_data_arguments, load
+from .embed import add_model_data_arguments, add_on_error_argument, load, report_skipped
 
 
 def add_protocol_arguments(p: argparse.ArgumentParser, fc_input: bool = True, target_required: bool = True) -> None:
@@ -126,6 +126,7 @@ def register(subparsers) -> None:
         "embeddings; bn-linear: the paper's BatchNorm + linear head (AdamW)",
     )
     p.add_argument("--epochs", type=int, default=50, help="bn-linear probe epochs (default 50)")
+    add_on_error_argument(p, "RESULTS_JSON")
     p.set_defaults(func=run)
 
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.target and not args.states:
         raise ConfigError("probe needs something to predict: --target COLUMN (traits), --states COLUMN, or both")
-    model, cohort = load(args)
+    model, cohort = load(args, args.windows)
     results = Results()
     if args.states:
         states = cohort_states(cohort, args.states, classes=args.state_names)  # fails before the slow part
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     print(results.comparison_table())
     if args.out:
         print(f"wrote {results.save(args.out)}")
-    return 0
+    return report_skipped(cohort, args.out)
 
 
 def _probe_targets(args: argparse.Namespace, model, cohort) -> Results:

@@ -15,7 +15,7 @@ to train at, checks against a model), ``prepare`` (writing a store), ``windows``
 
 from __future__ import annotations
 
-from .cohort import ArrayCohort, Cohort, CohortSeries, FileCohort, NamedSeries
+from .cohort import ArrayCohort, Cohort, CohortSeries, CohortSubset, FileCohort, NamedSeries
 from .manifest import SPLITS, TR_SOURCES, Record, read_manifest, sidecar_or_file, subject_from_path
 from .manifest import _looks_like_manifest as _looks_like_manifest  # used by the gradients command
 from .prepare import PrepareReport, pack_store, prepare_store
@@ -32,10 +32,10 @@ from .scaling import (
     scaling_report,
     stored_or_fitted_scaler,
 )
-from .sources import open_cohort
+from .sources import cohort_records, open_cohort
 from .store import STORE_FORMAT, STORE_VERSION, Store, interrupted_store, open_store
-from .timing import check_cohort_for_model, resolve_target_tr
-from .validate import ON_ERROR, iter_valid, validate_timeseries
+from .timing import check_cohort_for_model, check_scan_for_model, resolve_target_tr
+from .validate import ON_ERROR, duplicate_records, iter_valid, validate_timeseries, write_skipped
 from .windows import WindowDataset
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "ArrayCohort",
     "Cohort",
     "CohortSeries",
+    "CohortSubset",
     "FileCohort",
     "NamedSeries",
     "PrepareReport",
@@ -57,7 +58,10 @@ __all__ = [
     "Store",
     "WindowDataset",
     "check_cohort_for_model",
+    "check_scan_for_model",
     "choose_normalization",
+    "cohort_records",
+    "duplicate_records",
     "cohort_levels",
     "fit_scaler",
     "interrupted_store",
@@ -76,4 +80,5 @@ __all__ = [
     "stored_or_fitted_scaler",
     "subject_from_path",
     "validate_timeseries",
+    "write_skipped",
 ]

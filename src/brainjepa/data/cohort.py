@@ -190,6 +190,57 @@ class FileCohort(Cohort):
         return self._records[i].read(self._tr, self._orientation).data
 
 
+class CohortSubset(Cohort):
+    """Some scans of a cohort, in a given order (the others left out, e.g. unusable for a model).
+
+    Args:
+        cohort: the cohort.
+        index: the scans to keep, by their index in ``cohort``.
+        skipped: (path, reason) of the scans left out, added to ``cohort.skipped``.
+    """
+
+    def __init__(self, cohort: Cohort, index, skipped=()):
+        self.parent = cohort
+        self.index = np.asarray(index, dtype=np.int64)
+        idx = [int(i) for i in self.index]
+        super().__init__(
+            subjects=[cohort.subjects[i] for i in idx],
+            trs=[cohort.trs[i] for i in idx],
+            lengths=cohort.lengths[self.index],
+            n_rois=cohort.n_rois,
+            roi_labels=cohort.roi_labels,
+            labels={k: np.asarray(v)[self.index] for k, v in cohort.labels.items()},
+            sessions=[cohort.sessions[i] for i in idx],
+            paths=[cohort.paths[i] for i in idx],
+            splits=[cohort.splits[i] for i in idx],
+            skipped=list(cohort.skipped) + list(skipped),
+            normalization=cohort.normalization,
+            levels=None if cohort.levels is None else cohort.levels[self.index],
+        )
+
+    def series(self, i: int) -> np.ndarray:
+        """The raw series of a kept scan.
+
+        Args:
+            i: the scan's index in this subset.
+
+        Returns:
+            float32 (R, T_i).
+        """
+        return self.parent.series(int(self.index[i]))
+
+    def name(self, i: int) -> str:
+        """A kept scan's name for messages.
+
+        Args:
+            i: the scan's index in this subset.
+
+        Returns:
+            Its name in the full cohort.
+        """
+        return self.parent.name(int(self.index[i]))
+
+
 class NamedSeries(np.ndarray):
     """A scan's (R, T) array that knows where it came from (``source_name``).
 

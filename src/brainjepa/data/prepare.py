@@ -3,7 +3,6 @@ validated scans); the layout is described in :mod:`brainjepa.data.store`."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from .manifest import SPLITS, _labels_of, _splits_of, _with_defaults, read_manif
 from .scaling import fit_scaler, report_scaling
 from .store import STORE_FORMAT, STORE_VERSION, Store, open_store
 from .timing import _tr_list
-from .validate import iter_valid
+from .validate import iter_valid, write_skipped
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +265,7 @@ def _pack(
             lengths.append(ts.n_timepoints)
             if rec.levels is None:
                 rec.levels = scan_levels(ts.data)
-    report_path = out / "skipped.tsv"
-    with open(report_path, "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["path", "problem"])
-        w.writerows(skipped)
+    write_skipped(out / "skipped.tsv", skipped)
     if not kept:
         shown = f": {skipped[0][1]}" if skipped else ""
         raise DataError(f"{source}: no usable files; all {len(skipped)} were skipped{shown}")

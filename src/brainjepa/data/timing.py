@@ -109,29 +109,8 @@ def check_cohort_for_model(model, cohort) -> None:
             :func:`~brainjepa.data.scaling_report`).
     """
     target = getattr(model, "target_tr", None)
-    patch = model.config.patch_size
     for i in range(len(cohort)):
-        tr = cohort.tr(i)
-        frames = cohort.length(i)
-        if target is not None:
-            if tr is None:
-                raise DataError(
-                    f"{cohort.name(i)}: no TR known (no RepetitionTime sidecar, tr column "
-                    f"or --tr), but the model works at TR {target:g} s and each scan is "
-                    "resampled from its own TR; give the TR with --tr or a tr column"
-                )
-            if not same_tr(tr, target):
-                frames = resampled_length(frames, tr, target)
-        if frames < patch:
-            at = (
-                f" at the model's TR {target:g} s (from {cohort.length(i)} at {tr:g} s)"
-                if target is not None and not same_tr(tr, target)
-                else ""
-            )
-            raise DataError(
-                f"{cohort.name(i)}: {frames} time points{at}, fewer than one time patch "
-                f"of the model ({patch}); use a longer scan or leave this one out"
-            )
+        check_scan_for_model(model, cohort.name(i), cohort.tr(i), cohort.length(i))
     trs = {round(t, 6) for t in cohort.trs if t is not None}
     if target is not None and len(trs) > 1:
         log.info(
@@ -142,3 +121,40 @@ def check_cohort_for_model(model, cohort) -> None:
     method = (getattr(model, "normalization", None) or {}).get("method", "unknown")
     if method != "unknown":
         report_scaling(cohort, method, what="model")
+
+
+def check_scan_for_model(model, name: str, tr: float | None, frames: int) -> None:
+    """Check one scan's TR and length against a model (see :func:`check_cohort_for_model`).
+
+    Args:
+        model: the model (its ``config.patch_size`` and ``target_tr``).
+        name: the scan's file or subject, for messages.
+        tr: its TR in seconds, or None when unknown.
+        frames: its number of time points at its own TR.
+
+    Raises:
+        DataError: naming the scan, when it has no TR and the model has one, or when it holds
+            fewer than one time patch at the model's TR.
+    """
+    target = getattr(model, "target_tr", None)
+    patch = model.config.patch_size
+    n = frames
+    if target is not None:
+        if tr is None:
+            raise DataError(
+                f"{name}: no TR known (no RepetitionTime sidecar, tr column "
+                f"or --tr), but the model works at TR {target:g} s and each scan is "
+                "resampled from its own TR; give the TR with --tr or a tr column"
+            )
+        if not same_tr(tr, target):
+            n = resampled_length(frames, tr, target)
+    if n < patch:
+        at = (
+            f" at the model's TR {target:g} s (from {frames} at {tr:g} s)"
+            if target is not None and not same_tr(tr, target)
+            else ""
+        )
+        raise DataError(
+            f"{name}: {n} time points{at}, fewer than one time patch "
+            f"of the model ({patch}); use a longer scan or leave this one out"
+        )

@@ -3,6 +3,7 @@ stream of manifest records read, checked and deduplicated (:func:`iter_valid`)."
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,25 @@ from .manifest import Record
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("fail", "skip")
+SKIPPED_COLUMNS = ("path", "problem")  # the header of every skipped.tsv
+
+
+def write_skipped(path, skipped) -> Path:
+    """Write the list of skipped files as a TSV (``path``, ``problem``), for people.
+
+    Args:
+        path: the .tsv file to write.
+        skipped: (file, reason) pairs, in order.
+
+    Returns:
+        ``path``, as a Path.
+    """
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(SKIPPED_COLUMNS)
+        w.writerows(skipped)
+    return path
 
 
 def validate_timeseries(
@@ -116,11 +136,14 @@ def iter_valid(
     target_tr: float | None = None,
     skipped: list | None = None,
     progress: bool = False,
+    n_rois: int | None = None,
+    roi_labels: list[str] | None = None,
+    reference: str | None = None,
 ) -> Iterator[tuple[Record, TimeSeries]]:
     """Read and validate every record, yielding the good ones.
 
-    The first good file sets the cohort's ROI count and names. Duplicate (subject, session)
-    pairs and files listed twice are errors.
+    The first good file sets the cohort's ROI count and names, unless they are given (e.g. a
+    model's). Duplicate (subject, session) pairs and files listed twice are errors.
 
     Args:
         records: the scans to read.
@@ -132,6 +155,10 @@ def iter_valid(
         target_tr: the TR the length is counted at.
         skipped: list that receives (path, reason) of each skipped file.
         progress: show a progress bar.
+        n_rois: the ROI count every file must have (default: the first good file's).
+        roi_labels: the ROI names every file that names its ROIs must have (default: the first
+            good file's that names them).
+        reference: what set ``n_rois`` and ``roi_labels``, for messages (e.g. "the model").
 
     Yields:
         (record, series) for each good file; ``record.levels`` is set.
@@ -143,28 +170,16 @@ def iter_valid(
     if on_error not in ON_ERROR:
         raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     skipped = skipped if skipped is not None else []
-    n_rois = roi_labels = reference = None
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, Record] = {}
     seen_files: dict[str, Record] = {}
     if progress:
         records = tqdm(records, desc="reading", unit="file")
     for rec in records:
         try:
-            key = (rec.subject, rec.session)
-            if key in seen:
-                sess = f", session {rec.session}" if rec.session else ""
-                raise DataError(
-                    f"{rec.path}: duplicate subject {rec.subject}{sess} (also in {seen[key]}); "
-                    "give each scan a unique subject/session or remove one"
-                )
-            file_key = _file_key(rec.path)
-            if file_key in seen_files:
-                first = seen_files[file_key]
-                raise DataError(
-                    f"{rec.source or rec.path}: {rec.path} is listed twice (also for "
-                    f"subject {first.subject}{', ' + first.source if first.source else ''}); "
-                    "list each scan once"
-                )
+            key, file_key = (rec.subject, rec.session), _file_key(rec.path)
+            problem = duplicate_problem(rec, seen.get(key), seen_files.get(file_key))
+            if problem:
+                raise DataError(problem)
             ts = rec.read(tr, orientation)
             validate_timeseries(
                 ts,
@@ -184,10 +199,58 @@ def iter_valid(
             n_rois, reference = ts.n_rois, rec.path
         if roi_labels is None and ts.roi_labels is not None:  # the first file that names its ROIs
             roi_labels = ts.roi_labels
-        seen[key] = rec.path
+        seen[key] = rec
         seen_files[file_key] = rec
         rec.levels = scan_levels(ts.data)
         yield rec, ts
+
+
+def duplicate_problem(rec: Record, same_scan: Record | None, same_file: Record | None) -> str | None:
+    """What is wrong with a record that repeats an earlier one.
+
+    Args:
+        rec: the record.
+        same_scan: an earlier record with the same (subject, session), or None.
+        same_file: an earlier record of the same file, or None.
+
+    Returns:
+        The message naming both, or None when neither is given.
+    """
+    if same_scan is not None:
+        sess = f", session {rec.session}" if rec.session else ""
+        return (
+            f"{rec.path}: duplicate subject {rec.subject}{sess} (also in {same_scan.path}); "
+            "give each scan a unique subject/session or remove one"
+        )
+    if same_file is not None:
+        return (
+            f"{rec.source or rec.path}: {rec.path} is listed twice (also for "
+            f"subject {same_file.subject}{', ' + same_file.source if same_file.source else ''}); "
+            "list each scan once"
+        )
+    return None
+
+
+def duplicate_records(records: Sequence[Record]) -> dict[int, str]:
+    """The records that repeat an earlier one's (subject, session) or file, from the list alone.
+
+    Args:
+        records: the scans, in order (the first of each repeat is kept).
+
+    Returns:
+        {index of a repeat: :func:`duplicate_problem`'s message}.
+    """
+    seen: dict[tuple, Record] = {}
+    seen_files: dict[str, Record] = {}
+    out = {}
+    for i, rec in enumerate(records):
+        key, file_key = (rec.subject, rec.session), _file_key(rec.path)
+        problem = duplicate_problem(rec, seen.get(key), seen_files.get(file_key))
+        if problem:
+            out[i] = problem
+            continue
+        seen[key], seen_files[file_key] = rec, rec
+    return out
 
 
 def _file_key(path) -> str:

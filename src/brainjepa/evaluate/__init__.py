@@ -63,7 +63,9 @@ random init and the FC, amplitude and level (mean relative to the scan) of the s
 (:func:`probe_states`).
 
 Modules: :mod:`.metrics`, :mod:`.labels`, :mod:`.features`, :mod:`.training`, :mod:`.probes`,
-:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`.
+:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`;
+cohort-scale embedding (shards, resume, several processes, ``--on-error skip``): :mod:`.scans`,
+:mod:`.shards`, :mod:`.embedjob`.
 Every public name is importable from this package.
 """
 
@@ -97,6 +99,7 @@ from .comparisons import (
     probe_method_names,
     random_init_summaries,
 )
+from .embedjob import embed_to_file
 from .features import (
     READOUTS,
     WINDOWS,
@@ -163,6 +166,8 @@ from .probes import (
     make_probe,
 )
 from .protocol import Method, Results, format_mean_std, format_table, result_grid, run_protocol, run_targets
+from .scans import ScanList, open_inputs, usable_cohort
+from .shards import DEFAULT_SHARD_SIZE, EmbeddingJob, EmbedReport
 from .states import (
     STATE_BASELINES,
     STATE_TARGET,
@@ -197,6 +202,13 @@ __all__ = [
     "window_baselines",
     "window_features",
     "window_states",
+    "DEFAULT_SHARD_SIZE",
+    "EmbedReport",
+    "EmbeddingJob",
+    "ScanList",
+    "embed_to_file",
+    "open_inputs",
+    "usable_cohort",
     "BASELINES",
     "COMPARISON_COLUMNS",
     "HEADLINE_METRIC",

@@ -119,7 +119,7 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
-    def from_rank0(self, fn, what: str = "preparing the run"):
+    def from_rank0(self, fn, what: str = "preparing the run", group=None):
         """Run ``fn`` on rank 0 while the other ranks wait, and give every rank its result.
 
         Rank 0 tells the others whether ``fn`` succeeded before anyone waits any further, so a
@@ -128,6 +128,8 @@ class Dist:
         Args:
             fn: the work to do on rank 0 only (no arguments); its result must be picklable.
             what: what ``fn`` does, for the other ranks' error message.
+            group: the process group to hand the result over in (default: every process, with
+                the backend's time limit; a gloo group with a longer one lets ``fn`` take longer).
 
         Returns:
             ``fn``'s result, on every rank.
@@ -144,11 +146,11 @@ class Dist:
                 if self.world_size == 1:
                     raise
                 error = f"{type(exc).__name__}: {exc}"
-                dist.broadcast_object_list([(None, error)], src=0)  # before raising: nobody waits
+                dist.broadcast_object_list([(None, error)], src=0, group=group)  # before raising: nobody waits
                 raise
         if self.world_size > 1:
             box = [(result, error)]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=group)
             result, error = box[0]
         if error is not None:
             raise BrainJEPAError(
@@ -158,7 +160,7 @@ class Dist:
         return result
 
 
-def setup_distributed(device_option: str) -> Dist:
+def setup_distributed(device_option: str, setting: str = "train.device", fix: str = "--set train.device=cpu") -> Dist:
     """Choose the device and join the process group under torchrun.
 
     With WORLD_SIZE > 1 the process group is initialised from env:// (NCCL on GPUs, gloo on CPUs);
@@ -167,6 +169,8 @@ def setup_distributed(device_option: str) -> Dist:
     Args:
         device_option: train.device: "auto" (this process's GPU if there is one, else the CPU),
             "cpu", "cuda" or "cuda:N".
+        setting: the option's name, for messages.
+        fix: how to choose the CPU instead, for messages.
 
     Returns:
         The process's :class:`Dist`.
@@ -182,11 +186,11 @@ def setup_distributed(device_option: str) -> Dist:
         try:
             device = torch.device(device_option)
         except RuntimeError:
-            raise ConfigError(f"train.device={device_option!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+            raise ConfigError(f"{setting}={device_option!r} is not a device (auto, cpu, cuda, cuda:N)") from None
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device_option!r} but CUDA is not available; use --set train.device=cpu")
+        raise ConfigError(f"{setting}={device_option!r} but CUDA is not available; use {fix}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False
