@@ -316,6 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="remove earlier results first")
     p.add_argument("--only", nargs="*", help="run only these conditions (names as in the table)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the results on disk")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("brainjepa").setLevel(logging.WARNING)
@@ -326,30 +327,30 @@ def main(argv=None) -> int:
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     series, labels, states = simulate(plan, demo, out)
     jobs = [(f"default seed={s}", (), s, plan.steps, (plan.steps,)) for s in plan.pretrain_seeds]
     jobs += [(name, over, 0, plan.steps, (plan.steps,)) for name, over in plan.conditions]
     jobs += [("long", (), 0, plan.long_steps, plan.long_evaluate_at)]
-    rows, long_rows = [], []
     for name, over, seed, steps, evaluate_at in jobs:
-        if args.only and name not in args.only:
+        if args.report_only or (args.only and name not in args.only):
             continue
         log.info("condition %s: %d steps (seed %d)", name, steps, seed)
-        res = run_condition(name, over, seed, steps, evaluate_at, series, labels, states, plan, demo, out)
+        run_condition(name, over, seed, steps, evaluate_at, series, labels, states, plan, demo, out)
+    # the report: every result on disk, so processes that ran conditions apart share one table
+    rows, long_rows = [], []
+    for name, *_ in jobs:
+        slug = name.replace("=", "-").replace(" ", "_")
+        res = sorted((json.loads(f.read_text()) for f in out.glob(f"{slug}@*.json")), key=lambda r: r["step"])
         for r in res:
             r["label"] = name
         if name == "long":
             long_rows = res
-            rows += res
-        else:
-            rows += res[-1:]
-    wall = time.perf_counter() - start
+        rows += res
     text = table(rows, plan.seeds)
     command = "python experiments/states.py" + (" --quick" if args.quick else "")
     (out / "results.md").write_text(
         f"# Brain states and traits: pretrained vs random init\n\nCommand: `{command}` "
-        f"(this invocation: {wall / 60:.1f} min; finished stages are reused). Cohort: "
+        f"(finished stages are reused; per-stage times below). Cohort: "
         f"{plan.n_pretrain} pretraining + {plan.n_eval} held-out simulated subjects ({TASK}). "
         f"Window {STATE_MODEL}. Probes: {plan.seeds} split seeds keeping subjects apart, random init "
         f"over {plan.init_seeds} seeds.\n\n{text}\n"

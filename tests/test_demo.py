@@ -160,14 +160,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     rows = saved["rows"]
     readouts = ("mean", "roi", "fc")
     bases = ("brainjepa", "random_init#0", "random_init#1", "random_init#2", "random_init(best)", "random_init(mean)")
-    methods = {f"{b}:{r}" for b in bases for r in readouts} | {"fc_full", "fc_window", "amplitude"}
-    assert {(r["method"], r["target"]) for r in rows} == {(m, t) for m in methods for t in ("age", "patient")}
+    encoders = {f"{b}:{r}" for b in bases for r in readouts}
+    traits = encoders | {"fc_full", "fc_window", "amplitude"}
+    states = encoders | {"fc_window", "amplitude", "level"}  # brain states: every window a sample
+    assert {(r["method"], r["target"]) for r in rows} == {(m, t) for m in traits for t in ("age", "patient")} | {
+        (m, "state") for m in states
+    }
     assert set(rows[0]) == {"method", "target", "metric", "mean", "std", "n_seeds"}
     assert all(r["n_seeds"] == 3 for r in rows if r["metric"] != "auroc")
-    assert len(saved["comparisons"]) == 2 * len(readouts) * 5
+    assert len(saved["comparisons"]) == 3 * len(readouts) * 5
     report = (out / "report.md").read_text()
     results = report.split("## Results")[1].split("## ")[0]
-    for target in ("age", "patient"):  # one verdict per target, with its p value
+    for target in ("age", "patient", "state"):  # one verdict per target, with its p value
         line = next(ln for ln in results.splitlines() if ln.startswith(f"- **{target}**"))
         assert "the best random-init seed" in line and "paired t-test p" in line
         assert any(v in line for v in ("beats", "is worse than", "does not significantly differ"))

@@ -3,15 +3,20 @@ and the objectives that keep the variance."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from brainjepa.bundle import BrainJEPA
+from brainjepa.cli import main
 from brainjepa.data import WindowDataset, open_cohort
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.evaluate import random_init_like
 from brainjepa.evaluate.states import (
+    cohort_states,
+    events_states,
     probe_states,
     probe_windows,
     scan_scaled,
@@ -25,7 +30,7 @@ from brainjepa.model import ModelConfig
 from brainjepa.objective import sigreg_penalty, target_features, vicreg_penalty
 from brainjepa.pretrain import load_config
 from brainjepa.pretrain.step import Trainer
-from brainjepa.synthetic import block_design, simulate_cohort
+from brainjepa.synthetic import block_design, simulate_cohort, write_cohort
 from brainjepa.transforms import normalize, scan_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -303,3 +308,75 @@ def test_target_layers_average_the_last_blocks():
 def test_random_init_like_keeps_the_scope():
     model = model_for(scope="scan")
     assert random_init_like(model, 1).normalization["scope"] == "scan"
+
+
+# --------------------------------------------------------------------------- events files and the command line
+
+
+def test_events_files_round_trip_and_bad_files_are_named(tmp_path):
+    sim = simulate_cohort(3, 16, tr=TR, minutes=2, seed=0, task_network="Vis", task_drive=0.01)
+    manifest = write_cohort(sim, tmp_path / "data", "npy")
+    cohort = open_cohort(manifest)
+    assert cohort.labels["events"][0] == "sub-0001_task-blocks_events.tsv"
+    for got, want in zip(cohort_states(cohort, "events"), sim.states):
+        np.testing.assert_array_equal(got, want)
+    bad = tmp_path / "bad_events.tsv"
+    bad.write_text("start\tlength\n0\t10\n")
+    with pytest.raises(DataError, match="bad_events.tsv.*onset and duration"):
+        events_states(bad, 50, 1.0)
+    bad.write_text("onset\tduration\ttrial_type\n0\t10\tmotor\n")
+    with pytest.raises(DataError, match="line 2.*'motor'"):
+        events_states(bad, 50, 1.0)
+    with pytest.raises(DataError, match="no column 'events2'"):
+        cohort_states(cohort, "events2")
+
+
+def test_probe_states_on_the_command_line(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "simulate",
+                "--subjects",
+                "9",
+                "--rois",
+                str(R),
+                "--minutes",
+                "2",
+                "--format",
+                "npy",
+                "--task-network",
+                "DorsAttn",
+                "--task-drive",
+                "0.03",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    model_for().save_pretrained(tmp_path / "m")
+    out = tmp_path / "r.json"
+    args = [
+        "-q",
+        "probe",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(tmp_path / "d" / "manifest.csv"),
+        "--states",
+        "events",
+        "--seeds",
+        "2",
+        "--readout",
+        "mean",
+        "--random-init-seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows if r["target"] == "state"} >= {"brainjepa:mean", "level", "fc_window"}
+    assert "state" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--target COLUMN"):
+        main(["--debug", "probe", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d" / "manifest.csv")])
