@@ -60,7 +60,8 @@ from brainjepa.synthetic import simulate_cohort
 
 log = logging.getLogger("finetune")
 TARGETS = {"age": "regression", "patient": "classification"}
-METHODS = ("finetune(pretrained)", "finetune(scratch)", "amplitude", "fc")
+PAPER_HEAD = "finetune(pretrained, mean head)"  # the paper's head: mean-pooled tokens, random init
+METHODS = ("finetune(pretrained)", "finetune(scratch)", PAPER_HEAD, "amplitude", "fc")
 
 
 def prepare(s: DemoSettings, work: Path) -> tuple[list, dict]:
@@ -88,65 +89,59 @@ def prepare(s: DemoSettings, work: Path) -> tuple[list, dict]:
     return series, labels
 
 
-def evaluate(model, series: list, labels: dict, s: DemoSettings, seeds: int, tuner_kwargs: dict) -> dict:
-    """Every method on every target and split seed; the fine-tuning curves of every run."""
+def evaluate(model, series: list, labels: dict, s: DemoSettings, target: str, seeds: int, tuner_kwargs: dict) -> dict:
+    """Every method on one target and every split seed; the fine-tuning curves of every run."""
+    task = TARGETS[target]
     held_out = series[s.n_pretrain :]
-    cohort = open_cohort(held_out, tr=s.tr, labels={k: v[s.n_pretrain :] for k, v in labels.items()})
+    cohort = open_cohort(held_out, tr=s.tr)
     t0 = time.perf_counter()
-    windows = finetune_windows(model, held_out, tr=s.tr, n_windows=tuner_kwargs.get("n_windows", DEFAULT_WINDOWS))
+    n_windows = tuner_kwargs.get("n_windows", DEFAULT_WINDOWS)
+    windows = finetune_windows(model, held_out, tr=s.tr, n_windows=n_windows)
     amplitude, fc = cohort_amplitude(cohort, model, progress=False), cohort_fc(cohort, progress=False)
-    log.info(
-        "inputs %s, amplitude %s, FC %s (%.0f s)",
-        tuple(windows.shape),
-        amplitude.shape,
-        fc.shape,
-        time.perf_counter() - t0,
-    )
-    starts = {"finetune(pretrained)": model, "finetune(scratch)": random_init_like(model, 0)}
+    log.info("%s: inputs %s, amplitude %s, FC %s", target, tuple(windows.shape), amplitude.shape, fc.shape)
     kwargs = {k: v for k, v in tuner_kwargs.items() if k != "n_windows"}
-    records, runs = [], []
-    for target, task in TARGETS.items():
-        y = np.asarray(labels[target][s.n_pretrain :])
-        y = y.astype(float) if task == "regression" else y.astype(int)
+    starts = {
+        "finetune(pretrained)": (model, {}),
+        "finetune(scratch)": (random_init_like(model, 0), {}),
+        PAPER_HEAD: (model, {"readout": "mean", "head_init": "random", "lr": 1e-3}),
+    }
+    y = np.asarray(labels[target][s.n_pretrain :])
+    y = y.astype(float) if task == "regression" else y.astype(int)
+    runs = []
 
-        def tuner(name, seed, task=task, target=target):
-            ft = FineTuner(starts[name], task, seed=seed, **kwargs)
-            fit = ft.fit
+    def tuner(name, seed):
+        start, extra = starts[name]
+        ft = FineTuner(start, task, seed=seed, **{**kwargs, **extra})
+        fit = ft.fit
 
-            def timed_fit(*a, **kw):
-                t = time.perf_counter()
-                out = fit(*a, **kw)
-                runs.append(
-                    {
-                        "target": target,
-                        "method": name,
-                        "seed": seed,
-                        "seconds": round(time.perf_counter() - t, 1),
-                        "best_epoch": ft.best_epoch_,
-                        "epochs_run": len(ft.val_losses_),
-                        "train_loss": [round(v, 4) for v in ft.train_losses_],
-                        "val_loss": [round(v, 4) for v in ft.val_losses_],
-                        "val_score": [round(v, 4) for v in ft.val_scores_],
-                    }
-                )
-                log.info(
-                    "%s | %s | seed %d: best epoch %d of %d run (%.0f s)",
-                    target,
-                    name,
-                    seed,
-                    ft.best_epoch_,
-                    len(ft.val_losses_),
-                    runs[-1]["seconds"],
-                )
-                return out
+        def timed_fit(*a, **kw):
+            t = time.perf_counter()
+            out = fit(*a, **kw)
+            runs.append(
+                {
+                    "target": target,
+                    "method": name,
+                    "seed": seed,
+                    "seconds": round(time.perf_counter() - t, 1),
+                    "best_epoch": ft.best_epoch_,
+                    "epochs_run": len(ft.val_losses_),
+                    "probe_val_score": ft.probe_val_score_,
+                    "train_loss": [round(v, 4) for v in ft.train_losses_],
+                    "val_loss": [round(v, 4) for v in ft.val_losses_],
+                    "val_score": [round(v, 4) for v in ft.val_scores_],
+                }
+            )
+            log.info("%s | %s | seed %d: best epoch %d of %d (%.0f s)", target, name, seed, ft.best_epoch_,
+                     len(ft.val_losses_), runs[-1]["seconds"])  # fmt: skip
+            return out
 
-            ft.fit = timed_fit
-            return ft
+        ft.fit = timed_fit
+        return ft
 
-        methods = {name: (lambda seed, name=name: tuner(name, seed), windows) for name in starts}
-        methods["amplitude"] = (lambda seed: make_probe("closed-form", task, seed), amplitude)
-        methods["fc"] = (lambda seed: make_probe("closed-form", task, seed), fc)
-        records += run_protocol(y, methods, target=target, task=task, seeds=seeds, progress=True).records
+    methods = {name: (lambda seed, name=name: tuner(name, seed), windows) for name in starts}
+    methods["amplitude"] = (lambda seed: make_probe("closed-form", task, seed), amplitude)
+    methods["fc"] = (lambda seed: make_probe("closed-form", task, seed), fc)
+    records = run_protocol(y, methods, target=target, task=task, seeds=seeds, progress=True).records
     return {"records": records, "runs": runs, "evaluate_s": round(time.perf_counter() - t0)}
 
 
@@ -167,6 +162,7 @@ def summary_table(records: list[dict]) -> str:
         lines += ["", "Paired differences (mean [95% CI], p, splits won):", ""]
         for a, b in (
             ("finetune(pretrained)", "finetune(scratch)"),
+            ("finetune(pretrained)", PAPER_HEAD),
             ("finetune(pretrained)", "amplitude"),
             ("finetune(scratch)", "amplitude"),
             ("finetune(pretrained)", "fc"),
@@ -182,16 +178,24 @@ def summary_table(records: list[dict]) -> str:
 
 def runs_table(runs: list[dict]) -> str:
     lines = [
-        "| target | start | seed | epochs run | best epoch | train loss (first → best) | val loss (first → best) "
-        "| val score at best | s |",
+        "| target | method | seed | epochs run | best epoch | train loss (first → best) | val loss (first → best) "
+        "| val score: probe init → best epoch | s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         b = r["best_epoch"]
+        probe = "–" if r["probe_val_score"] is None else f"{r['probe_val_score']:.3f}"
+        if b < 0:  # no epoch beat the probe-initialised start: it was kept
+            lines.append(
+                f"| {r['target']} | {r['method']} | {r['seed']} | {r['epochs_run']} | start kept | "
+                f"{r['train_loss'][0]:.3f} (epoch 0) | {r['val_loss'][0]:.3f} (epoch 0) | {probe} kept | "
+                f"{r['seconds']:.0f} |"
+            )
+            continue
         lines.append(
             f"| {r['target']} | {r['method']} | {r['seed']} | {r['epochs_run']} | {b} | "
             f"{r['train_loss'][0]:.3f} → {r['train_loss'][b]:.3f} | {r['val_loss'][0]:.3f} → {r['val_loss'][b]:.3f} "
-            f"| {r['val_score'][b]:.3f} | {r['seconds']:.0f} |"
+            f"| {probe} → {r['val_score'][b]:.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -201,7 +205,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="experiments/results", help="output folder (default experiments/results)")
     p.add_argument("--quick", action="store_true", help="the quick demo's small cohort and a few epochs")
     p.add_argument("--seeds", type=int, default=3, help="split seeds (default 3)")
-    p.add_argument("--fresh", action="store_true", help="redo the cohort and the pretraining run")
+    p.add_argument("--fresh", action="store_true", help="redo the cohort, the pretraining run and every target")
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=list(TARGETS),
+        help="evaluate only this target (two processes can share the work); a run without it writes the tables",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("brainjepa").setLevel(logging.WARNING)
@@ -213,26 +223,39 @@ def main(argv=None) -> int:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     series, labels = prepare(s, work)
     model = load_model(work / "run")
-    result = evaluate(model, series, labels, s, args.seeds, tuner)
-    wall = time.perf_counter() - start
+    parts = {}
+    for target in TARGETS:
+        part = work / f"{target}.json"
+        if not part.exists() and (not args.target or target in args.target):
+            part.write_text(json.dumps(evaluate(model, series, labels, s, target, args.seeds, tuner), default=float))
+        if part.exists():
+            parts[target] = json.loads(part.read_text())
+    if len(parts) < len(TARGETS):
+        log.info("targets done: %s; run again without --target to write the tables", ", ".join(parts) or "none")
+        return 0
+    result = {
+        "records": [r for p in parts.values() for r in p["records"]],
+        "runs": [r for p in parts.values() for r in p["runs"]],
+        "evaluate_s": sum(p["evaluate_s"] for p in parts.values()),
+    }
     command = "python experiments/finetune.py" + (" --quick" if args.quick else "")
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "recipe"}
     name = "finetune-quick" if args.quick else "finetune"
-    payload = {"command": command, "demo": settings, "tuner_overrides": tuner, "wall_s": round(wall), **result}
+    payload = {"command": command, "demo": settings, "tuner_overrides": tuner, **result}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
     text = summary_table(result["records"])
     (out / f"{name}.md").write_text(
         f"# Fine-tuning on a small cohort: pretrained init vs from scratch\n\nCommand: `{command}` "
-        f"({wall / 60:.0f} min on a shared 2-core CPU, {result['evaluate_s'] / 60:.0f} min of it "
-        f"evaluating). Cohort: the demo's ({s.n_pretrain} subjects pretrain the tiny model for "
+        f"({result['evaluate_s'] / 60:.0f} min of fine-tuning and probing on a shared 2-core CPU, after "
+        f"pretraining). Cohort: the demo's ({s.n_pretrain} subjects pretrain the tiny model for "
         f"{s.steps} steps; {s.n_eval} held-out subjects, {s.n_rois} ROIs, {s.minutes:g} min at TR {s.tr} s "
         f"resampled to {s.target_tr} s); {args.seeds} split seeds of 60/20/20. Recipe: "
         "`brainjepa.evaluate.FineTuner` defaults"
         + (f" with {tuner}" if tuner else "")
-        + ".\n\n"
+        + f"; `{PAPER_HEAD}` is the same recipe with the paper's head (mean-pooled tokens, "
+        "LayerNorm, a randomly initialised linear layer) and a top learning rate of 1e-3.\n\n"
         + text
         + "\n### Every fine-tuning run\n\n"
         + runs_table(result["runs"])

@@ -145,7 +145,9 @@ def test_finetuner_with_windows_records_curves_and_stops_early():
     rng = np.random.default_rng(1)
     X = torch.as_tensor(rng.normal(size=(24, 2, R, T_MODEL)), dtype=torch.float32)
     y = np.array([0, 1] * 12)
-    ft = FineTuner(model, "classification", epochs=30, warmup_epochs=1, batch_size=8, patience=2, readout="fc")
+    ft = FineTuner(
+        model, "classification", epochs=30, warmup_epochs=1, batch_size=8, patience=2, readout="fc", head_init="random"
+    )
     ft.fit(X[:16], y[:16], X[16:], y[16:])
     n = len(ft.val_losses_)
     assert len(ft.train_losses_) == len(ft.val_scores_) == n
@@ -182,3 +184,22 @@ def test_probe_initialised_head_starts_as_the_closed_form_probe(task, readout):
     )
     with pytest.raises(ConfigError, match="head_init"):
         FineTuner(model, task, head_init="zeros")
+
+
+def test_keep_initial_keeps_starting_weights_that_no_epoch_beats():
+    torch.manual_seed(0)
+    X, X_val = torch.randn(40, 3), torch.randn(20, 3)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    t, t_val = X @ w, X_val @ w
+    net = torch.nn.Linear(3, 1)
+    with torch.no_grad():  # start at the exact solution: every step can only move away
+        net.weight.copy_(w[None])
+        net.bias.zero_()
+    loss_fn = make_loss("regression", t.numpy(), 1, None)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    kw = dict(epochs=5, n_batches=2, lr_at=lambda step: 0.5, generator=torch.Generator())
+    history = train_keep_best(net, opt, loss_fn, X, t, X_val, t_val, keep_initial=True, **kw)
+    assert history.best_epoch == -1 and len(history.val_losses) == 5
+    torch.testing.assert_close(net.weight.detach(), w[None])
+    history = train_keep_best(net, opt, loss_fn, X, t, X_val, t_val, **kw)
+    assert history.best_epoch >= 0  # without it an epoch is always kept

@@ -53,8 +53,9 @@ which is continuous where accuracy on a small validation split is not.
 
 Regression labels are normalised with the training split's mean and std; every metric is
 reported in the original units. Fine-tuning lives in :mod:`.finetune` (methods
-:data:`METHODS`: one centre window per subject, as the fine-tuning recipe trains on); it and the
-BN-linear probe share one keep-best-epoch training loop (:mod:`.training`). Attention maps for
+:data:`METHODS`; a few windows per subject, one drawn per epoch in training and all averaged at
+test time; early stopping on the validation loss); it and the BN-linear probe share one
+keep-best-epoch training loop (:mod:`.training`). Attention maps for
 interpretation: :mod:`.interpret`.
 
 Modules: :mod:`.metrics`, :mod:`.labels`, :mod:`.features`, :mod:`.training`, :mod:`.probes`,
@@ -109,14 +110,18 @@ from .features import (
     token_index,
 )
 from .finetune import (
+    HEAD_INITS,
+    HEADS,
     METHODS,
     FineTuneModel,
     FineTuner,
     finetune_cohort,
+    finetune_windows,
     layer_id,
     make_optimizer,
     param_groups,
     set_drop_path,
+    subject_windows_for_finetuning,
 )
 from .interpret import (
     attention_received,
@@ -169,6 +174,8 @@ __all__ = [
     "HEADLINE_METRIC",
     "LOWER_IS_BETTER",
     "MAX_AUTO_CLASSES",
+    "HEAD_INITS",
+    "HEADS",
     "METHODS",
     "METRIC_NAMES",
     "MISSING",
@@ -211,6 +218,7 @@ __all__ = [
     "encode_with_attention",
     "fc_features",
     "finetune_cohort",
+    "finetune_windows",
     "format_comparisons",
     "format_mean_std",
     "format_p",
@@ -248,6 +256,7 @@ __all__ = [
     "run_targets",
     "save_embeddings",
     "set_drop_path",
+    "subject_windows_for_finetuning",
     "set_lr",
     "split_from_column",
     "split_indices",

@@ -41,8 +41,8 @@ METHODS = ("brainjepa", "random_init", "fc_baseline", "amplitude")
 HEADS = ("mean", "fc")  # the readouts a fine-tuning head can read (FineTuneModel)
 # The recipe's defaults, chosen by measurement on the demo cohort (docs/method.md, "Fine-tuning")
 DEFAULT_EPOCHS = 100  # at most; early stopping usually ends far sooner
-DEFAULT_PATIENCE = 15
-DEFAULT_LR = 1e-3
+DEFAULT_PATIENCE = 10
+DEFAULT_LR = 1e-4  # the head starts as a fitted probe: a gentle rate, not one that relearns it
 DEFAULT_WARMUP_EPOCHS = 3
 DEFAULT_WINDOWS = 2
 DEFAULT_READOUT = "fc"
@@ -408,6 +408,7 @@ class FineTuner(ProbeBase):
                 progress="fine-tuning" if self.progress else None,
                 patience=self.patience,
                 on_epoch=score,
+                keep_initial=self.head_init == "probe",  # the probe itself, if fine-tuning never beats it
             )
         self.model_, self.best_epoch_, self.stopped_early_ = net, history.best_epoch, history.stopped_early
         self.train_losses_, self.val_losses_, self.val_scores_ = history.train_losses, history.val_losses, scores

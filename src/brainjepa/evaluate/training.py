@@ -98,7 +98,8 @@ class EpochLog:
     """What :func:`train_keep_best` saw: the chosen epoch and the mean losses of every epoch.
 
     Args:
-        best_epoch: the epoch with the lowest validation loss (0-based; ties: the first).
+        best_epoch: the epoch with the lowest validation loss (0-based; ties: the first); -1 when
+            the starting weights were kept (``keep_initial``).
         train_losses: per epoch run, the mean training loss over samples.
         val_losses: per epoch run, the validation loss.
         stopped_early: training ended before ``epochs`` because the validation loss had not
@@ -128,6 +129,7 @@ def train_keep_best(
     progress: str | None = None,
     patience: int | None = None,
     on_epoch: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+    keep_initial: bool = False,
 ) -> EpochLog:
     """Train ``net`` for ``epochs`` and keep the weights of the epoch with the lowest validation loss.
 
@@ -157,6 +159,9 @@ def train_keep_best(
         on_epoch: called as ``on_epoch(epoch, net, val_outputs)`` after each epoch's
             validation (``net`` in eval mode with that epoch's weights; ``val_outputs`` its
             outputs on ``X_val``), e.g. to record validation metrics per epoch.
+        keep_initial: the starting weights are a candidate too (epoch -1, validated before
+            training, not in the per-epoch lists): when no epoch lowers their validation loss
+            they are kept.
 
     Returns:
         The best epoch, the per-epoch training (mean over samples) and validation losses, and
@@ -167,6 +172,9 @@ def train_keep_best(
     device = next(net.parameters()).device
     bar = progress_bar(range(epochs), epochs, progress or "", progress is not None)
     best, step = None, 0
+    if keep_initial:
+        val = float(loss_fn(predict_batches(net, X_val, val_batch_size), t_val.to(device), weighted=False))
+        best = (val, -1, {k: v.detach().clone() for k, v in net.state_dict().items()})
     train_losses: list[float] = []
     val_losses: list[float] = []
     for epoch in bar:
