@@ -6,36 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 
 from brainjepa.bundle import BrainJEPA
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.evaluate import readout_features
-from brainjepa.evaluate.finetune import (
-    FineTuneModel,
-    FineTuner,
-    finetune_windows,
-    subject_windows_for_finetuning,
-)
+from brainjepa.evaluate.finetune import FineTuneModel, FineTuner
+from brainjepa.evaluate.finetune_data import finetune_windows, subject_windows_for_finetuning
 from brainjepa.evaluate.probes import ClosedFormProbe
 from brainjepa.evaluate.training import make_loss, predict_batches, train_keep_best
-from brainjepa.model import ModelConfig
 
 R, T_MODEL = 8, 32
 
 
 def small_model(seed: int = 0) -> BrainJEPA:
-    cfg = ModelConfig(
-        n_rois=R,
-        n_timepoints=T_MODEL,
-        patch_size=8,
-        embed_dim=16,
-        depth=2,
-        num_heads=2,
-        predictor_embed_dim=8,
-        predictor_depth=1,
-        predictor_num_heads=2,
-        n_gradients=3,
-    )
+    cfg = tiny_cfg(n_rois=R, n_timepoints=T_MODEL, patch_size=8, embed_dim=16, num_heads=2, n_gradients=3)
     torch.manual_seed(seed)
     g = np.random.default_rng(seed).normal(size=(R, 3))
     return BrainJEPA(cfg, g, normalization={"method": "zscore"}, target_tr=1.0).eval()

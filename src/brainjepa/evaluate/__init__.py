@@ -59,7 +59,8 @@ keep-best-epoch training loop (:mod:`.training`). Attention maps for
 interpretation: :mod:`.interpret`.
 
 Modules: :mod:`.metrics`, :mod:`.labels`, :mod:`.features`, :mod:`.training`, :mod:`.probes`,
-:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`.
+:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.finetune_data`,
+:mod:`.interpret`.
 Every public name is importable from this package.
 """
 
@@ -116,13 +117,12 @@ from .finetune import (
     FineTuneModel,
     FineTuner,
     finetune_cohort,
-    finetune_windows,
     layer_id,
     make_optimizer,
     param_groups,
     set_drop_path,
-    subject_windows_for_finetuning,
 )
+from .finetune_data import finetune_windows, subject_windows_for_finetuning
 from .interpret import (
     attention_received,
     encode_with_attention,
