@@ -1,5 +1,6 @@
-"""Fine-tuning (docs/method.md, "Evaluation"): the whole encoder plus a head, AdamW, warmup +
-cosine schedule, layer-wise LR decay 0.75 and drop path 0.1, epoch chosen on validation.
+"""Fine-tuning (docs/method.md, "Fine-tuning"): the whole encoder plus a head, AdamW, warm-up +
+cosine schedule, layer-wise LR decay 0.75 and drop path 0.1, early stopping on the validation
+loss with the best epoch restored.
 
 Both regularisers are known to have silently done nothing in the authors' code, so here they are
 explicit and tested: :func:`param_groups` gives every depth its own learning-rate scale
@@ -7,7 +8,10 @@ explicit and tested: :func:`param_groups` gives every depth its own learning-rat
 L + 1; scale = decay ** (L + 1 - layer)), and :func:`set_drop_path` sets the rate of every
 :class:`~brainjepa.model.DropPath` of the copied encoder (linearly increasing with depth, as
 in pretraining). The pretrained model passed in is never modified: each fit works on a copy.
-Every method of :data:`METHODS` sees one centre window per subject, as the recipe trains on.
+For small cohorts the defaults differ from the paper's recipe, by measurement: the head reads
+the token features' FC and starts as the fitted closed-form probe (kept when no epoch beats
+it), and each subject gives a few windows (:mod:`.finetune_data`), one drawn per epoch in
+training and all averaged at test time.
 """
 
 from __future__ import annotations
