@@ -53,8 +53,9 @@ which is continuous where accuracy on a small validation split is not.
 
 Regression labels are normalised with the training split's mean and std; every metric is
 reported in the original units. Fine-tuning lives in :mod:`.finetune` (methods
-:data:`METHODS`: one centre window per subject, as the fine-tuning recipe trains on); it and the
-BN-linear probe share one keep-best-epoch training loop (:mod:`.training`). Attention maps for
+:data:`METHODS`; a few windows per subject, one drawn per epoch in training and all averaged at
+test time; early stopping on the validation loss); it and the BN-linear probe share one
+keep-best-epoch training loop (:mod:`.training`). Attention maps for
 interpretation: :mod:`.interpret`.
 
 Brain states (:mod:`.states`): a label that changes within a scan (task blocks, a change of
@@ -63,9 +64,9 @@ random init and the FC, amplitude and level (mean relative to the scan) of the s
 (:func:`probe_states`).
 
 Modules: :mod:`.metrics`, :mod:`.labels`, :mod:`.features`, :mod:`.training`, :mod:`.probes`,
-:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.finetune`, :mod:`.interpret`;
-cohort-scale embedding (shards, resume, several processes, ``--on-error skip``): :mod:`.scans`,
-:mod:`.shards`, :mod:`.embedjob`.
+:mod:`.comparisons`, :mod:`.protocol`, :mod:`.cohort`, :mod:`.states`, :mod:`.finetune`, :mod:`.finetune_data`,
+:mod:`.interpret`; cohort-scale embedding (shards, resume, several processes, ``--on-error skip``):
+:mod:`.scans`, :mod:`.shards`, :mod:`.embedjob`.
 Every public name is importable from this package.
 """
 
@@ -117,6 +118,8 @@ from .features import (
     token_index,
 )
 from .finetune import (
+    HEAD_INITS,
+    HEADS,
     METHODS,
     FineTuneModel,
     FineTuner,
@@ -126,6 +129,7 @@ from .finetune import (
     param_groups,
     set_drop_path,
 )
+from .finetune_data import finetune_windows, subject_windows_for_finetuning
 from .interpret import (
     attention_received,
     encode_with_attention,
@@ -214,6 +218,8 @@ __all__ = [
     "HEADLINE_METRIC",
     "LOWER_IS_BETTER",
     "MAX_AUTO_CLASSES",
+    "HEAD_INITS",
+    "HEADS",
     "METHODS",
     "METRIC_NAMES",
     "MISSING",
@@ -256,6 +262,7 @@ __all__ = [
     "encode_with_attention",
     "fc_features",
     "finetune_cohort",
+    "finetune_windows",
     "format_comparisons",
     "format_mean_std",
     "format_p",
@@ -293,6 +300,7 @@ __all__ = [
     "run_targets",
     "save_embeddings",
     "set_drop_path",
+    "subject_windows_for_finetuning",
     "set_lr",
     "split_from_column",
     "split_indices",

@@ -1,5 +1,6 @@
-"""The training loop shared by the trained probes and fine-tuning: train for some epochs, keep
-the weights of the epoch with the lowest validation loss; and the losses it minimises."""
+"""The training loop shared by the trained probes and fine-tuning: train for some epochs (or
+until the validation loss stops improving), keep the weights of the epoch with the lowest
+validation loss; and the losses it minimises."""
 
 from __future__ import annotations
 
@@ -97,14 +98,18 @@ class EpochLog:
     """What :func:`train_keep_best` saw: the chosen epoch and the mean losses of every epoch.
 
     Args:
-        best_epoch: the epoch with the lowest validation loss (0-based; ties: the first).
-        train_losses: per epoch, the mean training loss over samples.
-        val_losses: per epoch, the validation loss.
+        best_epoch: the epoch with the lowest validation loss (0-based; ties: the first); -1 when
+            the starting weights were kept (``keep_initial``).
+        train_losses: per epoch run, the mean training loss over samples.
+        val_losses: per epoch run, the validation loss.
+        stopped_early: training ended before ``epochs`` because the validation loss had not
+            improved for ``patience`` epochs.
     """
 
     best_epoch: int
     train_losses: list[float]
     val_losses: list[float]
+    stopped_early: bool = False
 
 
 def train_keep_best(
@@ -122,14 +127,19 @@ def train_keep_best(
     generator: torch.Generator,
     val_batch_size: int | None = None,
     progress: str | None = None,
+    patience: int | None = None,
+    on_epoch: Callable[[int, nn.Module, torch.Tensor], None] | None = None,
+    keep_initial: bool = False,
 ) -> EpochLog:
     """Train ``net`` for ``epochs`` and keep the weights of the epoch with the lowest validation loss.
 
     Each epoch shuffles the training set (with ``generator``) into ``n_batches`` nearly equal
     batches; before every optimizer step the learning rate is set to ``lr_at(step)`` (step
     counted from 0 over all epochs, scaled per group by its ``lr_scale``, see :func:`set_lr`).
-    After each epoch the validation loss (unweighted) is computed in eval mode. At the end the
-    best epoch's weights are loaded back (ties: the first) and ``net`` is left in eval mode.
+    After each epoch the validation loss (unweighted) is computed in eval mode; with
+    ``patience``, training stops once that many epochs in a row have not lowered it (early
+    stopping; the schedule is not shortened). At the end the best epoch's weights are loaded back
+    (ties: the first) and ``net`` is left in eval mode.
 
     Args:
         net: the model to train, on its device.
@@ -145,13 +155,26 @@ def train_keep_best(
         generator: the random generator of the shuffles.
         val_batch_size: validation inputs per forward pass (None: all at once).
         progress: the description of a progress bar over epochs; None shows none.
+        patience: stop after this many epochs without a lower validation loss (None: never).
+        on_epoch: called as ``on_epoch(epoch, net, val_outputs)`` after each epoch's
+            validation (``net`` in eval mode with that epoch's weights; ``val_outputs`` its
+            outputs on ``X_val``), e.g. to record validation metrics per epoch.
+        keep_initial: the starting weights are a candidate too (epoch -1, validated before
+            training, not in the per-epoch lists): when no epoch lowers their validation loss
+            they are kept.
 
     Returns:
-        The best epoch and the per-epoch training (mean over samples) and validation losses.
+        The best epoch, the per-epoch training (mean over samples) and validation losses, and
+        whether training stopped early.
     """
+    if patience is not None and patience < 1:
+        raise ConfigError(f"patience must be at least 1 epoch (or None for no early stopping), got {patience}")
     device = next(net.parameters()).device
     bar = progress_bar(range(epochs), epochs, progress or "", progress is not None)
     best, step = None, 0
+    if keep_initial:
+        val = float(loss_fn(predict_batches(net, X_val, val_batch_size), t_val.to(device), weighted=False))
+        best = (val, -1, {k: v.detach().clone() for k, v in net.state_dict().items()})
     train_losses: list[float] = []
     val_losses: list[float] = []
     for epoch in bar:
@@ -166,12 +189,17 @@ def train_keep_best(
             running += float(loss.detach()) * len(idx)
             step += 1
         train_losses.append(running / len(X))
-        val = float(loss_fn(predict_batches(net, X_val, val_batch_size), t_val.to(device), weighted=False))
+        out_val = predict_batches(net, X_val, val_batch_size)
+        val = float(loss_fn(out_val, t_val.to(device), weighted=False))
         val_losses.append(val)
         if progress is not None:
             bar.set_postfix(train=f"{train_losses[-1]:.3f}", val=f"{val:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, net, out_val)
         if best is None or val < best[0]:
             best = (val, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        elif patience is not None and epoch - best[1] >= patience:
+            break
     net.load_state_dict(best[2])
     net.eval()
-    return EpochLog(best[1], train_losses, val_losses)
+    return EpochLog(best[1], train_losses, val_losses, stopped_early=len(val_losses) < epochs)
