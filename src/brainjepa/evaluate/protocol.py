@@ -192,6 +192,7 @@ def run_protocol(
     seeds: int | Sequence[int] = 5,
     split: Split | None = None,
     progress: bool = True,
+    split_for: Callable[[int], Split] | None = None,
 ) -> Results:
     """The evaluation protocol on encoded labels (see :func:`~brainjepa.evaluate.labels.encode_labels`).
 
@@ -209,6 +210,8 @@ def run_protocol(
         seeds: a count (seeds 0..n-1) or the split seeds.
         split: a fixed split (a user-given column): the seeds then only vary the estimators.
         progress: log every fit's test metrics.
+        split_for: the split of a seed, instead of :func:`~brainjepa.evaluate.labels.split_indices`
+            (e.g. windows split by subject).
 
     Returns:
         :class:`Results` with one record per (method, seed, metric).
@@ -218,7 +221,7 @@ def run_protocol(
         n_classes = n_classes or int(y.max() + 1)
     results = Results()
     for seed in seeds:
-        sp = split or split_indices(y, task, seed)
+        sp = split or (split_for(seed) if split_for is not None else split_indices(y, task, seed))
         for name, (make, X) in methods.items():
             est = make(seed)
             kw = {"n_classes": n_classes} if task == "classification" else {}

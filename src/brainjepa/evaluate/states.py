@@ -51,9 +51,9 @@ from .features import (
     repetition_times,
     resolve_device,
 )
-from .metrics import METRIC_NAMES, classification_metrics
+from .labels import Split
 from .probes import make_probe
-from .protocol import Results
+from .protocol import Results, run_protocol
 
 log = logging.getLogger(__name__)
 
@@ -402,23 +402,24 @@ def probe_windows(
     if len(np.unique(y)) < 2:
         raise DataError(f"{target}: every window has the same state; there is nothing to decode")
     ids, subject = np.unique(subject, return_inverse=True)
-    n_classes = int(y.max() + 1)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    results = Results()
-    for seed in seeds:
-        train, val, test = (np.isin(subject, part) for part in subject_split(len(ids), seed))
-        for name, X in features.items():
-            probe = make_probe("closed-form", "classification", seed)
-            probe.fit(X[train], y[train], X[val], y[val], n_classes=n_classes)
-            proba = probe.predict_proba(X[test])
-            metrics = classification_metrics(y[test], proba.argmax(axis=1), proba)
-            results.records += [
-                {"method": name, "target": target, "seed": seed, "metric": k, "value": v} for k, v in metrics.items()
-            ]
-            if progress:
-                shown = ", ".join(f"{METRIC_NAMES[k]} {v:.3f}" for k, v in metrics.items())
-                log.info("%s | seed %d | %s: %s", target, seed, name, shown)
-    return results
+
+    def split_for(seed: int) -> Split:  # every window of a subject on the same side
+        parts = subject_split(len(ids), seed)
+        return Split(*(np.flatnonzero(np.isin(subject, part)) for part in parts))
+
+    methods = {
+        name: (lambda seed: make_probe("closed-form", "classification", seed), X) for name, X in features.items()
+    }
+    return run_protocol(
+        y,
+        methods,
+        target=target,
+        task="classification",
+        n_classes=int(y.max() + 1),
+        seeds=seeds,
+        progress=progress,
+        split_for=split_for,
+    )
 
 
 def probe_states(
