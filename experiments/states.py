@@ -240,7 +240,7 @@ def headline(r: dict) -> str:
 
 BASELINE_COLUMNS = {
     STATE_TARGET: ("fc_window", "amplitude", "level"),
-    **{t: ("fc_window", "amplitude") for t in TRAITS},
+    **{t: ("fc_full", "fc_window", "amplitude") for t in TRAITS},
 }
 
 
