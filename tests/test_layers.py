@@ -26,7 +26,7 @@ LAYERS = [
     ["inputs", "bundle_files", "modelcard", "bundle", "convert"],
     ["pretrain"],
     ["evaluate"],
-    ["report", "sklearn"],
+    ["report", "sklearn", "brainmarks"],
     ["cli", "__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

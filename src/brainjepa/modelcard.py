@@ -123,14 +123,14 @@ def evaluation_summary(results_file: str | Path) -> dict:
         if not str(c.get("method", "")).startswith("brainjepa:") or base not in CARD_BASELINES:
             continue
         key = (c["target"], c["metric"])
-        keep.append(
-            {
-                **{k: c.get(k) for k in ("target", "metric", "method", "baseline", "n", "mean_diff", "p_value")},
-                **{k: c.get(k) for k in ("ci95_low", "ci95_high", "wins")},
-                "method_mean": means.get((c["method"], *key)),
-                "baseline_mean": means.get((c["baseline"], *key)),
-            }
-        )
+        entry = {
+            **{k: c.get(k) for k in ("target", "metric", "method", "baseline", "n", "mean_diff", "p_value")},
+            **{k: c.get(k) for k in ("ci95_low", "ci95_high", "wins")},
+            "method_mean": means.get((c["method"], *key)),
+            "baseline_mean": means.get((c["baseline"], *key)),
+        }
+        # NaN (e.g. no p-value for identical differences) is JSON null, as in the results file
+        keep.append({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()})
     if not keep:
         raise DataError(
             f"{path}: no comparison of the pretrained model with a random initialisation or FC; "
