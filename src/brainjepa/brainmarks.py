@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .bundle import BrainJEPA, load_model
-from .errors import ConfigError
+from .errors import BrainJEPAError, ConfigError
 from .evaluate.features import encode_windows
 from .inputs import InputWarning, PreparedInput
 from .transforms import RobustScaler, resample_tr
@@ -130,11 +130,16 @@ class SampleTransform:
                 )
                 self._warned_short = True
             x = np.tile(x, (1, -(-cfg.patch_size // x.shape[-1])))[:, : cfg.patch_size]
-        if x.shape[-1] >= cfg.n_timepoints:
-            window, n_patches = model.prepare(x, tr=tr, name="brainmarks sample"), cfg.n_patches
-        else:
-            windows, n_patches = model.prepare_windows(x, tr=tr, name="brainmarks sample")
-            window = windows[0]
+        try:
+            if x.shape[-1] >= cfg.n_timepoints:
+                window, n_patches = model.prepare(x, tr=tr, name="brainmarks sample"), cfg.n_patches
+            else:
+                windows, n_patches = model.prepare_windows(x, tr=tr, name="brainmarks sample")
+                window = windows[0]
+        except BrainJEPAError as exc:  # the same message, with where Brainmarks takes the fix
+            raise type(exc)(
+                f"{exc} (in Brainmarks a normalisation is chosen with --overrides model_kwargs.normalization=NAME)"
+            ) from exc
         out = dict(sample)
         out["bold"] = window.as_subclass(torch.Tensor).contiguous()
         out["n_patches"] = int(n_patches)
