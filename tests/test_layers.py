@@ -23,10 +23,10 @@ LAYERS = [
     ["masking", "attention", "precision"],
     ["model"],
     ["fast", "objective", "diagnostics"],
-    ["inputs", "bundle_files", "bundle", "convert"],
+    ["inputs", "bundle_files", "modelcard", "bundle", "convert"],
     ["pretrain"],
     ["evaluate"],
-    ["report"],
+    ["report", "sklearn", "brainmarks"],
     ["cli", "__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

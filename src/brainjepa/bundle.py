@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from .bundle_files import (
     sha256_json,
     state_tensors,
     strip_wrappers,
+    upload_bundle,
 )
 from .errors import BrainJEPAError, ConfigError, DataError
 from .gradients import save_gradients_csv
@@ -57,6 +59,7 @@ from .inputs import (
     series_windows,
 )
 from .model import BrainEncoder, BrainPredictor, ModelConfig
+from .modelcard import CARD_FILE, evaluation_summary, model_card, run_facts
 from .runio import checkpoint_path, incomplete_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -193,8 +196,9 @@ class BrainJEPA(nn.Module):
     def save_pretrained(self, directory: str | Path, provenance: dict | None = None) -> Path:
         """Write the bundle folder.
 
-        The files are config.json, model.safetensors, gradients.csv, normalization.json and
-        provenance.json; the folder is built next to ``directory`` and moved into place, so an
+        The files are config.json, model.safetensors, gradients.csv, normalization.json,
+        provenance.json and README.md, the model card (:func:`brainjepa.modelcard.model_card`);
+        the folder is built next to ``directory`` and moved into place, so an
         interrupted save never leaves a half-written bundle.
 
         Args:
@@ -225,17 +229,39 @@ class BrainJEPA(nn.Module):
         prov.setdefault("config_sha256", sha256_json(config["architecture"]))
         prov["model_sha256"] = sha256_file(out / WEIGHTS_FILE)
         write_json_atomic(out / PROVENANCE_FILE, prov, allow_nan=False)
+        (out / CARD_FILE).write_text(model_card(self, config, prov), encoding="utf-8")
         write_json_atomic(out / CONFIG_FILE, config, allow_nan=False)
         if not final.exists() or (final.is_dir() and not any(final.iterdir())):
             if final.exists():
                 final.rmdir()
             os.replace(out, final)
         else:  # a folder with other files: replace the bundle's files one by one, config last
-            for name in (WEIGHTS_FILE, GRADIENTS_FILE, NORMALIZATION_FILE, PROVENANCE_FILE, CONFIG_FILE):
+            for name in (WEIGHTS_FILE, GRADIENTS_FILE, NORMALIZATION_FILE, PROVENANCE_FILE, CARD_FILE, CONFIG_FILE):
                 os.replace(out / name, final / name)
             out.rmdir()
         self.provenance = prov
         return final
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool = False, token: str | None = None, commit_message: str | None = None
+    ):
+        """Save the bundle (with its model card) and upload it to the Hugging Face Hub (extra ``hub``).
+
+        Args:
+            repo_id: the model repository, "owner/name" (created when missing).
+            private: create it as private.
+            token: a Hub token; None: the one huggingface_hub finds.
+            commit_message: the commit message.
+
+        Returns:
+            What ``huggingface_hub.HfApi.upload_folder`` returns.
+
+        Raises:
+            BrainJEPAError: a bad repo id, huggingface_hub missing, or a failed upload.
+        """
+        with tempfile.TemporaryDirectory(prefix="brainjepa-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "bundle")
+            return upload_bundle(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> BrainJEPA:
@@ -377,6 +403,8 @@ class BrainJEPA(nn.Module):
             "training_data": {"n_rois": cfg.n_rois, **data_cfg},
             "training_config": run_config,
             "config_sha256": sha256_json(run_config),
+            # the data summary, recipe and last diagnostics, for the model card
+            **run_facts(run_dir, ckpt.get("step")),
         }
         return model.eval()
 
@@ -422,8 +450,9 @@ def export_run(
     *,
     encoder: str = "target",
     predictor: bool = True,
+    evaluation: str | Path | None = None,
 ) -> Path:
-    """Bundle a pretraining run's checkpoint.
+    """Bundle a pretraining run's checkpoint, with its model card.
 
     Args:
         run_dir: the run folder.
@@ -431,13 +460,21 @@ def export_run(
         out: the bundle folder; None: RUN_DIR/bundle.
         encoder: "target" (the EMA target encoder, default) or "context".
         predictor: include the predictor.
+        evaluation: a probe results file of this model (``brainjepa probe --out``): its
+            pretrained-versus-reference comparisons go into the provenance and the model card.
 
     Returns:
         The bundle folder.
+
+    Raises:
+        DataError: an ``evaluation`` file without such comparisons.
     """
     run_dir = Path(run_dir)
     checkpoint = checkpoint_path(run_dir, step)
+    summary = evaluation_summary(evaluation) if evaluation is not None else None
     model = BrainJEPA.from_checkpoint(checkpoint, encoder=encoder, predictor=predictor)
+    if summary is not None:
+        model.provenance["evaluation"] = summary
     out = Path(out) if out is not None else run_dir / "bundle"
     model.save_pretrained(out)
     logger.info("exported %s (step %s) to %s", checkpoint, model.provenance.get("step"), out)

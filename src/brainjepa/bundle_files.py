@@ -193,6 +193,54 @@ def resolve_bundle(path: str | Path) -> Path:
     raise BrainJEPAError(f"{path}: no such bundle folder (nor a Hugging Face Hub id 'owner/name')")
 
 
+def upload_bundle(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+):
+    """Upload a bundle folder to a Hugging Face Hub model repository (extra ``hub``).
+
+    The repository is created when it does not exist. Only the bundle's files and its model
+    card (README.md) are uploaded.
+
+    Args:
+        folder: the bundle folder.
+        repo_id: "owner/name".
+        private: create the repository as private.
+        token: a Hub token; None: the one huggingface_hub finds (login, HF_TOKEN).
+        commit_message: the commit message; default names the brainjepa version.
+
+    Returns:
+        What ``HfApi.upload_folder`` returns (the commit's information).
+
+    Raises:
+        BrainJEPAError: a repo id that is not "owner/name", a folder that is not a bundle, or a
+            failed upload.
+    """
+    if not _HUB_ID.match(str(repo_id)):
+        raise BrainJEPAError(f"push_to_hub: {repo_id!r} is not a Hugging Face Hub id 'owner/name'")
+    folder = resolve_bundle(folder)
+    hub = require("huggingface_hub", "hub", f"uploading {folder} to the Hugging Face Hub")
+    version = read_json(folder / CONFIG_FILE).get("brainjepa_version")
+    try:
+        api = hub.HfApi(token=token)
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            allow_patterns=[*BUNDLE_FILES, "README.md"],
+            commit_message=commit_message or f"brainjepa {version} bundle",
+        )
+    except Exception as exc:  # network, authentication, permissions, ...
+        raise BrainJEPAError(
+            f"push_to_hub: uploading {folder} to {repo_id!r} failed ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def read_json(path: Path) -> dict:
     """Read a bundle's JSON file.
 

@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         help="export a model bundle from a pretraining run's checkpoint",
         description=(
             "Write a model bundle (config.json, model.safetensors, gradients.csv, "
-            "normalization.json, provenance.json) from RUN_DIR/checkpoints: the latest "
+            "normalization.json, provenance.json, README.md: the model card) from RUN_DIR/checkpoints: the latest "
             "checkpoint, or the one of --step. The bundle's encoder is the EMA target encoder."
         ),
     )
@@ -28,11 +28,24 @@ def register(subparsers) -> None:
         help="EMA target encoder (default) or context encoder",
     )
     p.add_argument("--no-predictor", action="store_true", help="leave the predictor out")
+    p.add_argument(
+        "--evaluation",
+        metavar="RESULTS",
+        help="a `brainjepa probe --out` results file of this model: its pretrained-vs-random and FC "
+        "comparisons go into the model card (README.md)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
 
-    out = export_run(args.run_dir, step=args.step, out=args.out, encoder=args.encoder, predictor=not args.no_predictor)
+    out = export_run(
+        args.run_dir,
+        step=args.step,
+        out=args.out,
+        encoder=args.encoder,
+        predictor=not args.no_predictor,
+        evaluation=args.evaluation,
+    )
     print(f"wrote {out}")
     return 0

@@ -397,6 +397,27 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+def recipe_changes(cfg: dict) -> dict:
+    """How a resolved config differs from the preset of its model size (for the model card).
+
+    Args:
+        cfg: the resolved config.
+
+    Returns:
+        {"preset": the size's built-in config name, "changes": {"section.key": [preset value,
+        this value]}} for every key whose value differs (an empty dict of changes: the preset).
+    """
+    preset = cfg["model"]["size"]
+    ref = load_config(preset) if preset in BUILTIN_CONFIGS else default_config()
+    changes = {
+        f"{section}.{key}": [ref.get(section, {}).get(key), value]
+        for section, keys in cfg.items()
+        for key, value in keys.items()
+        if ref.get(section, {}).get(key) != value
+    }
+    return {"preset": preset, "changes": changes}
+
+
 def model_config(cfg: dict, n_rois: int, n_gradients: int) -> ModelConfig:
     """The architecture of a resolved config for data with ``n_rois`` ROIs.
 

@@ -28,7 +28,8 @@ Distributed. Under torchrun (WORLD_SIZE > 1) the process group is initialised fr
 on GPU, gloo on CPU); the encoder and the predictor are DDP modules, each rank reads its own
 shard of every epoch, the EMA is applied identically on every rank, rank 0 alone writes files.
 
-Run folder: config.yaml, metrics.jsonl, gradients.csv, normalization.json, checkpoints/,
+Run folder: config.yaml, training.json (the data summary and the recipe's changes from its
+preset, for the model card), metrics.jsonl, gradients.csv, normalization.json, checkpoints/,
 loss.png, diagnostics.png, bundle/; tensorboard/ when TensorBoard is installed.
 """
 
@@ -56,9 +57,10 @@ from ..data import (
 from ..errors import BrainJEPAError, ConfigError, DataError
 from ..gradients import BrainGradients, connectivity, load_gradients_csv, save_gradients_csv
 from ..masking import MaskBatch, SpatiotemporalMasker
+from ..modelcard import TRAINING_FILE
 from ..runio import find_checkpoints, load_latest_checkpoint, save_checkpoint, write_text_atomic
 from ..transforms import normalization_from_dict, normalization_to_dict
-from .config import config_diff, dump_config, load_config, model_config, resolve_config
+from .config import config_diff, dump_config, load_config, model_config, recipe_changes, resolve_config
 from .monitor import Monitor, log_start
 from .plots import plot_diagnostics_history, plot_loss_curve
 from .runtime import Dist, ShardSampler, setup_distributed
@@ -158,6 +160,8 @@ def _run(cfg: dict, data, run_dir: Path, resume: bool, progress: bool, stop_afte
     end = total if stop_after is None else min(total, max(stop_after, step))
     if ctx.rank == 0:
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        summary = {"data_summary": data_summary(cohort, train_idx, data, cfg), "recipe": recipe_changes(cfg)}
+        write_text_atomic(run_dir / TRAINING_FILE, json.dumps(summary, indent=1) + "\n")
         log_start(cfg, trainer, batches, cohort.n_rois, total, step, ctx)
     masker = SpatiotemporalMasker(arch.n_rois, arch.n_patches, **cfg["mask"])
     monitor = Monitor(cfg, run_dir, trainer, batches, total, step, resume, progress, ctx)
@@ -233,6 +237,33 @@ def _training_cohort(cfg: dict, data):
     report_scaling(cohort, d["normalization"], train_idx)
     check_gradient_inputs(cfg, cohort.n_rois)
     return cohort, train_idx
+
+
+def data_summary(cohort, indices, data, cfg: dict) -> dict:
+    """What a run trained on, in numbers (for the model card).
+
+    Args:
+        cohort: the cohort.
+        indices: its training scans.
+        data: what the cohort was opened from (a path is recorded; anything else by type).
+        cfg: the resolved config (the target TR).
+
+    Returns:
+        {"n_scans", "n_subjects", "n_frames" (native frames), "native_trs" (distinct, None left
+        out), "target_tr", "n_rois", "source"}.
+    """
+    idx = [int(i) for i in indices]
+    trs = sorted({cohort.trs[i] for i in idx if cohort.trs[i] is not None})
+    source = str(data) if isinstance(data, (str, Path)) else f"in-memory {type(data).__name__}"
+    return {
+        "n_scans": len(idx),
+        "n_subjects": len({cohort.subjects[i] for i in idx}),
+        "n_frames": int(sum(int(cohort.lengths[i]) for i in idx)),
+        "native_trs": trs,
+        "target_tr": cfg["data"]["target_tr"],
+        "n_rois": cohort.n_rois,
+        "source": source,
+    }
 
 
 def _read_inputs(run_dir: Path, n_gradients: int):
