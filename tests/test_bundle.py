@@ -90,7 +90,7 @@ def test_save_pretrained_round_trip(tmp_path):
     model = tiny_model()
     out = model.save_pretrained(tmp_path / "b", provenance={"training_data": "simulated"})
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "gradients.csv", "normalization.json", "provenance.json"]
+        ["config.json", "model.safetensors", "gradients.csv", "normalization.json", "provenance.json", "README.md"]
     )
     config = json.loads((out / "config.json").read_text())
     arch = config["architecture"]
