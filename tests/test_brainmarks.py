@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 from torch.utils.data import default_collate
 
 from brainjepa.brainmarks import EmbeddingWrapper, SampleTransform, authors_pair, brainmarks_pair, space_for
@@ -18,21 +19,11 @@ from brainjepa.convert import convert_official
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.evaluate.features import encode_windows
 from brainjepa.inputs import InputWarning
-from brainjepa.model import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG = ModelConfig(
-    n_rois=10,
-    n_timepoints=48,
-    n_gradients=3,
-    embed_dim=16,
-    depth=1,
-    num_heads=2,
-    predictor_embed_dim=8,
-    predictor_depth=1,
-    predictor_num_heads=2,
-)
+CFG = tiny_cfg(n_rois=10, n_timepoints=48, n_gradients=3)
+D = CFG.embed_dim
 FIXTURE = Path(__file__).parent / "fixtures" / "official_parity" / "r450_tiny"
 
 
@@ -79,15 +70,15 @@ def test_wrapper_returns_patch_tokens_and_keeps_the_token_mean(bundle):
     model = transform.model
     batch = default_collate([transform(sample(n, 10, 2.0, i)[0]) for i, n in enumerate((60, 60, 40))])
     cls, reg, patch = wrapper(batch)
-    assert cls is None and reg is None and patch.shape == (3, 10 * 3, 16) and patch.dtype == torch.float32
+    assert cls is None and reg is None and patch.shape == (3, 10 * 3, D) and patch.dtype == torch.float32
     full = encode_windows(model, batch["bold"][:2], 3)  # (2, R, 3, D), token r * p + t
-    torch.testing.assert_close(patch[:2], full.reshape(2, 30, 16), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patch[:2], full.reshape(2, 30, D), atol=1e-5, rtol=1e-5)
     short = encode_windows(model, batch["bold"][2:], 2)  # 40 frames: 2 valid patches
-    torch.testing.assert_close(patch[2].reshape(10, 3, 16)[:, :2], short[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patch[2].reshape(10, 3, D)[:, :2], short[0], atol=1e-5, rtol=1e-5)
     # the padding is each ROI's mean token: the mean over tokens is the mean over real tokens
     torch.testing.assert_close(patch[2].mean(0), short[0].mean((0, 1)), atol=1e-5, rtol=1e-5)
     same = default_collate([transform(sample(40, 10, 2.0, 5)[0]) for _ in range(2)])
-    assert wrapper(same).patch_embeds.shape == (2, 20, 16)  # one length: only real tokens
+    assert wrapper(same).patch_embeds.shape == (2, 20, D)  # one length: only real tokens
 
 
 def test_short_samples_repeat_to_one_patch_and_errors(bundle, monkeypatch):
@@ -95,7 +86,7 @@ def test_short_samples_repeat_to_one_patch_and_errors(bundle, monkeypatch):
     s, _ = sample(16, 10, 1.0, 2)  # 8 frames at the model's 2 s: less than a patch of 16
     with pytest.warns(InputWarning, match="repeated to fill one patch"):
         out = transform(s)
-    assert out["n_patches"] == 1 and wrapper(default_collate([out])).patch_embeds.shape == (1, 10, 16)
+    assert out["n_patches"] == 1 and wrapper(default_collate([out])).patch_embeds.shape == (1, 10, D)
     with pytest.raises(ConfigError, match="no Brainmarks space has that many"):
         space_for(transform.model)
     monkeypatch.delenv("BRAINJEPA_MODEL", raising=False)

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 
 pytest.importorskip("sklearn")
 
@@ -25,23 +26,12 @@ from brainjepa.bundle import BrainJEPA  # noqa: E402
 from brainjepa.errors import ConfigError, DataError  # noqa: E402
 from brainjepa.evaluate import BrainJEPAEmbedder as EvaluateEmbedder  # noqa: E402
 from brainjepa.evaluate import fc_features  # noqa: E402
-from brainjepa.model import ModelConfig  # noqa: E402
 from brainjepa.sklearn import BrainJEPAEmbedder, FCEmbedder  # noqa: E402
 from brainjepa.synthetic import simulate_cohort  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CFG = ModelConfig(
-    n_rois=14,
-    n_timepoints=32,
-    n_gradients=3,
-    embed_dim=16,
-    depth=1,
-    num_heads=2,
-    predictor_embed_dim=8,
-    predictor_depth=1,
-    predictor_num_heads=2,
-)
+CFG = tiny_cfg(n_rois=14, n_timepoints=32, n_gradients=3)
 
 # The checks of sklearn.utils.estimator_checks that apply to estimators whose input is a list
 # of scans. Every other check fits on a 2-D (n_samples, n_features) float matrix, which is not
