@@ -15,14 +15,16 @@ One command regenerates experiments/results/states/ (see experiments/README.md):
    (brainjepa.evaluate.probe_states: readouts mean / roi / fc, random init over 3 seeds, FC,
    amplitude and level of the same window, subject-grouped splits) and the traits per subject
    (brainjepa.evaluate.probe_cohort), with the diagnostics (brainjepa.diagnostics.diagnose_model).
-4. Outputs: one JSON per (condition, step), results.md (tables, timings, the command) and
-   curves.png (metric vs steps with the random-init band).
+4. The long run's checkpoints and the same architecture from scratch are fine-tuned on the
+   held-out subjects' age (brainjepa.evaluate.FineTuner defaults, subject splits).
+5. Outputs: one JSON per (condition, step), results.md (tables, timings, the command) and
+   curves.png (metric vs steps with the random-init band, and the fine-tuning curve).
 
     python experiments/states.py             # the committed results
     python experiments/states.py --quick     # the same pipeline in a few minutes
 
 Finished stages are reused (a run's checkpoints, a JSON), so an interrupted run continues;
---only NAME runs some conditions; --fresh starts over.
+--only NAME runs some conditions ("finetune": the fine-tuning curve only); --fresh starts over.
 """
 
 from __future__ import annotations
@@ -42,8 +44,17 @@ import torch
 from brainjepa.bundle import load_model
 from brainjepa.data import open_cohort
 from brainjepa.diagnostics import diagnose_model
-from brainjepa.evaluate import HEADLINE_METRIC, METRIC_NAMES, compare, probe_cohort
+from brainjepa.evaluate import (
+    HEADLINE_METRIC,
+    METRIC_NAMES,
+    FineTuner,
+    compare,
+    finetune_windows,
+    probe_cohort,
+    run_protocol,
+)
 from brainjepa.evaluate.features import random_init_like
+from brainjepa.evaluate.finetune import DEFAULT_WINDOWS
 from brainjepa.evaluate.states import STATE_TARGET, probe_states, scan_means, window_features
 from brainjepa.pretrain import load_config, pretrain
 from brainjepa.report import DemoSettings
@@ -66,6 +77,7 @@ class Plan:
     seeds: int = 5
     init_seeds: int = 3
     pretrain_seeds: tuple[int, ...] = (0, 1, 2)
+    finetune_seeds: int = 3
     conditions: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("scope=window", ("data.normalization_scope=window",)),
         ("vicreg", ("train.regularizer=vicreg", "train.reg_weight=1.0")),
@@ -83,6 +95,7 @@ QUICK = Plan(
     seeds=3,
     init_seeds=2,
     pretrain_seeds=(0,),
+    finetune_seeds=2,
     conditions=(("vicreg", ("train.regularizer=vicreg",)),),
 )
 
@@ -211,6 +224,75 @@ def run_condition(name, overrides, seed, steps, evaluate_at, series, labels, sta
     return results
 
 
+FINETUNE_TARGET = "age"  # fine-tuning is per subject; the state task is per window
+
+
+def finetune_curve(plan: Plan, demo: DemoSettings, out: Path, series, labels) -> list[dict]:
+    """Fine-tune the long run's checkpoints and the same architecture from scratch on the
+    held-out subjects' age (brainjepa.evaluate.FineTuner defaults, ``plan.finetune_seeds``
+    60/20/20 splits), one JSON per start so an interrupted run continues."""
+    checkpoints = find_checkpoints(out / "runs" / "long")
+    held, y = series[: plan.n_eval], np.asarray(labels[FINETUNE_TARGET][: plan.n_eval], dtype=float)
+    starts = [(f"finetune-long@{s}", s) for s in plan.long_evaluate_at if s in checkpoints]
+    starts.append(("finetune-scratch", None))
+    results = []
+    for slug, step in starts:
+        path = out / f"{slug}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            continue
+        model = load_model(checkpoints[step if step is not None else min(checkpoints)])
+        if step is None:
+            model = random_init_like(model, 0)
+        t0 = time.perf_counter()
+        windows = finetune_windows(model, held, tr=demo.tr, n_windows=DEFAULT_WINDOWS)
+        method = "finetune(scratch)" if step is None else "finetune(pretrained)"
+        runs = []
+
+        def tuner(seed, model=model, runs=runs):
+            ft = FineTuner(model, "regression", seed=seed)
+            runs.append(ft)
+            return ft
+
+        res = run_protocol(y, {method: (tuner, windows)}, target=FINETUNE_TARGET, task="regression",
+                           seeds=plan.finetune_seeds, progress=False)  # fmt: skip
+        r = {
+            "step": step,
+            "records": res.records,
+            "epochs": [{"best_epoch": ft.best_epoch_, "epochs_run": len(ft.val_losses_)} for ft in runs],
+            "finetune_s": round(time.perf_counter() - t0),
+        }
+        path.write_text(json.dumps(r, indent=1, default=float) + "\n")
+        log.info("%s: age r %.3f (%d s)", slug, mean_std(res.records, FINETUNE_TARGET, "pearson_r", method)[0],
+                 r["finetune_s"])  # fmt: skip
+        results.append(r)
+    return results
+
+
+def finetune_table(rows: list[dict]) -> str:
+    if not rows or rows[-1]["step"] is not None:
+        return ""
+    scratch = rows[-1]
+    a, sd = mean_std(scratch["records"], FINETUNE_TARGET, "pearson_r", "finetune(scratch)")
+    lines = [
+        f"### fine-tuning, {FINETUNE_TARGET} (r, test split, mean ± std over {len(scratch['epochs'])} split seeds)",
+        "",
+        f"From scratch (same architecture, random init): {a:.3f} ± {sd:.3f} ({scratch['finetune_s']} s).",
+        "",
+        "| long run step | finetune(pretrained) | − finetune(scratch) [95% CI], p | best epochs | s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows[:-1]:
+        m, s = mean_std(r["records"], FINETUNE_TARGET, "pearson_r", "finetune(pretrained)")
+        c = compare(r["records"] + scratch["records"], FINETUNE_TARGET, "pearson_r", "finetune(pretrained)",
+                    "finetune(scratch)")  # fmt: skip
+        lines.append(
+            f"| {r['step']} | {m:.3f} ± {s:.3f} | {c['mean_diff']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}], "
+            f"p={c['p_value']:.3f} | {', '.join(str(e['best_epoch']) for e in r['epochs'])} | {r['finetune_s']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def mean_std(records, target, metric, method):
     v = np.array(
         [r["value"] for r in records if r["target"] == target and r["metric"] == metric and r["method"] == method],
@@ -272,13 +354,13 @@ def table(rows: list[dict], n_splits: int) -> str:
     return "\n".join(lines)
 
 
-def curves(long_rows: list[dict], path: Path) -> None:
+def curves(long_rows: list[dict], ft_rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(4.2 * (len(TASKS) + 1), 3.6))
+    fig, axes = plt.subplots(1, len(TASKS) + 2, figsize=(4.2 * (len(TASKS) + 2), 3.6))
     steps = [r["step"] for r in long_rows]
     for ax, (target, task) in zip(axes, TASKS.items()):
         metric = HEADLINE_METRIC[task]
@@ -296,6 +378,17 @@ def curves(long_rows: list[dict], path: Path) -> None:
         ax.set_ylabel(METRIC_NAMES[metric])
         ax.set_title(target)
     axes[0].legend(fontsize=6)
+    ax = axes[len(TASKS)]
+    if ft_rows and ft_rows[-1]["step"] is None:
+        vals = [mean_std(r["records"], FINETUNE_TARGET, "pearson_r", "finetune(pretrained)") for r in ft_rows[:-1]]
+        ax.errorbar([r["step"] for r in ft_rows[:-1]], [v[0] for v in vals], yerr=[v[1] for v in vals],
+                    label="finetune(pretrained)")  # fmt: skip
+        m, sd = mean_std(ft_rows[-1]["records"], FINETUNE_TARGET, "pearson_r", "finetune(scratch)")
+        ax.axhspan(m - sd, m + sd, color="k", alpha=0.12, label="finetune(scratch), ± std")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("r")
+    ax.set_title(f"fine-tuned on {FINETUNE_TARGET}")
     ax = axes[-1]
     ax.plot(steps, [100 * r["diagnostics"]["context_gain"] for r in long_rows], label="context gain (%)")
     ax.plot(
@@ -336,6 +429,9 @@ def main(argv=None) -> int:
             continue
         log.info("condition %s: %d steps (seed %d)", name, steps, seed)
         run_condition(name, over, seed, steps, evaluate_at, series, labels, states, plan, demo, out)
+    if not args.report_only and (not args.only or "finetune" in args.only):
+        log.info("fine-tuning the long run's checkpoints and from scratch on %s", FINETUNE_TARGET)
+        finetune_curve(plan, demo, out, series, labels)
     # the report: every result on disk, so processes that ran conditions apart share one table
     rows, long_rows = [], []
     for name, *_ in jobs:
@@ -346,7 +442,11 @@ def main(argv=None) -> int:
         if name == "long":
             long_rows = res
         rows += res
-    text = table(rows, plan.seeds)
+    ft_rows = [json.loads(f.read_text()) for f in sorted(out.glob("finetune-long@*.json"))]
+    ft_rows.sort(key=lambda r: r["step"])
+    if (out / "finetune-scratch.json").exists():
+        ft_rows.append(json.loads((out / "finetune-scratch.json").read_text()))
+    text = table(rows, plan.seeds) + "\n" + finetune_table(ft_rows)
     command = "python experiments/states.py" + (" --quick" if args.quick else "")
     (out / "results.md").write_text(
         f"# Brain states and traits: pretrained vs random init\n\nCommand: `{command}` "
@@ -360,7 +460,7 @@ def main(argv=None) -> int:
         + ("\n\n![curves](curves.png)\n" if long_rows else "\n")
     )
     if long_rows:
-        curves(long_rows, out / "curves.png")
+        curves(long_rows, ft_rows, out / "curves.png")
     print(text)
     return 0
 
