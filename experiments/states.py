@@ -13,7 +13,8 @@ One command regenerates experiments/results/states/ (see experiments/README.md):
    length) whose checkpoints give the learning curves.
 3. Every checkpoint is probed on the held-out subjects: brain state per window
    (brainjepa.evaluate.probe_states: readouts mean / roi / fc, random init over 3 seeds, FC,
-   amplitude and level of the same window, subject-grouped splits) and the traits per subject
+   amplitude and level of the same window, subject-grouped splits; every window, and apart the
+   windows that lie >= 90% inside one block, whose label is not ambiguous) and the traits per subject
    (brainjepa.evaluate.probe_cohort), with the diagnostics (brainjepa.diagnostics.diagnose_model).
 4. The long run's checkpoints and the same architecture from scratch are fine-tuned on the
    held-out subjects' age (brainjepa.evaluate.FineTuner defaults, subject splits).
@@ -63,7 +64,9 @@ from brainjepa.synthetic import simulate_cohort
 
 log = logging.getLogger("states")
 TRAITS = {"age": "regression", "patient": "classification"}
-TASKS = {STATE_TARGET: "classification", **TRAITS}
+# the state of windows that lie (>= 90%) inside one block: the label is not ambiguous there
+PURE_TARGET, PURE = "state (pure windows)", 0.9
+TASKS = {STATE_TARGET: "classification", PURE_TARGET: "classification", **TRAITS}
 READOUTS = ("mean", "roi", "fc")
 
 
@@ -145,24 +148,46 @@ def reference_features(model, series, demo, plan, cache: Path):
     return feats, scan, start
 
 
-def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
+def all_features(model, series, demo, ref) -> tuple:
+    """The model's window features next to the references': ``(features, scan, start)``."""
     ref_feats, scan, start = ref
     own, scan2, _ = window_features({"brainjepa": model}, series, demo.tr, readouts=READOUTS, baselines=False)
     if not np.array_equal(scan, scan2):
         raise RuntimeError("the reference windows and the model's windows differ")
-    feats = {**own, **ref_feats}
+    return {**own, **ref_feats}, scan, start
+
+
+def state_records(model, series, states, demo, plan, features, pure_only=False) -> list[dict]:
+    """The state probes of every window and of the pure windows (only those: ``pure_only``)."""
+    kw = dict(tr=demo.tr, seeds=plan.seeds, readouts=READOUTS, random_init_seeds=plan.init_seeds, progress=False)
+    records = probe_states(model, series, states, features=features, min_purity=PURE, target=PURE_TARGET, **kw).records
+    if not pure_only:
+        records = probe_states(model, series, states, features=features, **kw).records + records
+    return records
+
+
+def add_pure_states(out: Path, plan: Plan, demo: DemoSettings, series, states) -> None:
+    """Probe the pure windows for every checkpoint whose JSON predates that target."""
+    held, held_states = series[: plan.n_eval], states[: plan.n_eval]
+    for path in sorted(out.glob("*@*.json")):
+        r = json.loads(path.read_text())
+        if path.name.startswith("finetune-") or any(x["target"] == PURE_TARGET for x in r["records"]):
+            continue
+        t0 = time.perf_counter()
+        model = load_model(find_checkpoints(out / "runs" / path.stem.split("@")[0])[r["step"]])
+        scope = "window" if "data.normalization_scope=window" in r["overrides"] else "scan"
+        ref = reference_features(model, held, demo, plan, out / f"reference-{scope}.npz")
+        features = all_features(model, held, demo, ref)
+        r["records"] += state_records(model, held, held_states, demo, plan, features, pure_only=True)
+        r["pure_probe_s"] = round(time.perf_counter() - t0)
+        path.write_text(json.dumps(r, indent=1, default=float) + "\n")
+        log.info("%s: pure windows probed (%d s)", path.name, r["pure_probe_s"])
+
+
+def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
     t0 = time.perf_counter()
-    res_states = probe_states(
-        model,
-        series,
-        states,
-        tr=demo.tr,
-        seeds=plan.seeds,
-        readouts=READOUTS,
-        random_init_seeds=plan.init_seeds,
-        progress=False,
-        features=(feats, scan, start),
-    )
+    feats, scan, start = all_features(model, series, demo, ref)
+    state_recs = state_records(model, series, states, demo, plan, (feats, scan, start))
     cohort = open_cohort(series, tr=demo.tr, labels=labels)
     # the subject embeddings probe_cohort would make (every window's readout, averaged) and the
     # FC of those windows, from the window features; fc_full and amplitude are computed there
@@ -179,7 +204,7 @@ def evaluate(model, series, labels, states, demo, plan, ref) -> dict:
     )
     diag = diagnose_model(model, cohort, n_batches=4)
     return {
-        "records": res_states.records + res_traits.records,
+        "records": state_recs + res_traits.records,
         "diagnostics": diag["mean"],
         "problems": diag["problems"],
         "probe_s": round(time.perf_counter() - t0),
@@ -322,6 +347,7 @@ def headline(r: dict) -> str:
 
 BASELINE_COLUMNS = {
     STATE_TARGET: ("fc_window", "amplitude", "level"),
+    PURE_TARGET: ("fc_window", "amplitude", "level"),
     **{t: ("fc_full", "fc_window", "amplitude") for t in TRAITS},
 }
 
@@ -429,6 +455,8 @@ def main(argv=None) -> int:
             continue
         log.info("condition %s: %d steps (seed %d)", name, steps, seed)
         run_condition(name, over, seed, steps, evaluate_at, series, labels, states, plan, demo, out)
+    if not args.report_only:
+        add_pure_states(out, plan, demo, series, states)
     if not args.report_only and (not args.only or "finetune" in args.only):
         log.info("fine-tuning the long run's checkpoints and from scratch on %s", FINETUNE_TARGET)
         finetune_curve(plan, demo, out, series, labels)

@@ -211,6 +211,31 @@ def test_probe_states_decodes_task_blocks_next_to_every_reference(task_sim):
     assert {"random_init(best):roi", "level", "fc_window", "amplitude"} <= baselines
 
 
+def test_probe_states_min_purity_probes_only_the_pure_windows(task_sim, monkeypatch):
+    model = model_for()
+    series = task_sim.timeseries[:6]
+    features = window_features({"brainjepa": model}, series, TR, readouts=("mean",))
+    _, scan, start = features
+    _, purity = state_labels(task_sim.states[:6], TR, scan, start, 24 * TR, 6.0)
+    seen = {}
+
+    def spy(feats, y, subject, *, seeds, target, progress):
+        seen.update(n=len(y), rows={k: len(v) for k, v in feats.items()}, subjects=len(subject), target=target)
+        raise StopIteration
+
+    monkeypatch.setattr("brainjepa.evaluate.states.probe_windows", spy)
+    with pytest.raises(StopIteration):
+        probe_states(model, series, task_sim.states[:6], tr=TR, features=features, min_purity=0.9, target="pure")
+    n = int((purity >= 0.9).sum())
+    assert 0 < n < len(purity)  # the cohort has both kinds of window
+    assert seen["n"] == seen["subjects"] == n and set(seen["rows"].values()) == {n} and seen["target"] == "pure"
+    with pytest.raises(ConfigError, match="min_purity"):
+        probe_states(model, series, task_sim.states[:6], tr=TR, features=features, min_purity=1.5)
+    flicker = [np.arange(s.shape[0]) // 2 % 2 for s in task_sim.states[:6]]  # a state change every 2 frames
+    with pytest.raises(DataError, match="no window has 95%"):
+        probe_states(model, series, flicker, tr=TR, features=features, min_purity=0.95)
+
+
 def test_probe_windows_keeps_subjects_apart(monkeypatch):
     seen = []
 
@@ -378,5 +403,7 @@ def test_probe_states_on_the_command_line(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows if r["target"] == "state"} >= {"brainjepa:mean", "level", "fc_window"}
     assert "state" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="min_purity must lie in"):
+        main(["--debug", *args[1:], "--state-min-purity", "1.5"])
     with pytest.raises(ConfigError, match="--target COLUMN"):
         main(["--debug", "probe", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d" / "manifest.csv")])

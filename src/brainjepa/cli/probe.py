@@ -99,6 +99,14 @@ def register(subparsers) -> None:
         help="hemodynamic delay between an event and the BOLD it labels (default 6)",
     )
     p.add_argument(
+        "--state-min-purity",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="decode only windows with at least this fraction of their frames in one state, e.g. 0.9 "
+        "leaves out windows that straddle a change of state (default 0: every window)",
+    )
+    p.add_argument(
         "--readout",
         action="append",
         choices=READOUTS,
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 tr=cohort.trs,
                 subjects=cohort.subjects,
                 lag=args.state_lag,
+                min_purity=args.state_min_purity,
                 seeds=args.seeds,
                 readouts=args.readout or READOUTS,
                 random_init_seeds=args.random_init_seeds,

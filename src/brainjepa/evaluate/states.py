@@ -438,6 +438,8 @@ def probe_states(
     device: str | None = None,
     progress: bool = True,
     features: tuple | None = None,
+    min_purity: float = 0.0,
+    target: str = STATE_TARGET,
 ) -> Results:
     """Window-level brain-state decoding with the pretrained encoder and every reference.
 
@@ -458,6 +460,10 @@ def probe_states(
         device: where to encode.
         progress: progress bars and logs.
         features: a precomputed ``(features, scan, start)`` from :func:`window_features`.
+        min_purity: probe only the windows whose majority state fills at least this fraction
+            of them (e.g. 0.9 leaves out windows that straddle a change of state, whose label
+            is ambiguous); 0 (default): every window.
+        target: the target's name in the records.
 
     Returns:
         :class:`~brainjepa.evaluate.protocol.Results`: records for ``brainjepa:<readout>``, every
@@ -465,8 +471,12 @@ def probe_states(
         comparisons (``comparisons``).
 
     Raises:
-        DataError: ``states`` for another number of scans, or a single state.
+        ConfigError: ``min_purity`` outside [0, 1].
+        DataError: ``states`` for another number of scans, a single state, or no window as pure
+            as ``min_purity``.
     """
+    if not 0.0 <= min_purity <= 1.0:
+        raise ConfigError(f"min_purity must lie in [0, 1] (a fraction of the window), got {min_purity}")
     if len(states) != len(series):
         raise DataError(f"got states for {len(states)} scans and {len(series)} scans")
     readouts = check_readouts(readouts)
@@ -479,9 +489,21 @@ def probe_states(
     feats, scan, start = features
     cfg = model.config
     seconds = model.target_tr if model.target_tr is not None else repetition_times(tr, 1)[0] or 1.0
-    y, _ = state_labels(states, state_tr if state_tr is not None else tr, scan, start, cfg.n_timepoints * seconds, lag)
+    y, purity = state_labels(
+        states, state_tr if state_tr is not None else tr, scan, start, cfg.n_timepoints * seconds, lag
+    )
     subject = np.asarray(subjects if subjects is not None else np.arange(len(series)))[scan]
-    results = probe_windows(feats, y, subject, seeds=seeds, progress=progress)
+    if min_purity > 0:
+        keep = purity >= min_purity
+        if not keep.any():
+            raise DataError(
+                f"no window has {min_purity:.0%} of its frames in one state (largest: {purity.max():.0%}); "
+                "lower min_purity (--state-min-purity) or use longer blocks / shorter windows"
+            )
+        log.info("%s: %d of %d windows have >= %.0f%% of their frames in one state", target, keep.sum(), len(keep),
+                 100 * min_purity)  # fmt: skip
+        feats, y, subject = {k: v[keep] for k, v in feats.items()}, y[keep], subject[keep]
+    results = probe_windows(feats, y, subject, seeds=seeds, target=target, progress=progress)
     results.records += random_init_summaries(results.records, readouts, seeds_init)
     results.records.sort(key=lambda r: method_rank(r["method"]))
     results.comparisons = comparison_rows(results.records)
