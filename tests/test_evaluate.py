@@ -260,6 +260,32 @@ def test_closed_form_logistic_with_more_features_than_subjects_matches_sklearn()
     assert np.abs(ref.coef_).max() > 0.01  # a real model, not all zeros
 
 
+def test_wide_features_take_the_gram_route_and_warm_starts_change_nothing():
+    from sklearn.linear_model import Ridge
+
+    from brainjepa.evaluate.probes import _thin_svd
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 300)) @ np.diag(np.linspace(0.1, 3, 300))
+    U, s, Vt = _thin_svd(X - X.mean(0))  # centred: rank 39, the null direction is dropped
+    assert len(s) == 39 and np.all(np.diff(s) <= 0)
+    np.testing.assert_allclose(s, np.linalg.svd(X - X.mean(0), compute_uv=False)[:39], rtol=1e-9)
+    np.testing.assert_allclose((U * s) @ Vt, X - X.mean(0), atol=1e-9)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(39), atol=1e-9)
+    # ridge on wide features: the same solution as scikit-learn's at the chosen alpha
+    t = X[:, :3].sum(1) + 0.1 * rng.normal(size=40)
+    probe = ClosedFormProbe("regression").fit(X[:25], t[:25], X[25:], t[25:])
+    mean, std = X[:25].mean(0), X[:25].std(0)
+    ref = Ridge(alpha=probe.alpha_).fit((X[:25] - mean) / std, t[:25])
+    np.testing.assert_allclose(probe.predict(X[25:]), ref.predict((X[25:] - mean) / std), atol=1e-8)
+    # a Newton solve started from a neighbouring solution reaches the same optimum
+    y = (t > np.median(t)).astype(float)
+    near = binary_logistic(X, y, 0.3)
+    cold, warm = binary_logistic(X, y, 0.1), binary_logistic(X, y, 0.1, start=near)
+    np.testing.assert_allclose(warm[0], cold[0], atol=1e-8)
+    assert warm[1] == pytest.approx(cold[1], abs=1e-8)
+
+
 def test_bn_linear_probe_learns_and_selects_on_validation():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(100, 8)) * 10 + 5

@@ -133,31 +133,41 @@ class ClosedFormProbe(ProbeBase):
         self.mean_, self.scale_ = _standardize_fit(X)
         Xs, Xv = (X - self.mean_) / self.scale_, (X_val - self.mean_) / self.scale_
         t, t_val = self._fit_labels(y, n_classes), self._labels(y_val)
-        U, s, Vt = np.linalg.svd(Xs, full_matrices=False)
-        unit = float(np.mean(s**2)) or 1.0
+        U, s, Vt = _thin_svd(Xs)
+        unit = float(np.sum(s**2)) / min(Xs.shape) or 1.0  # the mean squared singular value
         # With more features than subjects the L2-penalised logistic solution lies in the row
         # space of Xs (any other component adds penalty and no fit), so it is fitted exactly on
         # the coordinates U * s (n x n) and mapped back by Vt: the same model, far cheaper.
         reduce = self.task == "classification" and Xs.shape[1] > Xs.shape[0]
         Z = U * s if reduce else Xs
-        best = None
-        for rel in self.grid:
+        fits, start = {}, None
+        # the logistic fits follow the path from the strongest penalty down, each Newton solve
+        # starting from the previous solution (the optimum is unique, so only the time changes)
+        for rel in sorted(self.grid, reverse=True):
             alpha = rel * unit
             if self.task == "regression":
                 coef = Vt.T @ ((s / (s**2 + alpha)) * (U.T @ t))
                 intercept = np.zeros(1)  # features and labels are centred on train
-                loss = float(np.mean((Xv @ coef - t_val) ** 2))
             else:
-                coef, intercept = self._logistic(Z, t, 1.0 / alpha)
+                coef, intercept, start = self._logistic(Z, t, 1.0 / alpha, start)
                 if reduce:
                     coef = Vt.T @ coef
+            fits[rel] = (alpha, coef, intercept)
+        best = None
+        for rel in self.grid:
+            alpha, coef, intercept = fits[rel]
+            if self.task == "regression":
+                loss = float(np.mean((Xv @ coef - t_val) ** 2))
+            else:
                 loss = _cross_entropy(_softmax(Xv @ coef + intercept), t_val)
             if best is None or loss < best[0]:
                 best = (loss, alpha, coef, intercept)
         self.val_loss_, self.alpha_, self.coef_, self.intercept_ = best
         return self
 
-    def _logistic(self, X, y, C):
+    def _logistic(self, X, y, C, start=None):
+        """The fit at inverse strength C: ``(coef, intercept, state)``; ``state`` warm-starts the
+        next call on the same data (two classes)."""
         present = np.unique(y)
         if len(present) == 2:
             # two classes: Newton's method, exact to ~1e-8 in tens of iterations, where lbfgs
@@ -166,10 +176,10 @@ class ClosedFormProbe(ProbeBase):
             if self.class_weight == "balanced":
                 counts = np.bincount(y, minlength=self.n_classes_)[present].astype(np.float64)
                 weights = np.where(y == present[1], len(y) / (2 * counts[1]), len(y) / (2 * counts[0]))
-            w, b = binary_logistic(X, (y == present[1]).astype(np.float64), C, weights)
+            w, b = binary_logistic(X, (y == present[1]).astype(np.float64), C, weights, start=start)
             coef, intercept = np.zeros((X.shape[1], self.n_classes_)), np.full(self.n_classes_, -1e9)
             coef[:, present[1]], intercept[present[1]], intercept[present[0]] = w, b, 0.0
-            return coef, intercept
+            return coef, intercept, (w, b)
         linear_model = require("sklearn.linear_model", "eval", "the logistic-regression probe")
         from sklearn.exceptions import ConvergenceWarning  # optional dependency (extra "eval")
 
@@ -183,15 +193,38 @@ class ClosedFormProbe(ProbeBase):
             intercept[clf.classes_[0]] = 0.0
         else:
             coef[:, clf.classes_], intercept[clf.classes_] = clf.coef_.T, clf.intercept_
-        return coef, intercept
+        return coef, intercept, None
 
     def _output(self, X) -> np.ndarray:
         z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
         return _softmax(z) if self.task == "classification" else z
 
 
+def _thin_svd(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, s, Vt`` of the thin SVD of X (n x p), singular values in descending order.
+
+    With many more columns than rows (window features: thousands of features for hundreds of
+    windows) it comes from the eigendecomposition of the Gram matrix X X^T (one matrix product
+    and an n x n eigenproblem, several times faster than LAPACK's SVD); directions with a
+    singular value below 1e-7 of the largest are dropped (they carry no signal, only rounding).
+    """
+    n, p = X.shape
+    if p < 2 * n:
+        return np.linalg.svd(X, full_matrices=False)
+    evals, U = np.linalg.eigh(X @ X.T)
+    evals, U = evals[::-1], U[:, ::-1]
+    keep = evals > (1e-7 * np.sqrt(max(evals[0], 0.0))) ** 2 if evals[0] > 0 else np.zeros(n, dtype=bool)
+    s, U = np.sqrt(evals[keep]), U[:, keep]
+    return U, s, (U.T @ X) / s[:, None]
+
+
 def binary_logistic(
-    X: np.ndarray, t: np.ndarray, C: float, sample_weight: np.ndarray | None = None, max_iter: int = 100
+    X: np.ndarray,
+    t: np.ndarray,
+    C: float,
+    sample_weight: np.ndarray | None = None,
+    max_iter: int = 100,
+    start: tuple[np.ndarray, float] | None = None,
 ) -> tuple[np.ndarray, float]:
     """L2-penalised logistic regression by Newton's method with backtracking.
 
@@ -204,6 +237,7 @@ def binary_logistic(
         C: inverse regularisation strength.
         sample_weight: (n,) weights s_i (default 1).
         max_iter: Newton iterations at most.
+        start: ``(w, b)`` to start from (e.g. the solution at a neighbouring C); default zeros.
 
     Returns:
         (w (d,), b).
@@ -218,7 +252,7 @@ def binary_logistic(
         z = A @ theta
         return float(np.sum(s * (np.logaddexp(0.0, z) - t * z)) + 0.5 * np.sum(penalty * theta**2))
 
-    theta = np.zeros(d + 1)
+    theta = np.zeros(d + 1) if start is None else np.append(np.asarray(start[0], dtype=np.float64), start[1])
     f = objective(theta)
     for _ in range(max_iter):
         z = A @ theta
