@@ -25,7 +25,8 @@ One command regenerates experiments/results/states/ (see experiments/README.md):
     python experiments/states.py --quick     # the same pipeline in a few minutes
 
 Finished stages are reused (a run's checkpoints, a JSON), so an interrupted run continues;
---only NAME runs some conditions ("finetune": the fine-tuning curve only); --fresh starts over.
+--only NAME runs some conditions ("pure": the pure-window probes of earlier results, "finetune":
+the fine-tuning curve); --fresh starts over.
 """
 
 from __future__ import annotations
@@ -455,7 +456,7 @@ def main(argv=None) -> int:
             continue
         log.info("condition %s: %d steps (seed %d)", name, steps, seed)
         run_condition(name, over, seed, steps, evaluate_at, series, labels, states, plan, demo, out)
-    if not args.report_only:
+    if not args.report_only and (not args.only or "pure" in args.only):
         add_pure_states(out, plan, demo, series, states)
     if not args.report_only and (not args.only or "finetune" in args.only):
         log.info("fine-tuning the long run's checkpoints and from scratch on %s", FINETUNE_TARGET)
