@@ -381,6 +381,44 @@ def table(rows: list[dict], n_splits: int) -> str:
     return "\n".join(lines)
 
 
+def trend(long_rows: list[dict]) -> str:
+    """Where the long run's best readout would cross the best random init, extrapolating a line
+    in log2(steps) through its checkpoints (a crude projection, stated with its 95% CI)."""
+    from scipy import stats
+
+    if len(long_rows) < 3:
+        return ""
+    lines = [
+        "### Trend of the long run (least squares in log2 steps over its checkpoints)",
+        "",
+        "| target | readout | brainjepa per doubling of steps [95% CI] | gap to best random init at the last step "
+        "| projected crossing |",
+        "|---|---|---|---|---|",
+    ]
+    x = np.log2([r["step"] for r in long_rows])
+    for target, task in TASKS.items():
+        metric = HEADLINE_METRIC[task]
+        ro = best_readout(long_rows[-1]["records"], target, metric)
+        y = np.array([mean_std(r["records"], target, metric, f"brainjepa:{ro}")[0] for r in long_rows])
+        ref = mean_std(long_rows[-1]["records"], target, metric, f"random_init(best):{ro}")[0]
+        fit = stats.linregress(x, y)
+        half = stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+        gap = y[-1] - ref
+        if gap >= 0:
+            cross = "already above"
+        elif fit.slope <= 0:
+            cross = "never: the trend is flat or falling"
+        else:
+            at = 2 ** ((ref - fit.intercept) / fit.slope)
+            sure = "" if fit.slope - half > 0 else "; the CI includes no gain at all"
+            cross = f"step ~{at:,.0f} ({at / long_rows[-1]['step']:,.0f}x the run){sure}"
+        lines.append(
+            f"| {target} | {ro} | {fit.slope:+.3f} [{fit.slope - half:+.3f}, {fit.slope + half:+.3f}] "
+            f"| {gap:+.3f} | {cross} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def curves(long_rows: list[dict], ft_rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -475,7 +513,7 @@ def main(argv=None) -> int:
     ft_rows.sort(key=lambda r: r["step"])
     if (out / "finetune-scratch.json").exists():
         ft_rows.append(json.loads((out / "finetune-scratch.json").read_text()))
-    text = table(rows, plan.seeds) + "\n" + finetune_table(ft_rows)
+    text = table(rows, plan.seeds) + "\n" + trend(long_rows) + "\n" + finetune_table(ft_rows)
     command = "python experiments/states.py" + (" --quick" if args.quick else "")
     (out / "results.md").write_text(
         f"# Brain states and traits: pretrained vs random init\n\nCommand: `{command}` "
