@@ -305,16 +305,18 @@ def finetune_table(rows: list[dict]) -> str:
         "",
         f"From scratch (same architecture, random init): {a:.3f} ± {sd:.3f} ({scratch['finetune_s']} s).",
         "",
-        "| long run step | finetune(pretrained) | − finetune(scratch) [95% CI], p | best epochs | s |",
+        "| long run step | finetune(pretrained) | − finetune(scratch) [95% CI], p | best epoch per split "
+        "('start': the probe-initialised start was kept) | s |",
         "|---|---|---|---|---|",
     ]
     for r in rows[:-1]:
         m, s = mean_std(r["records"], FINETUNE_TARGET, "pearson_r", "finetune(pretrained)")
+        epochs = [str(e["best_epoch"]) if e["best_epoch"] >= 0 else "start" for e in r["epochs"]]
         c = compare(r["records"] + scratch["records"], FINETUNE_TARGET, "pearson_r", "finetune(pretrained)",
                     "finetune(scratch)")  # fmt: skip
         lines.append(
             f"| {r['step']} | {m:.3f} ± {s:.3f} | {c['mean_diff']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}], "
-            f"p={c['p_value']:.3f} | {', '.join(str(e['best_epoch']) for e in r['epochs'])} | {r['finetune_s']} |"
+            f"p={c['p_value']:.3f} | {', '.join(epochs)} | {r['finetune_s']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -425,7 +427,8 @@ def curves(long_rows: list[dict], ft_rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS) + 2, figsize=(4.2 * (len(TASKS) + 2), 3.6))
+    fig, axes = plt.subplots(2, (len(TASKS) + 3) // 2, figsize=(4.2 * ((len(TASKS) + 3) // 2), 7.2))
+    axes = axes.ravel()
     steps = [r["step"] for r in long_rows]
     for ax, (target, task) in zip(axes, TASKS.items()):
         metric = HEADLINE_METRIC[task]
@@ -522,7 +525,9 @@ def main(argv=None) -> int:
         f"Window {STATE_MODEL}. Probes: {plan.seeds} split seeds keeping subjects apart, random init "
         f"over {plan.init_seeds} seeds.\n\n{text}\n"
         + "\n".join(
-            f"- {r['label']} step {r['step']}: pretraining {r['pretrain_s']} s, probing {r['probe_s']} s" for r in rows
+            f"- {r['label']} step {r['step']}: pretraining {r['pretrain_s']} s, probing {r['probe_s']} s"
+            + (f" (+ {r['pure_probe_s']} s for the pure windows, added later)" if "pure_probe_s" in r else "")
+            for r in rows
         )
         + ("\n\n![curves](curves.png)\n" if long_rows else "\n")
     )
