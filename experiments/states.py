@@ -108,19 +108,22 @@ STATE_MODEL = ("data.target_tr=0.72", "model.n_timepoints=48", "model.patch_size
 TASK = {"task_network": "DorsAttn", "task_drive": 0.015, "task_coupling": 2.0, "block_seconds": (20.0, 60.0)}
 
 
-def simulate(plan: Plan, demo: DemoSettings, out: Path):
+def simulate(plan: Plan, demo: DemoSettings, out: Path, task: dict):
     path = out / "cohort.npz"
     n = plan.n_eval + plan.n_pretrain
     if path.exists():
         d = np.load(path)
+        made_for = json.loads(str(d["task"]) if "task" in d.files else json.dumps(TASK))  # older: the default
+        if made_for != json.loads(json.dumps(task)):
+            raise SystemExit(f"{path} was simulated for the task {made_for}, not {task}: use another --out")
         if len(d["x"]) == n:
             return list(d["x"]), {k: d[k] for k in TRAITS}, list(d["states"])
     sim = simulate_cohort(
-        n, demo.n_rois, tr=demo.tr, minutes=demo.minutes, seed=1, patient_effect=demo.patient_effect, **TASK
+        n, demo.n_rois, tr=demo.tr, minutes=demo.minutes, seed=1, patient_effect=demo.patient_effect, **task
     )
     x = np.stack(sim.timeseries)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, x=x, states=np.stack(sim.states), **{k: sim.labels[k] for k in TRAITS})
+    np.savez(tmp, x=x, states=np.stack(sim.states), task=json.dumps(task), **{k: sim.labels[k] for k in TRAITS})
     tmp.replace(path)
     return list(x), {k: sim.labels[k] for k in TRAITS}, sim.states
 
@@ -478,6 +481,19 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", help="run only these conditions (names as in the table)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--report-only", action="store_true", help="write the report from the results on disk")
+    p.add_argument(
+        "--task-drive",
+        type=float,
+        default=TASK["task_drive"],
+        help=f"the task network's external drive in task blocks (default {TASK['task_drive']}; 0: the state "
+        "lives only in the coupling)",
+    )
+    p.add_argument(
+        "--task-coupling",
+        type=float,
+        default=TASK["task_coupling"],
+        help=f"the task network's coupling gain in task blocks (default {TASK['task_coupling']})",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("brainjepa").setLevel(logging.WARNING)
@@ -488,7 +504,8 @@ def main(argv=None) -> int:
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    series, labels, states = simulate(plan, demo, out)
+    task = {**TASK, "task_drive": args.task_drive, "task_coupling": args.task_coupling}
+    series, labels, states = simulate(plan, demo, out, task)
     jobs = [(f"default seed={s}", (), s, plan.steps, (plan.steps,)) for s in plan.pretrain_seeds]
     jobs += [(name, over, 0, plan.steps, (plan.steps,)) for name, over in plan.conditions]
     jobs += [("long", (), 0, plan.long_steps, plan.long_evaluate_at)]
@@ -518,10 +535,12 @@ def main(argv=None) -> int:
         ft_rows.append(json.loads((out / "finetune-scratch.json").read_text()))
     text = table(rows, plan.seeds) + "\n" + trend(long_rows) + "\n" + finetune_table(ft_rows)
     command = "python experiments/states.py" + (" --quick" if args.quick else "")
+    if task != TASK:
+        command += f" --task-drive {args.task_drive:g} --task-coupling {args.task_coupling:g} --out {args.out}"
     (out / "results.md").write_text(
         f"# Brain states and traits: pretrained vs random init\n\nCommand: `{command}` "
         f"(finished stages are reused; per-stage times below). Cohort: "
-        f"{plan.n_pretrain} pretraining + {plan.n_eval} held-out simulated subjects ({TASK}). "
+        f"{plan.n_pretrain} pretraining + {plan.n_eval} held-out simulated subjects ({task}). "
         f"Window {STATE_MODEL}. Probes: {plan.seeds} split seeds keeping subjects apart, random init "
         f"over {plan.init_seeds} seeds.\n\n{text}\n"
         + "\n".join(
