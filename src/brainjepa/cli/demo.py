@@ -14,11 +14,11 @@ def register(subparsers) -> None:
         description=(
             "Run Brain-JEPA end to end on the built-in simulated cohort: simulate subjects, "
             "compute brain gradients, pretrain the tiny model, embed held-out subjects, probe "
-            "'age' and 'patient' against the random-init and FC baselines, and write a report "
-            "folder (report.md, results.json, figures/). Measured on a 2-core CPU: about 6 minutes "
-            "(338 s; 710 s while other jobs shared the machine), --quick 13 s alone (125 s under "
-            "load). report.md gives the wall time of each stage. Needs the 'eval' and 'viz' "
-            "extras."
+            "'age' and 'patient' per subject and the brain state per window against the random-init "
+            "and FC baselines, and write a report folder (report.md, results.json, figures/). "
+            "Measured on a 2-core CPU shared with other jobs: 1006 s (pretraining 562 s, probes "
+            "379 s), --quick 108 s. report.md gives the wall time of each stage. Needs the 'eval' "
+            "and 'viz' extras."
         ),
     )
     p.add_argument("--out", default="brainjepa-demo", metavar="DIR", help="report folder (default ./brainjepa-demo)")
