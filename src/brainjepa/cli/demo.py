@@ -16,9 +16,9 @@ def register(subparsers) -> None:
             "compute brain gradients, pretrain the tiny model, embed held-out subjects, probe "
             "'age' and 'patient' per subject and the brain state per window against the random-init "
             "and FC baselines, and write a report folder (report.md, results.json, figures/). "
-            "Measured on a 2-core CPU shared with other jobs: 1006 s (pretraining 562 s, probes "
-            "379 s), --quick 108 s. report.md gives the wall time of each stage. Needs the 'eval' "
-            "and 'viz' extras."
+            "Measured on a 2-core CPU shared with other jobs: 17-31 min (1006 s and 1844 s, most "
+            "of it pretraining), --quick 108 s. report.md gives the wall time of each stage. Needs "
+            "the 'eval' and 'viz' extras."
         ),
     )
     p.add_argument("--out", default="brainjepa-demo", metavar="DIR", help="report folder (default ./brainjepa-demo)")
