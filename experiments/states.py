@@ -482,6 +482,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--report-only", action="store_true", help="write the report from the results on disk")
     p.add_argument(
+        "--pretrain-seeds",
+        type=int,
+        help="pretraining seeds 0..N-1 of the default recipe (default 3; 1 with --quick)",
+    )
+    p.add_argument(
         "--task-drive",
         type=float,
         default=TASK["task_drive"],
@@ -499,6 +504,8 @@ def main(argv=None) -> int:
     logging.getLogger("brainjepa").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else Plan()
+    if args.pretrain_seeds:
+        plan = dataclasses.replace(plan, pretrain_seeds=tuple(range(args.pretrain_seeds)))
     demo = DemoSettings()
     out = Path(args.out)
     if args.fresh:

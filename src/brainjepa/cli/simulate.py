@@ -33,12 +33,16 @@ def register(subparsers) -> None:
     p.add_argument(
         "--task-network",
         metavar="NETWORK",
-        help="add brain states: this network (e.g. DorsAttn) is driven in task blocks that alternate "
-        "with rest; writes one BIDS events file per scan and an 'events' manifest column "
-        "(for probe --states events)",
+        help="add brain states: in task blocks that alternate with rest this network (e.g. DorsAttn) "
+        "is driven and its coupling strengthened (see --task-drive, --task-coupling; with --task-drive 0 "
+        "the state lives in the coupling alone, as in brainjepa demo); writes one BIDS events file per "
+        "scan and an 'events' manifest column (for probe --states events)",
     )
     p.add_argument(
-        "--task-drive", type=float, default=0.015, help="input to the task network in task blocks (default 0.015)"
+        "--task-drive",
+        type=float,
+        default=0.015,
+        help="input to the task network in task blocks (default 0.015; 0: none)",
     )
     p.add_argument(
         "--task-coupling",
