@@ -542,6 +542,8 @@ def main(argv=None) -> int:
         ft_rows.append(json.loads((out / "finetune-scratch.json").read_text()))
     text = table(rows, plan.seeds) + "\n" + trend(long_rows) + "\n" + finetune_table(ft_rows)
     command = "python experiments/states.py" + (" --quick" if args.quick else "")
+    if args.pretrain_seeds:
+        command += f" --pretrain-seeds {args.pretrain_seeds}"
     if task != TASK:
         command += f" --task-drive {args.task_drive:g} --task-coupling {args.task_coupling:g} --out {args.out}"
     (out / "results.md").write_text(
