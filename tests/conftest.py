@@ -92,3 +92,20 @@ def tiny_cfg(**kw) -> ModelConfig:
         predictor_num_heads=2,
     )
     return ModelConfig(**{**base, **kw})
+
+
+def tiny_run_model(**kw) -> dict:
+    """The ``model`` section of a pretraining config small enough for a 2-core CI machine
+    (width 32, 48 frames, 2 blocks), with changes ``kw``."""
+    base = dict(
+        size="tiny",
+        n_timepoints=48,
+        n_gradients=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        predictor_embed_dim=16,
+        predictor_depth=1,
+        predictor_num_heads=2,
+    )
+    return {**base, **kw}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import check_png, line_data
+from conftest import check_png, line_data, tiny_run_model
 from torch import nn
 
 from brainjepa.diagnostics import diagnose_batch, effective_rank, ema_init_share, problems, variance_shares
@@ -169,17 +169,7 @@ def test_cli_diagnose_on_a_tiny_run(tmp_path, capsys, saved_figures):
     for i, x in enumerate(sim.timeseries):
         np.save(tmp_path / f"sub-{i:02d}.npy", x)
     cfg = {
-        "model": {
-            "size": "tiny",
-            "n_timepoints": 48,
-            "n_gradients": 4,
-            "embed_dim": 32,
-            "depth": 1,
-            "num_heads": 2,
-            "predictor_embed_dim": 16,
-            "predictor_depth": 1,
-            "predictor_num_heads": 2,
-        },
+        "model": tiny_run_model(depth=1),
         "optim": {"batch_size": 4, "epochs": 2, "warmup_epochs": 1},
         "train": {"log_every": 1, "diagnose_every": 2, "precision": "fp32"},
     }

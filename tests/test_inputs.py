@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_manifest
+from conftest import tiny_run_model, write_manifest
 
 from brainjepa.bundle import BrainJEPA, InputWarning
 from brainjepa.cli import COMMANDS, build_parser, main
@@ -40,17 +40,7 @@ from brainjepa.transforms import cohort_offset_problem
 
 R = 16
 TINY = {
-    "model": {
-        "size": "tiny",
-        "n_timepoints": 48,
-        "n_gradients": 4,
-        "embed_dim": 32,
-        "depth": 1,
-        "num_heads": 2,
-        "predictor_embed_dim": 16,
-        "predictor_depth": 1,
-        "predictor_num_heads": 2,
-    },
+    "model": tiny_run_model(depth=1),
     "optim": {"batch_size": 4, "epochs": 10, "warmup_epochs": 1, "lr": 1e-3, "start_lr": 1e-4},
     "train": {"log_every": 1, "checkpoint_every": 100, "keep_last": 1, "precision": "fp32"},
 }

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import tiny_cfg
+from conftest import tiny_cfg, tiny_run_model
 
 from brainjepa.bundle import BrainJEPA, export_run
 from brainjepa.cli import main
@@ -26,16 +26,7 @@ from brainjepa.synthetic import simulate_cohort
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN_CONFIG = {
-    "model": {
-        "n_timepoints": 48,
-        "n_gradients": 4,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "predictor_embed_dim": 16,
-        "predictor_depth": 1,
-        "predictor_num_heads": 2,
-    },
+    "model": tiny_run_model(),
     "optim": {"batch_size": 4, "epochs": 2, "warmup_epochs": 0},
     "train": {"diagnose_every": 2, "log_every": 1, "checkpoint_every": 2},
 }

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import check_png, line_data
+from conftest import check_png, line_data, tiny_run_model
 
 import brainjepa.pretrain.step as pretrain_step
 from brainjepa.attention import set_attention_backend
@@ -32,17 +32,7 @@ from brainjepa.synthetic import simulate_cohort
 
 # a model small enough for a 2-core CI machine: 16 ROIs x 3 patches, width 32
 TINY = {
-    "model": {
-        "size": "tiny",
-        "n_timepoints": 48,
-        "n_gradients": 4,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "predictor_embed_dim": 16,
-        "predictor_depth": 1,
-        "predictor_num_heads": 2,
-    },
+    "model": tiny_run_model(),
     "optim": {
         "batch_size": 4,
         "epochs": 10,
