@@ -261,6 +261,8 @@ def finetune_curve(plan: Plan, demo: DemoSettings, out: Path, series, labels) ->
     held-out subjects' age (brainjepa.evaluate.FineTuner defaults, ``plan.finetune_seeds``
     60/20/20 splits), one JSON per start so an interrupted run continues."""
     checkpoints = find_checkpoints(out / "runs" / "long")
+    if not checkpoints:
+        raise SystemExit(f"no checkpoints in {out / 'runs' / 'long'}: run the long condition first (--only long)")
     held, y = series[: plan.n_eval], np.asarray(labels[FINETUNE_TARGET][: plan.n_eval], dtype=float)
     starts = [(f"finetune-long@{s}", s) for s in plan.long_evaluate_at if s in checkpoints]
     starts.append(("finetune-scratch", None))
@@ -536,8 +538,7 @@ def main(argv=None) -> int:
         if name == "long":
             long_rows = res
         rows += res
-    ft_rows = [json.loads(f.read_text()) for f in sorted(out.glob("finetune-long@*.json"))]
-    ft_rows.sort(key=lambda r: r["step"])
+    ft_rows = sorted((json.loads(f.read_text()) for f in out.glob("finetune-long@*.json")), key=lambda r: r["step"])
     if (out / "finetune-scratch.json").exists():
         ft_rows.append(json.loads((out / "finetune-scratch.json").read_text()))
     text = table(rows, plan.seeds) + "\n" + trend(long_rows) + "\n" + finetune_table(ft_rows)
