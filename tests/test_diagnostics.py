@@ -17,18 +17,7 @@ from brainjepa.masking import SpatiotemporalMasker
 from brainjepa.model import BrainEncoder, BrainPredictor, ModelConfig
 from brainjepa.objective import block_groups, group_tokens, target_features
 
-CFG = ModelConfig.from_size(
-    "tiny",
-    n_rois=16,
-    n_timepoints=48,
-    n_gradients=4,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    predictor_embed_dim=16,
-    predictor_depth=1,
-    predictor_num_heads=2,
-)
+CFG = ModelConfig.from_size(n_rois=16, **tiny_run_model())  # the run configs' model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -45,18 +45,7 @@ TINY = {
     },
     "train": {"log_every": 1, "checkpoint_every": 4, "keep_last": 2},
 }
-SMALL_MODEL = ModelConfig.from_size(
-    "tiny",
-    n_rois=16,
-    n_timepoints=48,
-    n_gradients=4,
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    predictor_embed_dim=16,
-    predictor_depth=1,
-    predictor_num_heads=2,
-)
+SMALL_MODEL = ModelConfig.from_size(n_rois=16, **tiny_run_model())  # the run configs' model
 
 
 def _config(**sections) -> dict:
