@@ -31,6 +31,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 __all__ = [
     "attention",
     "merge_attention",
@@ -267,16 +269,17 @@ class ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _tiles(qs, k, bias, n_keys, n_queries):
+    def _tiles(qs, k, bias, n_keys, n_queries, with_lse=False):
         """Walk the (head, query block) tiles: yields g, n (keys used), s:e (queries), P (the
-        softmax(qs k^T + bias) tile, in a workspace buffer) and work_s (the other buffer: its
-        first P.numel() entries still hold the scores; free for the caller).
-        qs: (G, Nq, d) pre-scaled queries."""
+        softmax(qs k^T + bias) tile, in a workspace buffer), work_s (the other buffer, free for
+        the caller) and, ``with_lse``, the tile's (e - s,) log-sum-exp in fp32 (fp64 for fp64)
+        or None. qs: (G, Nq, d) pre-scaled queries."""
         G, Nq, _ = qs.shape
         Nk = k.shape[1]
         kt = k.transpose(1, 2)
         block = min(_block_size(Nk, qs.element_size()), Nq)
         work_s, work_p = qs.new_empty(block * Nk), qs.new_empty(block * Nk)
+        work_lse = qs.new_empty(block, dtype=torch.float32)
         for g in range(G):
             n = Nk if n_keys is None else n_keys[g]
             nq = Nq if n_queries is None else n_queries[g]
@@ -287,8 +290,16 @@ class ChunkedAttention(torch.autograd.Function):
                     torch.mm(qs[g, s:e], kt[g, :, :n], out=S)
                 else:
                     torch.addmm(bias[g], qs[g, s:e], kt[g, :, :n], out=S)
-                P = torch.ops.aten._softmax.out(S, -1, False, out=work_p[: S.numel()].view(S.shape))
-                yield g, n, s, e, P, work_s
+                P = work_p[: S.numel()].view(S.shape)
+                lse = work_lse[: e - s] if with_lse else None
+                if not native.softmax_bf16(S, P, lse):  # PyTorch's softmax: not bf16, or no compiler
+                    torch.ops.aten._softmax.out(S, -1, False, out=P)
+                    if with_lse:  # P's largest entry is 1 / sum exp(S - max S); no keys: -inf
+                        acc = torch.promote_types(qs.dtype, torch.float32)
+                        lse = S.new_full((e - s,), -math.inf, dtype=acc)
+                        if n:
+                            lse = S.amax(-1).to(acc) - P.amax(-1).to(acc).log()
+                yield g, n, s, e, P, work_s, lse
 
     @staticmethod
     def forward(ctx, q, k, v, bias, n_keys, n_queries, heads, with_lse=False):
@@ -315,11 +326,10 @@ class ChunkedAttention(torch.autograd.Function):
         out = (q.new_empty if n_queries is None else q.new_zeros)(G // heads, Nq, heads, d)
         acc = torch.promote_types(q.dtype, torch.float32)
         lse = q.new_zeros((G, Nq) if with_lse else (0,), dtype=acc)
-        for g, n, s, e, P, S in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries):
+        for g, n, s, e, P, _, tile_lse in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries, with_lse):
             torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
-            if with_lse:  # the scores are still in S's buffer; no keys: lse = -inf
-                scores = S[: P.numel()].view(P.shape)
-                lse[g, s:e] = (scores.amax(-1).to(acc) - P.amax(-1).to(acc).log()) if n else -math.inf
+            if with_lse:
+                lse[g, s:e] = tile_lse
         ctx.save_for_backward(qs, k, v, bias, out)
         ctx.n_keys, ctx.n_queries, ctx.with_lse = n_keys, n_queries, with_lse
         return out, lse
@@ -352,7 +362,7 @@ class ChunkedAttention(torch.autograd.Function):
         dq = (qs.new_empty if ctx.n_queries is None else qs.new_zeros)(G, Nq, d)
         dk = torch.zeros(G, Nk, d, dtype=acc, device=qs.device)
         dv = torch.zeros_like(dk)
-        for g, n, s, e, P, work_s in ChunkedAttention._tiles(qs, k, bias, ctx.n_keys, ctx.n_queries):
+        for g, n, s, e, P, work_s, _ in ChunkedAttention._tiles(qs, k, bias, ctx.n_keys, ctx.n_queries):
             do_block = dout[g // heads, s:e, g % heads]
             dv[g, :n] += torch.mm(P.t(), do_block)
             # dP - rowsum(dO * O), subtracted inside the GEMM's fp32 accumulation
