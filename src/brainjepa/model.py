@@ -282,7 +282,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        # without autograd, GELU overwrites fc1's output: no second hidden-sized tensor to fault in
+        return self.fc2(F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h))
 
 
 class Block(nn.Module):
@@ -308,7 +310,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C), key_mask (B, N) bool or None -> (B, N, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        mlp = self.drop_path(self.mlp(self.norm2(x)))
+        return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # x is this block's own tensor
 
 
 def _blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:

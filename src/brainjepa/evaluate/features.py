@@ -174,7 +174,9 @@ def encode_windows(
     """Token features of prepared windows.
 
     A window padded after its last valid patch is encoded on its valid tokens only, so the
-    padding takes no part in attention.
+    padding takes no part in attention. On a CPU the windows go through the encoder a few at a
+    time (:func:`cpu_sub_batch`): the same numbers, and activations small enough for the C
+    allocator to reuse instead of mapping fresh pages for every block.
 
     Args:
         model: a :class:`~brainjepa.bundle.BrainJEPA`.
@@ -194,14 +196,40 @@ def encode_windows(
     if not 1 <= p <= cfg.n_patches:
         raise DataError(f"n_patches_valid must be between 1 and {cfg.n_patches}, got {p}")
     device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
-        if p == cfg.n_patches:
-            h = model.encode(windows)
-        else:  # prepare_windows made these inputs, so the input checks have nothing to add
-            x = model._as_input(windows)
-            idx = token_index(cfg.n_rois, cfg.n_patches, p).to(x.device).expand(len(x), -1)
-            h = model.encoder(x, token_idx=idx)
-    return h.float().reshape(len(windows), cfg.n_rois, p, -1)
+    bf16 = use_bf16(precision, device)
+    step = cpu_sub_batch(cfg, p, bf16) if device.type == "cpu" else max(len(windows), 1)
+    parts = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, max(len(windows), 1), step):  # one call for an empty batch, as before
+            part = windows[start : start + step]
+            if p == cfg.n_patches:
+                h = model.encode(part)
+            else:  # prepare_windows made these inputs, so the input checks have nothing to add
+                x = model._as_input(part)
+                idx = token_index(cfg.n_rois, cfg.n_patches, p).to(x.device).expand(len(x), -1)
+                h = model.encoder(x, token_idx=idx)
+            parts.append(h.float())
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.reshape(len(windows), cfg.n_rois, p, -1)
+
+
+CPU_ACTIVATION_BYTES = 16 * 2**20  # glibc serves blocks below 32 MiB from its heap, reused
+
+
+def cpu_sub_batch(cfg, n_patches_valid: int, bf16: bool) -> int:
+    """Windows per encoder call on a CPU: as many as keep the largest activation (the MLP's
+    hidden layer) under :data:`CPU_ACTIVATION_BYTES`, at least one.
+
+    Args:
+        cfg: the model's :class:`~brainjepa.model.ModelConfig`.
+        n_patches_valid: the time patches encoded per window.
+        bf16: whether the activations are bf16 (else fp32).
+
+    Returns:
+        The sub-batch size.
+    """
+    hidden = cfg.n_rois * n_patches_valid * int(cfg.embed_dim * cfg.mlp_ratio) * (2 if bf16 else 4)
+    return max(1, CPU_ACTIVATION_BYTES // hidden)
 
 
 def subject_windows(model, series, tr: float | None = None, windows: str = "all") -> tuple[torch.Tensor, int]:
