@@ -19,7 +19,21 @@ CPU share other processes used meanwhile (from /proc/stat).
 
     python benchmarks/versus_authors.py --official /path/to/Brain-JEPA --sizes tiny small --batch 8
 
-Writes benchmarks/results/versus_authors.json and prints a Markdown table.
+``--what step`` times one whole pretraining step instead, on the authors' own masks: their
+``MaskCollator_fmri`` with the mask scales of their ViT-B config draws the masks in both
+processes (same seed, so the same masks, recorded as token counts); "authors": their encoder,
+predictor (sizes below), target encoder (a copy) and step as their training script runs it in
+fp32 on a CPU (target forward + layer norm, context encoder, predictor, smooth-L1 loss,
+backward, AdamW, EMA); "ours": :class:`brainjepa.pretrain.Trainer` (the default recipe, at
+``--precision``) on the same context and target tokens (their one target block per sample),
+the masks converted outside the timed step. Model FLOPs are counted for the authors' work
+(encoder over the context, predictor over context + targets, forward x 3 for both; target
+encoder forward over all tokens).
+
+    python benchmarks/versus_authors.py --official /path/to/Brain-JEPA --what step --sizes small --batch 2
+
+Writes benchmarks/results/versus_authors.json (``--what step``: versus_authors_step.json) and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -45,6 +59,11 @@ SIZES = {  # width, depth, heads (the authors' vit_small / vit_base; tiny: their
     "small": (384, 12, 6),
     "base": (768, 12, 12),
 }
+PREDICTOR = {"tiny": (96, 2), "small": (192, 6), "base": (384, 6)}  # width, depth (heads: the encoder's)
+MASK_SCALES = dict(  # the authors' ViT-B pretraining config (configs/ukb_vitb_ep300.yaml)
+    enc_mask_scale=(0.84, 1.0), pred_mask_R_scale=(0.45, 0.6), pred_mask_T_scale=(0.0, 0.4),
+    pred_mask_T_roi_scale=(0.2, 0.6), pred_mask_R_roi_scale=(0.15, 0.3), min_keep=4, allow_overlap=False,
+)  # fmt: skip
 GRADIENT_FILE = "data/gradient_mapping_450.csv"  # in the authors' tree
 
 
@@ -55,6 +74,118 @@ def embed_flops(size: str, batch: int) -> float:
     n = N_TOKENS
     block = 2 * n * c * (3 * c + c + 8 * c) + 4 * n * n * c
     return batch * (2 * n * PATCH * c + depth * block)
+
+
+def block_flops(nq: int, nk: int, width: int) -> float:
+    """Forward FLOPs of one ViT block (MLP ratio 4): nq queries over nk tokens."""
+    return 2 * nq * width * 12 * width + 4 * nq * nk * width
+
+
+def step_flops(size: str, n_context: list[int], n_target: list[int]) -> float:
+    """Model FLOPs of the authors' training step for these per-sample token counts: the target
+    encoder's forward over all tokens, and forward + backward (x 3) of the context encoder and of
+    the predictor over context + targets."""
+    c, depth, _ = SIZES[size]
+    cp, pdepth = PREDICTOR[size]
+    total = 0.0
+    for nc, nt in zip(n_context, n_target):
+        total += 2 * N_TOKENS * PATCH * c + depth * block_flops(N_TOKENS, N_TOKENS, c)
+        ctx = 2 * nc * PATCH * c + depth * block_flops(nc, nc, c)
+        pred = 2 * nc * c * cp + pdepth * block_flops(nc + nt, nc + nt, cp) + 2 * nt * cp * c
+        total += 3 * (ctx + pred)
+    return total
+
+
+def authors_masks(official: Path, batch: int, steps: int):
+    """``steps`` mask batches drawn by the authors' collator: [(context (B, Kc), target (B, Kt))]."""
+    import torch
+
+    sys.path.insert(0, str(official))
+    from src.masks.spatialtemporal_multiblock import MaskCollator_fmri
+
+    torch.manual_seed(0)
+    collator = MaskCollator_fmri(input_size=(R, T), patch_size=PATCH, **MASK_SCALES)
+    out = []
+    for _ in range(steps):
+        _, enc, pred = collator([torch.zeros(1)] * batch)
+        out.append((enc[0], pred[0]))
+    return out
+
+
+def authors_step(official: Path, size: str, x, masks):
+    """A function running one training step of the authors' code on ``x`` for a mask batch."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    encoder = authors_encoder(official, size)
+    import src.models.vision_transformer as vit
+    from src.masks.utils import apply_masks
+    from src.utils.tensors import repeat_interleave_batch
+
+    width, depth = PREDICTOR[size]
+    predictor = vit.vit_predictor(
+        num_patches=encoder.patch_embed.num_patches, num_patches_2d=encoder.patch_embed.num_patches_2d,
+        embed_dim=encoder.embed_dim, predictor_embed_dim=width, depth=depth, num_heads=encoder.num_heads,
+        gradient_pos_embed=torch.as_tensor(gradients(official))[None], attn_mode="normal", add_w="mapping",
+    )  # fmt: skip
+    target = copy.deepcopy(encoder)
+    for p in target.parameters():
+        p.requires_grad = False
+    params = list(encoder.parameters()) + list(predictor.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.04)
+    imgs = x[:, None]
+
+    def step(i):
+        ctx, tgt = masks[i]
+        with torch.no_grad():
+            h = target(imgs)
+            h = F.layer_norm(h, (h.size(-1),))
+            h = repeat_interleave_batch(apply_masks(h, [tgt]), len(h), repeat=1)
+        z = predictor(encoder(imgs, [ctx]), [ctx], [tgt])
+        loss = F.smooth_l1_loss(z, h)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for q, k in zip(encoder.parameters(), target.parameters()):
+                k.mul_(0.996).add_(0.004 * q.detach())
+        return float(loss)
+
+    return step
+
+
+def our_step(official: Path, size: str, precision: str, x, masks):
+    """A function running one :class:`brainjepa.pretrain.Trainer` step on the same tokens."""
+    import torch
+
+    from brainjepa.masking import MaskBatch
+    from brainjepa.model import ModelConfig
+    from brainjepa.pretrain import Trainer
+    from brainjepa.pretrain.config import resolve_config
+
+    width, depth, heads = SIZES[size]
+    pwidth, pdepth = PREDICTOR[size]
+    cfg = resolve_config({"optim": {"batch_size": len(x)}, "train": {"precision": precision, "seed": 0}})
+    model_cfg = ModelConfig(
+        n_rois=R, n_timepoints=T, patch_size=PATCH, n_gradients=30, embed_dim=width, depth=depth, num_heads=heads,
+        predictor_embed_dim=pwidth, predictor_depth=pdepth, predictor_num_heads=heads, pos_minmax=True,
+    )  # fmt: skip
+    trainer = Trainer(model_cfg, torch.as_tensor(gradients(official)), cfg, total_steps=1000)
+    batches = []
+    for ctx, tgt in masks:  # the authors' masks: one context and one target block per sample
+        ctx, tgt = ctx.sort(1).values, tgt.sort(1).values
+        obs = torch.zeros(len(x), N_TOKENS, dtype=torch.bool)
+        obs.scatter_(1, ctx, True).scatter_(1, tgt, True)
+        every = torch.ones_like(tgt, dtype=torch.bool)
+        ctx_valid = torch.ones_like(ctx, dtype=torch.bool)
+        batches.append(MaskBatch(ctx, ctx_valid, tgt[:, None], every[:, None], ("alpha",), obs.view(len(x), R, -1)))
+
+    def step(i):
+        return float(trainer.step([(x, batches[i])], i)["loss"])
+
+    return step, trainer.bf16
 
 
 def cpu_busy() -> tuple[float, float]:
@@ -118,7 +249,19 @@ def child(args) -> dict:
     torch.manual_seed(0)
     x = torch.randn(args.batch, R, T)
     info = {}
-    if args.child == "authors":
+    if args.what == "step":
+        masks = authors_masks(official, args.batch, args.iters + 1)
+        info["tokens"] = [{"context": int(c.shape[1]), "target": int(t.shape[1])} for c, t in masks]
+        if args.child == "authors":
+            step = authors_step(official, args.size, x, masks)
+        else:
+            step, info["bf16"] = our_step(official, args.size, args.precision, x, masks)
+        counter = iter(range(args.iters + 1))
+
+        def run():
+            return torch.tensor(step(next(counter)))
+
+    elif args.child == "authors":
         model = authors_encoder(official, args.size).eval()
 
         def run():
@@ -158,7 +301,13 @@ def child(args) -> dict:
     b1 = cpu_busy()
     total = b1[1] - b0[1]
     own = sum(cpu) * os.sysconf("SC_CLK_TCK") if total else 0.0
-    flops = embed_flops(args.size, args.batch)
+    if args.what == "step":
+        timed = info["tokens"][1:]
+        flops = statistics.mean(
+            step_flops(args.size, [t["context"]] * args.batch, [t["target"]] * args.batch) for t in timed
+        )
+    else:
+        flops = embed_flops(args.size, args.batch)
     s = statistics.median(times)
     return {
         "impl": args.child,
@@ -216,7 +365,8 @@ def main() -> None:
     p.add_argument(
         "--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"], help="ours, one row per value"
     )
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "versus_authors.json"))
+    p.add_argument("--what", choices=["embed", "step"], default="embed", help="encoder forward, or a training step")
+    p.add_argument("--out", help="default: benchmarks/results/versus_authors.json (_step.json for --what step)")
     p.add_argument("--child", choices=["authors", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--peaks", action="store_true", help=argparse.SUPPRESS)
@@ -230,6 +380,9 @@ def main() -> None:
         args.precision = args.precision[0]
         print(json.dumps(child(args)))
         return
+    if args.out is None:
+        name = "versus_authors.json" if args.what == "embed" else "versus_authors_step.json"
+        args.out = str(Path(__file__).parent / "results" / name)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     peak_runs = [spawn(args, ["--peaks"])]
     rows = []
@@ -237,7 +390,7 @@ def main() -> None:
         for size in args.sizes:
             runs = [("authors", "fp32")] + [("ours", prec) for prec in args.precision]
             for impl, prec in runs if rnd % 2 == 0 else runs[::-1]:
-                common = ["--size", size, "--batch", str(args.batch), "--iters", str(args.iters)]
+                common = ["--size", size, "--batch", str(args.batch), "--iters", str(args.iters), "--what", args.what]
                 r = spawn(args, common + ["--child", impl, "--precision", prec])
                 r["round"], r["precision"] = rnd, prec
                 rows.append(r)
@@ -279,8 +432,9 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nmatmul peaks GFLOP/s (start, end): {peak_runs}; threads {args.threads}, batch {args.batch}\n")
+    unit = "step" if args.what == "step" else "batch"
     print(
-        "| size | ours precision | authors s/batch (CPU s) | ours s/batch (CPU s) | x speed wall | x speed CPU s "
+        f"| size | ours precision | authors s/{unit} (CPU s) | ours s/{unit} (CPU s) | x speed wall | x speed CPU s "
         "| authors / ours peak MB | GFLOP per CPU s authors / ours | others' CPU share |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
