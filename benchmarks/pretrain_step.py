@@ -1,9 +1,9 @@
 """Full pretraining step on CPU at the authors' shape: time, tokens/s, peak RSS, FLOP/s, MFU.
 
 One step = what :class:`brainjepa.pretrain.Trainer` does in a run: draw spatiotemporal masks,
-target encoder over all R*P tokens (no grad) + layer norm, centred per position over the batch
-(the default recipe; without centring, i.e. batch 1, its last block computes the target tokens
-only), context encoder, predictor (one pass per target block; its last block for the mask tokens
+target encoder over all R*P tokens (no grad; its last block only for the positions some sample
+targets) + layer norm, centred per position over the batch (the default recipe; without
+centring, i.e. batch 1, its last block computes each sample's target tokens only), context encoder, predictor (one pass per target block; its last block for the mask tokens
 only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW,
 EMA. Shape: batch 2 of 450 ROIs x 160 time points (4,500 tokens per sample), as in the authors'
 measurements (docs/method.md has the method).
@@ -99,12 +99,13 @@ def predictor_flops(cfg, nc: int, block_sizes: list[int], shared: bool) -> float
 
 def step_flops(cfg, masks, shared: bool, centered: bool) -> float:
     """Model FLOPs of one training step for these masks (valid tokens only). ``centered``:
-    centred targets need the target encoder's output at every token."""
+    centred targets need the target encoder's output at every position some sample targets."""
     D = cfg.embed_dim
     total = 0.0
+    union = len(torch.unique(masks.target_idx[masks.target_valid]))
     for b in range(masks.context_idx.shape[0]):
         nc = int(masks.context_valid[b].sum())
-        n_targets = cfg.n_tokens if centered else int(masks.target_valid[b].sum())
+        n_targets = union if centered else int(masks.target_valid[b].sum())
         total += encoder_flops(cfg.n_tokens, n_targets, D, cfg.depth, cfg.mlp_ratio)  # forward only
         total += 3 * encoder_flops(nc, nc, D, cfg.depth, cfg.mlp_ratio)  # context, fwd + bwd
         sizes = [int(masks.target_valid[b, j].sum()) for j in range(masks.n_blocks)]

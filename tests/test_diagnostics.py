@@ -63,6 +63,22 @@ def test_centred_targets_have_zero_batch_mean_at_every_position():
     torch.testing.assert_close(plain, ln, atol=1e-5, rtol=1e-5)
 
 
+def test_centred_targets_of_a_few_tokens_match_the_full_grid():
+    """The fast target encoder computes only the positions some sample targets in its last
+    block; the centred targets at each sample's own tokens are those of the full grid."""
+    from brainjepa.fast import FastEncoder
+
+    torch.manual_seed(1)
+    enc = FastEncoder(CFG, torch.randn(16, 4)).eval()
+    x = torch.randn(3, 16, 48)
+    idx = torch.stack([torch.randperm(CFG.n_tokens)[:20].sort().values for _ in range(3)])
+    idx[2, -5:] = 0  # padding entries, as a ragged target list has
+    with torch.no_grad():
+        full = F.layer_norm(enc(x), (32,))
+        expected = torch.gather(full - full.mean(0, keepdim=True), 1, idx[..., None].expand(-1, -1, 32))
+        torch.testing.assert_close(target_features(enc, x, idx, center=True), expected, atol=1e-5, rtol=1e-5)
+
+
 class PositionOnly(nn.Module):
     """A predictor that ignores its context: a fixed vector per target token position."""
 

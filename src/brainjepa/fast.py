@@ -100,7 +100,9 @@ def mlp(module: MLP, x: torch.Tensor) -> torch.Tensor:
         (..., C), the same numbers as ``module(x)``.
     """
     h = module.fc1(x)
-    if torch.is_grad_enabled() and h.requires_grad:
+    if not torch.is_grad_enabled():  # the target encoder: GELU in place, as the reference MLP does
+        return module.fc2(torch.ops.aten.gelu_(h))
+    if h.requires_grad:
         return GeluLinear.apply(h, module.fc2.weight, module.fc2.bias)
     return module.fc2(F.gelu(h))
 
@@ -159,7 +161,8 @@ def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx:
         residual = gather(x, query_idx)
     out = attention(q, k, v, key_mask, self_attention=query_idx is None)
     x = residual + blk.drop_path(merge_heads(blk.attn, out))
-    return x + blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
+    y = blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
+    return x + y if torch.is_grad_enabled() else x.add_(y)  # x is this block's own tensor
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
@@ -297,7 +300,8 @@ def block_with_context(
         out_c = merge_attention(context.out, context.lse, out_ct, lse_ct)
         out, residual = torch.cat([out_c, out], 2), torch.cat([context.x, t], 1)
     x = residual + blk.drop_path(merge_heads(blk.attn, out))
-    return x + blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
+    y = blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
+    return x + y if torch.is_grad_enabled() else x.add_(y)  # x is this block's own tensor
 
 
 class FastPredictor(BrainPredictor):

@@ -109,9 +109,10 @@ def target_features(
 ) -> torch.Tensor:
     """Targets at some tokens: the target encoder's features, layer-normed.
 
-    With ``center`` each position's mean over the batch is subtracted (which needs the full grid).
-    Without it a :class:`~brainjepa.fast.FastEncoder` computes only the requested tokens in its
-    last block. With ``layers`` > 1 the target is the mean of the last ``layers`` blocks'
+    With ``center`` each position's mean over the batch is subtracted, which needs every sample's
+    features at every position that some sample targets; a :class:`~brainjepa.fast.FastEncoder`
+    computes only those positions in its last block (the union of the batch's target tokens),
+    without ``center`` only each sample's own target tokens. With ``layers`` > 1 the target is the mean of the last ``layers`` blocks'
     layer-normed outputs (:func:`last_layers_mean`) instead of the final output.
 
     Args:
@@ -129,12 +130,12 @@ def target_features(
     elif not center:
         h = target_encoder(x, output_idx=token_idx)
         return F.layer_norm(h.float(), h.shape[-1:])
-    else:
-        full = target_encoder(x)
+    else:  # centred: the positions any sample targets, for every sample
+        positions, token_idx = torch.unique(token_idx, return_inverse=True)
+        full = target_encoder(x, output_idx=positions.expand(len(x), -1))
     full = F.layer_norm(full.float(), full.shape[-1:])
-    if not center:
-        return gather(full, token_idx)
-    full = full - full.mean(0, keepdim=True)
+    if center:
+        full = full - full.mean(0, keepdim=True)
     return gather(full, token_idx)
 
 
