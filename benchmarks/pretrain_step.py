@@ -3,9 +3,10 @@
 One step = what :class:`brainjepa.pretrain.Trainer` does in a run: draw spatiotemporal masks,
 target encoder over all R*P tokens (no grad; its last block only for the positions some sample
 targets) + layer norm, centred per position over the batch (the default recipe; without
-centring, i.e. batch 1, its last block computes each sample's target tokens only), context encoder, predictor (one pass per target block; its last block for the mask tokens
-only; in bf16 the first block's context-only part is shared by the passes), backward, AdamW,
-EMA. Shape: batch 2 of 450 ROIs x 160 time points (4,500 tokens per sample), as in the authors'
+centring, i.e. batch 1, its last block computes each sample's target tokens only), context
+encoder, predictor (one pass per target block; its last block for the mask tokens only; in bf16
+the first block's context-only part is shared by the passes), backward, AdamW, EMA. Shape:
+batch 2 of 450 ROIs x 160 time points (4,500 tokens per sample), as in the authors'
 measurements (docs/method.md has the method).
 
 Two layouts of the same optimizer step over 2 samples: batch 2 (as the authors ran it) and

@@ -112,8 +112,9 @@ def target_features(
     With ``center`` each position's mean over the batch is subtracted, which needs every sample's
     features at every position that some sample targets; a :class:`~brainjepa.fast.FastEncoder`
     computes only those positions in its last block (the union of the batch's target tokens),
-    without ``center`` only each sample's own target tokens. With ``layers`` > 1 the target is the mean of the last ``layers`` blocks'
-    layer-normed outputs (:func:`last_layers_mean`) instead of the final output.
+    without ``center`` only each sample's own target tokens. With ``layers`` > 1 the target is
+    the mean of the last ``layers`` blocks' layer-normed outputs (:func:`last_layers_mean`)
+    instead of the final output.
 
     Args:
         target_encoder: the (EMA) target encoder.
