@@ -269,7 +269,7 @@ class ChunkedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _tiles(qs, k, bias, n_keys, n_queries, with_lse=False):
+    def _tiles(qs, k, bias, n_keys, n_queries, with_lse=False, in_place=False):
         """Walk the (head, query block) tiles: yields g, n (keys used), s:e (queries), P (the
         softmax(qs k^T + bias) tile, in a workspace buffer), work_s (the other buffer, free for
         the caller) and, ``with_lse``, the tile's (e - s,) log-sum-exp in fp32 (fp64 for fp64)
@@ -278,7 +278,8 @@ class ChunkedAttention(torch.autograd.Function):
         Nk = k.shape[1]
         kt = k.transpose(1, 2)
         block = min(_block_size(Nk, qs.element_size()), Nq)
-        work_s, work_p = qs.new_empty(block * Nk), qs.new_empty(block * Nk)
+        work_s = qs.new_empty(block * Nk)
+        work_p = work_s if in_place and qs.dtype == torch.bfloat16 and native.softmax_fn() else qs.new_empty(block * Nk)
         work_lse = qs.new_empty(block, dtype=torch.float32)
         for g in range(G):
             n = Nk if n_keys is None else n_keys[g]
@@ -326,7 +327,8 @@ class ChunkedAttention(torch.autograd.Function):
         out = (q.new_empty if n_queries is None else q.new_zeros)(G // heads, Nq, heads, d)
         acc = torch.promote_types(q.dtype, torch.float32)
         lse = q.new_zeros((G, Nq) if with_lse else (0,), dtype=acc)
-        for g, n, s, e, P, _, tile_lse in ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries, with_lse):
+        tiles = ChunkedAttention._tiles(qs, k, bias, n_keys, n_queries, with_lse, in_place=True)
+        for g, n, s, e, P, _, tile_lse in tiles:
             torch.mm(P, v[g, :n], out=out[g // heads, s:e, g % heads])
             if with_lse:
                 lse[g, s:e] = tile_lse
