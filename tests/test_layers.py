@@ -20,7 +20,7 @@ LAYERS = [
     ["runio", "plotting", "schedules"],
     ["io", "transforms"],
     ["data", "synthetic", "gradients"],
-    ["masking", "attention", "precision"],
+    ["masking", "native", "attention", "precision"],
     ["model"],
     ["fast", "objective", "diagnostics"],
     ["inputs", "bundle_files", "modelcard", "bundle", "convert"],

@@ -7,7 +7,8 @@ fast. So :func:`cpu_prefers_bf16` times a short probe in both precisions (:func:
 linear layer's matmul and one attention at a transformer block's shape, a fraction of a second
 in all) and chooses bf16 only when it is clearly faster (:func:`decide`, :data:`MARGIN`).
 
-The result is cached per machine (its CPU model), thread count and torch version in
+The result is cached per machine (its CPU model), thread count, torch version and softmax
+(compiled or PyTorch's, :mod:`brainjepa.native`) in
 ``precision.json`` under the cache folder (:func:`cache_dir`: ``BRAINJEPA_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/brainjepa``, else ``~/.cache/brainjepa``), so the probe runs once per
 machine; it is logged with its numbers either way. Delete the file (or set another folder) to
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .attention import attention
 from .errors import ConfigError
 from .runio import write_json_atomic
@@ -73,10 +75,13 @@ def cache_key(threads: int | None = None) -> str:
         threads: the thread count the decision is for (default: torch's current one).
 
     Returns:
-        ``"<CPU model> | <threads> threads | torch <version>"``.
+        ``"<CPU model> | <threads> threads | torch <version> | softmax <compiled or torch>"``: the
+        last part says whether bf16 attention runs brainjepa's compiled softmax
+        (:mod:`brainjepa.native`), which changes what bf16 is worth.
     """
     threads = torch.get_num_threads() if threads is None else int(threads)
-    return f"{cpu_model()} | {threads} threads | torch {torch.__version__.split('+')[0]}"
+    softmax = "compiled" if native.softmax_fn() is not None else "torch"
+    return f"{cpu_model()} | {threads} threads | torch {torch.__version__.split('+')[0]} | softmax {softmax}"
 
 
 def run_probe(spec: dict | None = None) -> dict:

@@ -59,10 +59,27 @@ def free_memory_to_os() -> None:
         _LIBC.malloc_trim(0)
 
 
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux: /proc/self/statm), or None where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# The heap is trimmed after a step only when the process holds this much more than after its
+# first step: a trim after every step kept a long run flat but made every step fault its
+# activations in afresh (150,000-220,000 page faults, 3-5% of a small bf16 step at batch 2).
+TRIM_GROWTH = 1.25
+
+
 class StepMemory:
     """The training process's memory devices for its device; on a CPU: bounded kernel caches
     (:data:`CPU_KERNEL_CACHES`, set when this is made, which must be before the first bf16
-    matmul) and the heap trimmed after each step (:func:`free_memory_to_os`). Nothing on a GPU.
+    matmul) and the heap trimmed (:func:`free_memory_to_os`) after a step that leaves the
+    process :data:`TRIM_GROWTH` times larger than its first step did (after every step where
+    the resident size cannot be read). Nothing on a GPU.
 
     Args:
         device: the training device.
@@ -70,15 +87,22 @@ class StepMemory:
 
     def __init__(self, device: torch.device):
         self.cpu = torch.device(device).type == "cpu"
+        self.limit: float | None = None  # resident bytes above which a step ends with a trim
         if self.cpu:
             for name, value in CPU_KERNEL_CACHES.items():
                 os.environ.setdefault(name, value)
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """Wrap one optimizer step: on a CPU, the heap's free pages go back to the OS after it."""
+        """Wrap one optimizer step: on a CPU, the heap's free pages go back to the OS after it
+        when the process has grown (see the class)."""
         yield
-        if self.cpu:
+        if not self.cpu:
+            return
+        rss = resident_bytes()
+        if rss is not None and self.limit is None:
+            self.limit = rss * TRIM_GROWTH
+        elif rss is None or rss > self.limit:
             free_memory_to_os()
 
 

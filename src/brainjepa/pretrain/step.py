@@ -25,7 +25,7 @@ The step shows the method only; the exact shortcuts and memory devices sit behin
 (bf16 on CPU, one process, not compiled), the predictor's first-block context part computed once
 per micro-batch and shared by every pass, :class:`~brainjepa.fast.SplitContext` and
 :meth:`Trainer.share_context`) and :mod:`brainjepa.pretrain.runtime` (precision, torch.compile,
-and on CPU the kernel caches and the heap trim after each step,
+and on CPU the kernel caches and the heap trim after a step that grew the process,
 :class:`~brainjepa.pretrain.runtime.StepMemory`).
 """
 
