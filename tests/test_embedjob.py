@@ -148,6 +148,8 @@ def test_a_changed_model_readout_or_scan_list_is_refused_not_mixed(tmp_path, mon
         embed_to_file(tiny_model(), m, out, shard_size=3, readout="roi", device="cpu")
     with pytest.raises(DataError, match="other options: shard_size 3"):
         embed_to_file(tiny_model(), m, out, shard_size=4, device="cpu")
+    with pytest.raises(DataError, match="other options: precision 'fp32'"):
+        embed_to_file(tiny_model(), m, out, shard_size=3, device="cpu", precision="bf16")
     rows = (tmp_path / "data" / "manifest.csv").read_text().splitlines()
     (tmp_path / "data" / "manifest.csv").write_text("\n".join(rows[:-1]) + "\n")
     with pytest.raises(DataError, match=r"another list of scans \(11 scans from .*now 10"):

@@ -191,6 +191,20 @@ def cpu_prefers_bf16(threads: int | None = None, refresh: bool = False, probe=ru
     return bf16
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`.
+
+    Raises:
+        ConfigError: another value.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision
+
+
 def use_bf16(precision: str, device: torch.device | str) -> bool:
     """Whether to compute in bf16.
 
@@ -207,9 +221,7 @@ def use_bf16(precision: str, device: torch.device | str) -> bool:
     Raises:
         ConfigError: another precision.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    if precision != "auto":
+    if check_precision(precision) != "auto":
         return precision == "bf16"
     device = torch.device(device)
     if device.type == "cuda":

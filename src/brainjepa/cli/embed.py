@@ -13,6 +13,7 @@ from ..evaluate.embedjob import embed_to_file
 from ..evaluate.scans import open_inputs, skipped_path, usable_cohort
 from ..evaluate.shards import DEFAULT_SHARD_SIZE
 from ..io import ORIENTATIONS
+from ..precision import PRECISIONS
 
 EXIT_SKIPPED = 3  # the command wrote its output, but left out scans (--on-error skip)
 
@@ -133,6 +134,13 @@ def register(subparsers) -> None:
         help="all (default): average over windows covering each scan; center: the centre window only",
     )
     p.add_argument("--tokens", action="store_true", help="also save the centre window's token features (N x R x P x D)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default); bf16; auto: bf16 where this machine measures it faster (features equal to "
+        "fp32's to bf16 rounding; a resumed job keeps its precision)",
+    )
     add_on_error_argument(p, "EMB_NPZ")
     p.add_argument(
         "--shard-size",
@@ -168,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         tr=args.tr,
         orientation=args.orientation,
         tr_source=args.tr_source,
+        precision=args.precision,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for every rank
         return 0

@@ -45,6 +45,7 @@ def embed_to_file(
     tr: float | None = None,
     orientation: str | None = None,
     tr_source: str = "check",
+    precision: str = "fp32",
 ) -> EmbedReport | None:
     """Embed every scan of ``data`` into ``out`` (:class:`EmbeddingJob`), resuming a job an
     earlier run of the same command left, in one process or as every rank of ``torchrun``.
@@ -64,6 +65,8 @@ def embed_to_file(
         tr: a TR in seconds for files that do not give one.
         orientation: the orientation of files that do not give one.
         tr_source: which TR wins when a manifest's tr column and a file disagree.
+        precision: 'fp32' (default), 'bf16' or 'auto' (bf16 where this machine runs it faster:
+            :func:`~brainjepa.precision.use_bf16`).
 
     Returns:
         What was written (on every rank).
@@ -91,6 +94,7 @@ def embed_to_file(
             on_error=on_error,
             device=ctx.device,
             rank=ctx.rank,
+            precision=precision,
         )
         who = f"rank {ctx.rank}/{ctx.world_size}: " if ctx.world_size > 1 else ""
         todo = ctx.from_rank0(lambda: job.start(overwrite), f"checking the job folder {job.folder}")

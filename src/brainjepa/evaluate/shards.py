@@ -42,6 +42,7 @@ import torch
 from .. import __version__
 from ..data import NamedSeries, write_skipped
 from ..errors import ConfigError, DataError
+from ..precision import check_precision
 from ..runio import incomplete_path, lock_folder, write_json_atomic, write_npz
 from .features import BrainJEPAEmbedder, check_readouts, check_windows, resolve_device
 from .scans import ScanList, check_on_error, check_scale, check_scan, report_batch_scale, skipped_path
@@ -137,6 +138,7 @@ class EmbeddingJob:
         on_error: 'fail' or 'skip'.
         device: where to encode.
         rank: this process's rank (messages; 0 assembles).
+        precision: 'fp32', 'bf16' or 'auto' (:func:`~brainjepa.evaluate.encode_windows`).
 
     Raises:
         ConfigError: an unknown readout, windows or on_error, or sizes below 1.
@@ -156,6 +158,7 @@ class EmbeddingJob:
         on_error: str = "fail",
         device=None,
         rank: int = 0,
+        precision: str = "fp32",
     ):
         if batch_size < 1 or shard_size < 1:
             raise ConfigError(f"batch size and shard size must be at least 1, got {batch_size} and {shard_size}")
@@ -163,6 +166,7 @@ class EmbeddingJob:
         self.readout, self.windows = check_readouts(readout)[0], check_windows(windows)
         self.tokens, self.batch_size, self.shard_size = bool(tokens), int(batch_size), int(shard_size)
         self.on_error, self.device, self.rank = check_on_error(on_error), device, rank
+        self.precision = check_precision(precision)
         self.folder = incomplete_path(self.out)
         self.n_shards = -(-len(scans) // self.shard_size)
         self.resumed = 0
@@ -176,7 +180,8 @@ class EmbeddingJob:
         Returns:
             {"model", "options", "scans"}.
         """
-        options = {k: getattr(self, k) for k in ("readout", "windows", "tokens", "batch_size", "shard_size")}
+        names = ("readout", "windows", "tokens", "batch_size", "shard_size", "precision")
+        options = {k: getattr(self, k) for k in names}
         return {"model": model_fingerprint(self.model), "options": options, "scans": self.scans.identity()}
 
     def shard_dir(self, k: int) -> Path:
@@ -269,9 +274,8 @@ class EmbeddingJob:
             return f"another format ({theirs.get('format')} version {theirs.get('version')})"
         if theirs.get("model") != mine["model"]:
             return "another model (its weights, architecture, normalisation, TR or ROI names differ)"
-        changed = [
-            f"{k} {theirs['options'].get(k)!r}" for k, v in mine["options"].items() if theirs["options"].get(k) != v
-        ]
+        stored = {"precision": "fp32", **theirs["options"]}  # jobs from before the option ran fp32
+        changed = [f"{k} {stored.get(k)!r}" for k, v in mine["options"].items() if stored.get(k) != v]
         if changed:
             return "other options: " + ", ".join(changed)
         if theirs.get("scans") != mine["scans"]:
@@ -370,16 +374,15 @@ class EmbeddingJob:
 
     def _encode(self, batch: list, record: dict, files: dict) -> None:
         report_batch_scale(self.model, [(b[1], b[2]) for b in batch], self._noted)
-        emb = BrainJEPAEmbedder(
-            self.model, readout=self.readout, windows=self.windows, batch_size=self.batch_size, device=self.device
-        )
+        common = {"batch_size": self.batch_size, "device": self.device, "precision": self.precision}
+        emb = BrainJEPAEmbedder(self.model, readout=self.readout, windows=self.windows, **common)
         batch, rows = self._transform(emb, batch, self.windows, record)
         finite = np.isfinite(rows).all(axis=1)
         for j in np.flatnonzero(~finite):
             self._skip(batch[j][0], DataError(f"{batch[j][1].source_name}: its embedding is NaN/Inf"), record)
         batch, rows = [b for b, ok in zip(batch, finite) if ok], rows[finite]
         if self.tokens and batch:
-            tok = BrainJEPAEmbedder(self.model, batch_size=self.batch_size, device=self.device, tokens=True)
+            tok = BrainJEPAEmbedder(self.model, tokens=True, **common)
             batch_t, tokens = self._transform(tok, batch, "center", record)
             kept = {b[0] for b in batch_t}
             rows = rows[[b[0] in kept for b in batch]]

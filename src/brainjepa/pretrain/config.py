@@ -35,11 +35,11 @@ from ..io import ORIENTATIONS
 from ..masking import STRATEGIES, SpatiotemporalMasker
 from ..model import MODEL_SIZES, POS_EMBEDS, ModelConfig
 from ..objective import LOSSES, REGULARIZERS
+from ..precision import PRECISIONS
 from ..transforms import NORMALIZATIONS, SCOPES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BUILTIN_CONFIGS = (*MODEL_SIZES, "authors")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 _ARCH = {f.name: f.default for f in fields(ModelConfig)}
 _MASK = {
