@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from pretrain_step import block_flops  # this folder's step benchmark: the same FLOP count
+
 from brainjepa.precision import cpu_model
 
 R, T, PATCH = 450, 160, 16
@@ -71,14 +73,7 @@ def embed_flops(size: str, batch: int) -> float:
     """Forward FLOPs of the encoder on ``batch`` windows: patch embedding, qkv / proj / MLP
     matmuls (MLP ratio 4) and the two attention matmuls."""
     c, depth, _ = SIZES[size]
-    n = N_TOKENS
-    block = 2 * n * c * (3 * c + c + 8 * c) + 4 * n * n * c
-    return batch * (2 * n * PATCH * c + depth * block)
-
-
-def block_flops(nq: int, nk: int, width: int) -> float:
-    """Forward FLOPs of one ViT block (MLP ratio 4): nq queries over nk tokens."""
-    return 2 * nq * width * 12 * width + 4 * nq * nk * width
+    return batch * (2 * N_TOKENS * PATCH * c + depth * block_flops(N_TOKENS, N_TOKENS, c, 4))
 
 
 def step_flops(size: str, n_context: list[int], n_target: list[int]) -> float:
@@ -89,9 +84,9 @@ def step_flops(size: str, n_context: list[int], n_target: list[int]) -> float:
     cp, pdepth = PREDICTOR[size]
     total = 0.0
     for nc, nt in zip(n_context, n_target):
-        total += 2 * N_TOKENS * PATCH * c + depth * block_flops(N_TOKENS, N_TOKENS, c)
-        ctx = 2 * nc * PATCH * c + depth * block_flops(nc, nc, c)
-        pred = 2 * nc * c * cp + pdepth * block_flops(nc + nt, nc + nt, cp) + 2 * nt * cp * c
+        total += 2 * N_TOKENS * PATCH * c + depth * block_flops(N_TOKENS, N_TOKENS, c, 4)
+        ctx = 2 * nc * PATCH * c + depth * block_flops(nc, nc, c, 4)
+        pred = 2 * nc * c * cp + pdepth * block_flops(nc + nt, nc + nt, cp, 4) + 2 * nt * cp * c
         total += 3 * (ctx + pred)
     return total
 
