@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .attention import attention, cat_valid, merge_attention, padding_mask
 from .masking import MaskBatch
-from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, gather
+from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, add_residual, gather
 from .objective import block_groups, context_tokens, n_blocks
 
 # Padded token lists are rounded up to a multiple of this (extra entries invalid). Sequence
@@ -99,9 +99,9 @@ def mlp(module: MLP, x: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., C), the same numbers as ``module(x)``.
     """
+    if not torch.is_grad_enabled():  # the target encoder: the reference MLP (GELU in place)
+        return module(x)
     h = module.fc1(x)
-    if not torch.is_grad_enabled():  # the target encoder: GELU in place, as the reference MLP does
-        return module.fc2(torch.ops.aten.gelu_(h))
     if h.requires_grad:
         return GeluLinear.apply(h, module.fc2.weight, module.fc2.bias)
     return module.fc2(F.gelu(h))
@@ -161,8 +161,7 @@ def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx:
         residual = gather(x, query_idx)
     out = attention(q, k, v, key_mask, self_attention=query_idx is None)
     x = residual + blk.drop_path(merge_heads(blk.attn, out))
-    y = blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
-    return x + y if torch.is_grad_enabled() else x.add_(y)  # x is this block's own tensor
+    return add_residual(x, blk.drop_path(mlp(blk.mlp, blk.norm2(x))))
 
 
 def valid_first(valid: torch.Tensor) -> torch.Tensor:
@@ -300,8 +299,7 @@ def block_with_context(
         out_c = merge_attention(context.out, context.lse, out_ct, lse_ct)
         out, residual = torch.cat([out_c, out], 2), torch.cat([context.x, t], 1)
     x = residual + blk.drop_path(merge_heads(blk.attn, out))
-    y = blk.drop_path(mlp(blk.mlp, blk.norm2(x)))
-    return x + y if torch.is_grad_enabled() else x.add_(y)  # x is this block's own tensor
+    return add_residual(x, blk.drop_path(mlp(blk.mlp, blk.norm2(x))))
 
 
 class FastPredictor(BrainPredictor):

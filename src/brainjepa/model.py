@@ -310,8 +310,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C), key_mask (B, N) bool or None -> (B, N, C)."""
         x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
-        mlp = self.drop_path(self.mlp(self.norm2(x)))
-        return x + mlp if torch.is_grad_enabled() else x.add_(mlp)  # x is this block's own tensor
+        return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
+
+
+def add_residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y; without autograd into x itself (for a block's own intermediate x: one
+    activation-sized tensor fewer to fault in)."""
+    return x + y if torch.is_grad_enabled() else x.add_(y)
 
 
 def _blocks(cfg: ModelConfig, dim: int, depth: int, heads: int) -> nn.ModuleList:

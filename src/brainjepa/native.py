@@ -67,19 +67,8 @@ def compiler() -> list[str] | None:
     return None
 
 
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("flags", "features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
 def _library_path(cc: list[str], flags: list[str]) -> Path:
-    from .precision import cache_dir
+    from .precision import cache_dir, cpuinfo
 
     try:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -88,7 +77,7 @@ def _library_path(cc: list[str], flags: list[str]) -> Path:
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(cc).encode(), version.encode(), " ".join(flags).encode()):
         h.update(part + b"\0")
-    h.update(_cpu_features().encode())
+    h.update((cpuinfo("flags", "features") or f"{platform.machine()} {platform.processor()}").encode())
     suffix = ".dll" if os.name == "nt" else ".so"
     return cache_dir() / "kernels" / f"softmax_bf16-{h.hexdigest()[:16]}{suffix}"
 

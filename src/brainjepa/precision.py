@@ -52,20 +52,26 @@ def cache_dir() -> Path:
     return Path(base) / "brainjepa"
 
 
+def cpuinfo(*fields: str) -> str | None:
+    """The first /proc/cpuinfo line naming one of ``fields`` (lower case), its value; None
+    where there is no such line or file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(fields):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def cpu_model() -> str:
     """This machine's CPU model name.
 
     Returns:
         The ``model name`` of /proc/cpuinfo, else :func:`platform.processor`, else the machine type.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cache_key(threads: int | None = None) -> str:
