@@ -20,7 +20,7 @@ LAYERS = [
     ["runio", "plotting", "schedules"],
     ["io", "transforms"],
     ["data", "synthetic", "gradients"],
-    ["masking", "native", "attention", "precision"],
+    ["masking", "native", "fused", "attention", "precision"],
     ["model"],
     ["fast", "objective", "diagnostics"],
     ["inputs", "bundle_files", "modelcard", "bundle", "convert"],

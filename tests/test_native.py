@@ -29,7 +29,9 @@ def _scores(rows, n, seed=0):
 
 
 @needs_compiler
-@pytest.mark.parametrize("rows,n", [(1, 1), (3, 15), (17, 16), (40, 63), (40, 64), (9, 1000), (70, 4500)])
+@pytest.mark.parametrize(
+    "rows,n", [(1, 1), (3, 15), (17, 16), (5, 48), (40, 63), (40, 64), (6, 95), (9, 1000), (70, 4500)]
+)
 def test_compiled_softmax_matches_pytorch(fresh, rows, n):
     x = _scores(rows, n)
     if n > 2:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention, cat_valid, merge_attention, padding_mask
+from .fused import linear
 from .masking import MaskBatch
 from .model import MLP, Attention, Block, BrainEncoder, BrainPredictor, add_residual, gather
 from .objective import block_groups, context_tokens, n_blocks
@@ -118,7 +119,8 @@ def project(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         Queries, keys, values, each (B, H, N, C / H).
     """
     B, N, C = x.shape
-    return attn.qkv(x).view(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    qkv = linear(x, attn.qkv.weight, attn.qkv.bias)
+    return qkv.view(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
 
 
 def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
         (B, N, H*d).
     """
     B, H, N, d = out.shape
-    return attn.proj(out.transpose(1, 2).reshape(B, N, H * d))
+    return linear(out.transpose(1, 2).reshape(B, N, H * d), attn.proj.weight, attn.proj.bias)
 
 
 def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx: torch.Tensor | None = None):
@@ -156,8 +158,8 @@ def block(blk: Block, x: torch.Tensor, key_mask: torch.Tensor | None, query_idx:
         B, N, C = a.shape
         H = blk.attn.num_heads
         w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
-        q = F.linear(gather(a, query_idx), w[:C], None if b is None else b[:C]).view(B, -1, H, C // H).transpose(1, 2)
-        k, v = F.linear(a, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
+        q = linear(gather(a, query_idx), w[:C], None if b is None else b[:C]).view(B, -1, H, C // H).transpose(1, 2)
+        k, v = linear(a, w[C:], None if b is None else b[C:]).view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4)
         residual = gather(x, query_idx)
     out = attention(q, k, v, key_mask, self_attention=query_idx is None)
     x = residual + blk.drop_path(merge_heads(blk.attn, out))

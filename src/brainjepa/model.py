@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, cat_valid, padding_mask
 from .errors import ConfigError, DataError
+from .fused import linear
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -262,9 +262,10 @@ class Attention(nn.Module):
         """x (B, N, C), key_mask (B, N) bool or None -> (B, N, C)."""
         B, N, C = x.shape
         H = self.num_heads
-        q, k, v = self.qkv(x).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, N, C/H)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, N, C/H)
         out = attention(q, k, v, key_mask, self_attention=True)  # SDPA (or the CPU bf16 kernel)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return linear(out.transpose(1, 2).reshape(B, N, C), self.proj.weight, self.proj.bias)
 
 
 class MLP(nn.Module):
@@ -282,9 +283,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
-        h = self.fc1(x)
-        # without autograd, GELU overwrites fc1's output: no second hidden-sized tensor to fault in
-        return self.fc2(F.gelu(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h))
+        h = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+        return linear(h, self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data import CohortSeries
 from ..errors import ConfigError
+from ..pretrain.runtime import adamw
 from ..schedules import warmup_cosine
 from .cohort import cohort_amplitude, cohort_fc
 from .features import random_init_like, readout_features, resolve_device
@@ -194,7 +195,7 @@ def make_optimizer(
     Returns:
         The optimizer, its learning rates set.
     """
-    opt = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
+    opt = adamw(param_groups(model, weight_decay, layer_decay), lr=lr)
     set_lr(opt, lr)
     return opt
 

@@ -6,6 +6,7 @@
   :meth:`Dist.from_rank0` runs start-up work on rank 0 and hands every rank its result or its
   error, so a failure there ends every rank instead of leaving them waiting.
 - :class:`ShardSampler`: each rank's share of a per-epoch permutation of the samples.
+- :func:`adamw`: the fused AdamW where PyTorch has it.
 - :class:`StepMemory` (:data:`CPU_KERNEL_CACHES`, :func:`free_memory_to_os`): keep a long CPU
   run's memory flat; the training step only wraps itself in :meth:`StepMemory.step`.
 """
@@ -68,18 +69,24 @@ def resident_bytes() -> int | None:
         return None
 
 
-# The heap is trimmed after a step only when the process holds this much more than after its
-# first step: a trim after every step kept a long run flat but made every step fault its
-# activations in afresh (150,000-220,000 page faults, 3-5% of a small bf16 step at batch 2).
+# The heap is trimmed after a step only when the process holds this much more than the largest
+# it held after any of the first TRIM_WARMUP_STEPS steps: a trim after every step kept a long run
+# flat but made every step fault its activations in afresh (150,000-220,000 page faults, 3-5% of
+# a small bf16 step at batch 2). The masks' sizes vary from step to step, and with them what a
+# step needs, so one step is not enough to learn it: measured from the first step alone, the
+# first step with a larger context went over the limit, and the trim made the next one fault
+# everything in again.
 TRIM_GROWTH = 1.25
+TRIM_WARMUP_STEPS = 10
 
 
 class StepMemory:
     """The training process's memory devices for its device; on a CPU: bounded kernel caches
     (:data:`CPU_KERNEL_CACHES`, set when this is made, which must be before the first bf16
-    matmul) and the heap trimmed (:func:`free_memory_to_os`) after a step that leaves the
-    process :data:`TRIM_GROWTH` times larger than its first step did (after every step where
-    the resident size cannot be read). Nothing on a GPU.
+    matmul) and, once the first :data:`TRIM_WARMUP_STEPS` steps have shown what a step holds,
+    the heap trimmed (:func:`free_memory_to_os`) after a step that leaves the process
+    :data:`TRIM_GROWTH` times larger than that (after every step where the resident size
+    cannot be read). Nothing on a GPU.
 
     Args:
         device: the training device.
@@ -87,7 +94,8 @@ class StepMemory:
 
     def __init__(self, device: torch.device):
         self.cpu = torch.device(device).type == "cpu"
-        self.limit: float | None = None  # resident bytes above which a step ends with a trim
+        self.steps = 0
+        self.baseline = 0  # the largest resident size after a warm-up step
         if self.cpu:
             for name, value in CPU_KERNEL_CACHES.items():
                 os.environ.setdefault(name, value)
@@ -100,10 +108,34 @@ class StepMemory:
         if not self.cpu:
             return
         rss = resident_bytes()
-        if rss is not None and self.limit is None:
-            self.limit = rss * TRIM_GROWTH
-        elif rss is None or rss > self.limit:
+        self.steps += 1
+        if rss is None:
             free_memory_to_os()
+        elif self.steps <= TRIM_WARMUP_STEPS:
+            self.baseline = max(self.baseline, rss)
+        elif rss > self.baseline * TRIM_GROWTH:
+            free_memory_to_os()
+
+
+def adamw(params, **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, **options)``, as one fused kernel per parameter where PyTorch has it.
+
+    The fused update gives the same numbers (to fp32 rounding) in a quarter of the time on a CPU
+    (measured for the small model's 22M parameters: 17 ms against 55-70 ms per step). PyTorch
+    before 2.4 has it on GPUs only; there, and wherever it is refused, the plain AdamW is used.
+
+    Args:
+        params: the parameters or parameter groups.
+        **options: AdamW's options (lr, weight_decay, betas, ...).
+
+    Returns:
+        The optimizer.
+    """
+    params = list(params)  # tried twice
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for these parameters' device
+        return torch.optim.AdamW(params, **options)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
