@@ -66,14 +66,19 @@ static inline __m512 load16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+#if !defined(__AVX512BF16__)
+static inline __m512i round_bf16(__m512 f) { /* the bf16 in the upper 16 bits, rounded to nearest even */
+    __m512i u = _mm512_castps_si512(f);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+#endif
+
 static inline void store16(uint16_t *p, __m512 f) {
 #if defined(__AVX512BF16__)
     _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(f));
 #else
-    __m512i u = _mm512_castps_si512(f);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(u));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16(f), 16)));
 #endif
 }
 
@@ -85,14 +90,6 @@ static inline void load32(const uint16_t *p, __m512 *even, __m512 *odd) {
     *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
 }
-
-#if !defined(__AVX512BF16__)
-static inline __m512i round_bf16(__m512 f) { /* the bf16 in the upper 16 bits, rounded to nearest even */
-    __m512i u = _mm512_castps_si512(f);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-}
-#endif
 
 static inline void store32(uint16_t *p, __m512 even, __m512 odd) { /* bf16, entries back in order */
 #if defined(__AVX512BF16__)
