@@ -58,6 +58,17 @@ def test_under_autocast_it_computes_in_autocast_dtype(counted):
 
 
 @needs_fused
+def test_a_first_call_under_autocast_still_takes_the_fused_op():
+    """The check compares with F.linear in fp32 and bf16 whatever context the first call comes from."""
+    fused.reset()
+    x, w, b = _inputs(torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused.linear(x, w, b)
+    assert fused._state["op"] is not None
+    fused.reset()
+
+
+@needs_fused
 def test_gradients_take_f_linear(counted):
     x, w, b = _inputs(torch.float32)
     w.requires_grad_()

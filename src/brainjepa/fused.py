@@ -72,7 +72,8 @@ def _op():
             return None
         try:
             op = torch.ops.mkldnn._linear_pointwise
-            problem = _check(op)
+            with torch.autocast("cpu", enabled=False):  # the first call may come under autocast
+                problem = _check(op)
         except (AttributeError, RuntimeError) as exc:  # not in this PyTorch build
             problem = f"{type(exc).__name__}: {exc}"
         if problem:
