@@ -27,7 +27,6 @@ from torch import nn
 
 from ..data import CohortSeries
 from ..errors import ConfigError
-from ..pretrain.runtime import adamw
 from ..schedules import warmup_cosine
 from .cohort import cohort_amplitude, cohort_fc
 from .features import random_init_like, readout_features, resolve_device
@@ -195,7 +194,7 @@ def make_optimizer(
     Returns:
         The optimizer, its learning rates set.
     """
-    opt = adamw(param_groups(model, weight_decay, layer_decay), lr=lr)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr)
     set_lr(opt, lr)
     return opt
 

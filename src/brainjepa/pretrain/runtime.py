@@ -6,7 +6,6 @@
   :meth:`Dist.from_rank0` runs start-up work on rank 0 and hands every rank its result or its
   error, so a failure there ends every rank instead of leaving them waiting.
 - :class:`ShardSampler`: each rank's share of a per-epoch permutation of the samples.
-- :func:`adamw`: the fused AdamW where PyTorch has it.
 - :class:`StepMemory` (:data:`CPU_KERNEL_CACHES`, :func:`free_memory_to_os`): keep a long CPU
   run's memory flat; the training step only wraps itself in :meth:`StepMemory.step`.
 """
@@ -115,27 +114,6 @@ class StepMemory:
             self.baseline = max(self.baseline, rss)
         elif rss > self.baseline * TRIM_GROWTH:
             free_memory_to_os()
-
-
-def adamw(params, **options) -> torch.optim.AdamW:
-    """``torch.optim.AdamW(params, **options)``, as one fused kernel per parameter where PyTorch has it.
-
-    The fused update gives the same numbers (to fp32 rounding) in a quarter of the time on a CPU
-    (measured for the small model's 24M trained parameters: 17 ms against 55-70 ms per step). PyTorch
-    before 2.4 has it on GPUs only; there, and wherever it is refused, the plain AdamW is used.
-
-    Args:
-        params: the parameters or parameter groups.
-        **options: AdamW's options (lr, weight_decay, betas, ...).
-
-    Returns:
-        The optimizer.
-    """
-    params = list(params)  # tried twice
-    try:
-        return torch.optim.AdamW(params, fused=True, **options)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for these parameters' device
-        return torch.optim.AdamW(params, **options)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -46,7 +46,7 @@ from ..masking import MaskBatch
 from ..model import ModelConfig
 from ..objective import LOSSES, block_loss_sum, group_tokens, regularizer_penalty, split_targets, target_features
 from ..schedules import Schedule
-from .runtime import StepMemory, adamw, compile_problem, use_bf16
+from .runtime import StepMemory, compile_problem, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Trainer:
             self.predictor_run = torch.compile(self.predictor_run, dynamic=True)
             self.target_run = torch.compile(self.target_encoder, dynamic=True)
         self.params = [p for m in (self.encoder, self.predictor) for p in m.parameters()]
-        self.optimizer = adamw(
+        self.optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in self.params if p.ndim > 1], "apply_wd": True},
                 {"params": [p for p in self.params if p.ndim <= 1], "weight_decay": 0.0, "apply_wd": False},
